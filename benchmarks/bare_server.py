@@ -1,0 +1,114 @@
+"""A bare Tornado server with the router's HTTP surface and no model behind it.
+
+Driven by the same load generator with the same settings as the router, its req/s is the
+HTTP ceiling of one Tornado process on this machine; router req/s divided by it is the
+router's own overhead. Infer and classify read the whole body and answer a constant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+DEFAULT_METADATA: dict[str, Any] = {
+    "name": "resnet50", "versions": ["1"], "platform": "onnxruntime_onnx",
+    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 1000]}],
+}
+INFER_REPLY = json.dumps({"model_name": "bare", "outputs": [
+    {"name": "logits", "datatype": "FP32", "shape": [1, 1], "data": [0.0]}]}).encode()
+CLASSIFY_REPLY = json.dumps({"label": "tench", "index": 0, "score": 1.0}).encode()
+
+
+class _Handler(tornado.web.RequestHandler):
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+
+    def compute_etag(self) -> None:  # no hashing of constant bodies on the hot path
+        return None
+
+
+class Ready(_Handler):
+    def get(self) -> None:
+        self.write(b"{}")
+
+
+class Metadata(_Handler):
+    def initialize(self, metadata: dict[str, Any]) -> None:
+        self.body = json.dumps(metadata).encode()
+
+    def get(self, model: str) -> None:
+        self.write(self.body)
+
+
+class Stats(_Handler):
+    def get(self, model: str) -> None:
+        self.set_status(404)  # no batching here: loadtest prints mean batch "n/a"
+        self.write(b'{"error": "no statistics on the bare server"}')
+
+
+class Infer(_Handler):
+    def post(self, model: str) -> None:
+        _ = self.request.body  # already read in full by Tornado, as the router's would be
+        if self.request.headers.get("Inference-Header-Content-Length") is not None:
+            self.set_header("Inference-Header-Content-Length", str(len(INFER_REPLY)))
+        self.write(INFER_REPLY)
+
+
+class Classify(_Handler):
+    def post(self) -> None:
+        self.write(CLASSIFY_REPLY)
+
+
+def make_app(metadata: Optional[dict[str, Any]] = None) -> tornado.web.Application:
+    meta = metadata or DEFAULT_METADATA
+    return tornado.web.Application([
+        (r"/v2/health/(?:ready|live)", Ready),
+        (r"/v2/models/([^/]+)/stats", Stats),
+        (r"/v2/models/([^/]+)/infer", Infer),
+        (r"/v2/models/([^/]+)(?:/versions/[^/]+)?", Metadata, {"metadata": meta}),
+        (r"/v1/classify", Classify),
+    ])
+
+
+def load_metadata(arg: Optional[str]) -> Optional[dict[str, Any]]:
+    """--metadata is inline JSON or a path to a JSON file."""
+    if not arg:
+        return None
+    return json.loads(arg if arg.lstrip().startswith("{") else Path(arg).read_text())
+
+
+async def serve(port: int, address: str, metadata: Optional[dict[str, Any]]) -> None:
+    sockets = tornado.netutil.bind_sockets(port, address)
+    server = tornado.httpserver.HTTPServer(make_app(metadata), max_body_size=1 << 30)
+    server.add_sockets(sockets)
+    # The chosen port on stdout lets a parent process use --port 0.
+    print(f"bare_server listening on {address}:{sockets[0].getsockname()[1]}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.stop()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bare_server",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--address", default="127.0.0.1")
+    parser.add_argument("--metadata", help="model metadata: inline JSON or a JSON file path")
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.port, args.address, load_metadata(args.metadata)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""A cheap asyncio HTTP/1.1 load generator: keep-alive client, closed and open loops.
+
+The load generator shares the 2 cores with the server it measures, so it must cost far
+less than the server does: no third-party client, no per-request object churn beyond a
+coroutine, request heads written once with the body in one ``writelines``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Iterator, Optional
+
+Response = tuple[int, dict[str, str], bytes]
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11; cheaper than wait_for
+
+
+class ServerDisconnected(ConnectionError):
+    """The server closed the connection before a complete response arrived."""
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that reconnects when the server drops it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.connects = 0  # how many TCP connections this object opened (tests check reuse)
+        self._reader: Optional[asyncio.StreamReader] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+
+    async def _connect(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        self.connects += 1
+
+    def close(self) -> None:
+        """Drop the socket; the next request opens a fresh one."""
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def request(self, method: str, path: str, headers: Optional[dict[str, str]] = None,
+                      body: bytes = b"") -> Response:
+        """Send one request; return (status, lower-cased headers, body)."""
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(body)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        reused = self._writer is not None
+        try:
+            try:
+                return await self._exchange(method, head, body)
+            except (ServerDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                # An idle keep-alive socket the server already closed fails before any byte
+                # of a response arrives: retrying once on a fresh socket is what clients do.
+                if not reused or getattr(e, "partial", False):
+                    raise
+                self.close()
+            return await self._exchange(method, head, body)
+        except BaseException:
+            self.close()  # state unknown (error, timeout, cancel): never reuse this socket
+            raise
+
+    async def _exchange(self, method: str, head: bytes, body: bytes) -> Response:
+        if self._writer is None:
+            await self._connect()
+        reader, writer = self._reader, self._writer
+        assert reader is not None and writer is not None
+        writer.writelines((head, body) if body else (head,))
+        await writer.drain()
+        try:
+            raw = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as e:
+            err = ServerDisconnected("connection closed before the response")
+            err.partial = bool(e.partial)  # type: ignore[attr-defined]
+            raise err from None
+        status, headers = _parse_head(raw)
+        try:
+            body_out, reusable = await _read_body(reader, method, status, headers)
+        except asyncio.IncompleteReadError:
+            err = ServerDisconnected("connection closed inside the response body")
+            err.partial = True  # type: ignore[attr-defined]
+            raise err from None
+        if not reusable or headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, headers, body_out
+
+
+def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
+    text = raw.decode("latin-1").split("\r\n")
+    parts = text[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+        raise ValueError(f"bad status line {text[0]!r}")
+    headers: dict[str, str] = {}
+    for line in text[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    return int(parts[1]), headers
+
+
+async def _read_body(reader: asyncio.StreamReader, method: str, status: int,
+                     headers: dict[str, str]) -> tuple[bytes, bool]:
+    """(body, socket reusable): by Content-Length, by chunks, or up to EOF."""
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return b"", True
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        chunks = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                    pass  # trailers
+                return b"".join(chunks), True
+            chunks.append((await reader.readexactly(size + 2))[:-2])
+    if "content-length" in headers:
+        return await reader.readexactly(int(headers["content-length"])), True
+    return await reader.read(), False
+
+
+class Pool:
+    """Idle keep-alive connections for the open loop; opens more, up to a cap, when busy.
+    Waiters beyond the cap are served first come, first served."""
+
+    def __init__(self, host: str, port: int, cap: int = 256) -> None:
+        self.host, self.port, self.cap = host, port, cap
+        self.idle: list[Connection] = []
+        self.opened = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    async def acquire(self) -> Connection:
+        if self.idle:
+            return self.idle.pop()
+        if self.opened < self.cap:
+            self.opened += 1
+            return Connection(self.host, self.port)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return await fut
+
+    def release(self, conn: Connection) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        self.idle.append(conn)
+
+    def close(self) -> None:
+        for c in self.idle:
+            c.close()
+
+
+def poisson_arrivals(rate: float, seed: int = 0) -> Iterator[float]:
+    """Arrival offsets (s) of a Poisson process: exponential gaps with mean 1/rate."""
+    rng, t = random.Random(seed), 0.0
+    while True:
+        t += rng.expovariate(rate)
+        yield t
+
+
+def percentile(sorted_xs: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of an already sorted list."""
+    if not sorted_xs:
+        return float("nan")
+    pos = (len(sorted_xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def summarize(latencies_s: list[float], errors: dict[str, int], completed_ok: int,
+              duration_s: float, rows_per_request: int = 1) -> dict:
+    """Throughput, latency percentiles (ms) and errors of one measured window."""
+    xs = sorted(latencies_s)
+    rps = completed_ok / duration_s if duration_s > 0 else 0.0
+    ms: dict[str, Optional[float]] = {"p50": None, "p95": None, "p99": None,
+                                      "max": None, "mean": None}
+    if xs:
+        ms.update({f"p{q}": round(percentile(xs, q) * 1e3, 3) for q in (50, 95, 99)})
+        ms.update(max=round(xs[-1] * 1e3, 3), mean=round(sum(xs) / len(xs) * 1e3, 3))
+    return {"duration_s": round(duration_s, 3), "ok": len(xs), "completed_ok": completed_ok,
+            "errors": dict(sorted(errors.items())), "error_count": sum(errors.values()),
+            "req_per_s": round(rps, 2), "img_per_s": round(rps * rows_per_request, 2),
+            "latency_ms": ms}
+
+
+@dataclass
+class Recorder:
+    """Counts one run. A request belongs to the window if it was *scheduled* inside it
+    (latency and errors); throughput counts successes that *completed* inside it, so a
+    drain after an overloaded open-loop run cannot inflate req/s."""
+
+    start: float
+    end: float
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    completed_ok: int = 0
+    done: int = 0
+    failed: int = 0
+
+    def record(self, t_sched: float, kind: Optional[str]) -> None:
+        now = time.monotonic()
+        self.done += 1
+        in_window = self.start <= t_sched < self.end
+        if kind is not None:
+            self.failed += 1
+            if in_window:
+                self.errors[kind] += 1
+            return
+        if in_window:
+            self.latencies.append(now - t_sched)
+        if self.start <= now < self.end:
+            self.completed_ok += 1
+
+
+Send = Callable[[Connection], Awaitable[Response]]
+
+
+async def _one(rec: Recorder, conn: Connection, send: Send, t_sched: float,
+               timeout: float) -> None:
+    """One request, recorded; a cancelled in-window request counts as "unfinished"."""
+    try:
+        if _timeout is not None:
+            async with _timeout(timeout):
+                status = (await send(conn))[0]
+        else:
+            status = (await asyncio.wait_for(send(conn), timeout))[0]
+        rec.record(t_sched, None if 200 <= status < 300 else str(status))
+    except asyncio.CancelledError:
+        if rec.start <= t_sched < rec.end:
+            rec.errors["unfinished"] += 1
+        raise
+    except Exception as e:  # noqa: BLE001 - the class name is the error kind we report
+        rec.record(t_sched, type(e).__name__)
+        await asyncio.sleep(0.01)  # a dead server must not turn the client into a busy loop
+
+
+async def _drain(tasks: set[asyncio.Task], cap: float) -> None:
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=cap)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def closed_loop(host: str, port: int, send: Send, concurrency: int, warmup: float,
+                      duration: float, drain_cap: float = 30.0, timeout: float = 120.0,
+                      progress: bool = True) -> Recorder:
+    """`concurrency` connections, each sending its next request when the last completes."""
+    t0 = time.monotonic()
+    rec = Recorder(t0 + warmup, t0 + warmup + duration)
+
+    async def worker() -> None:
+        conn = Connection(host, port)
+        try:
+            while time.monotonic() < rec.end:
+                await _one(rec, conn, send, time.monotonic(), timeout)
+        finally:
+            conn.close()
+
+    bar = asyncio.ensure_future(_progress(rec, t0)) if progress else None
+    tasks = {asyncio.ensure_future(worker()) for _ in range(concurrency)}
+    await asyncio.sleep(max(0.0, rec.end - time.monotonic()))
+    await _drain(tasks, drain_cap)
+    await _stop_progress(bar, rec, t0)
+    return rec
+
+
+async def open_loop(host: str, port: int, send: Send, rate: float, warmup: float,
+                    duration: float, seed: int = 0, max_connections: int = 256,
+                    drain_cap: float = 30.0, timeout: float = 120.0,
+                    progress: bool = True) -> Recorder:
+    """Poisson arrivals at `rate` req/s whatever the server does; latency is measured from
+    the scheduled arrival, so waiting for a connection counts (no coordinated omission)."""
+    pool = Pool(host, port, max_connections)
+    t0 = time.monotonic()
+    rec = Recorder(t0 + warmup, t0 + warmup + duration)
+    tasks: set[asyncio.Task] = set()
+
+    async def arrival(t_sched: float) -> None:
+        conn = await pool.acquire()
+        try:
+            await _one(rec, conn, send, t_sched, timeout)
+        finally:
+            pool.release(conn)
+
+    bar = asyncio.ensure_future(_progress(rec, t0)) if progress else None
+    for offset in poisson_arrivals(rate, seed):
+        t_sched = t0 + offset
+        if t_sched >= rec.end:
+            break
+        # sleep(0) when behind schedule still lets in-flight requests progress
+        await asyncio.sleep(max(0.0, t_sched - time.monotonic()))
+        task = asyncio.ensure_future(arrival(t_sched))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await _drain(set(tasks), drain_cap)
+    pool.close()
+    await _stop_progress(bar, rec, t0)
+    return rec
+
+
+def _bar_line(rec: Recorder, t0: float) -> str:
+    now = time.monotonic()
+    phase = "warmup" if now < rec.start else ("run" if now < rec.end else "drain")
+    rps = rec.completed_ok / max(1e-9, min(now, rec.end) - rec.start) if now > rec.start else 0
+    return (f"\r[{now - t0:6.1f}s/{rec.end - t0:.0f}s {phase:>6}] done {rec.done:7d}  "
+            f"{rps:8.1f} req/s  errors {rec.failed}   ")
+
+
+async def _progress(rec: Recorder, t0: float, every: float = 0.5) -> None:
+    """One stderr line, rewritten in place with \\r."""
+    while True:
+        sys.stderr.write(_bar_line(rec, t0))
+        sys.stderr.flush()
+        await asyncio.sleep(every)
+
+
+async def _stop_progress(bar: Optional[asyncio.Future], rec: Recorder, t0: float) -> None:
+    if bar is not None:
+        bar.cancel()
+        await asyncio.gather(bar, return_exceptions=True)
+        sys.stderr.write(_bar_line(rec, t0) + "\n")
+        sys.stderr.flush()

@@ -1,0 +1,128 @@
+"""The HTTP front end: a Tornado application over one Dispatcher.
+
+``start_front_end`` works the same whether the Dask client is in the scheduler's own
+process (``batch-router up``) or connected over TCP (``batch-router serve``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from tornado import httpserver, web
+
+from router_api import config, kserve
+from router_api.dispatch import Dispatcher, Reply
+from router_api.handlers import (
+    Classify,
+    Infer,
+    Live,
+    ModelConfig,
+    ModelMetadata,
+    ModelReady,
+    ModelStatistics,
+    NotFound,
+    Ready,
+    ServerMetadata,
+)
+from worker_setup.labels import load_labels
+
+logger = logging.getLogger("router_api.app")
+
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "schedule_policy", "statistics"]
+RANDOM_WEIGHTS_NOTE = "random (seed=0): predictions are meaningless"
+
+
+def tensor_specs(tensors: list[dict]) -> list[kserve.TensorSpec]:
+    return [kserve.TensorSpec(t["name"], kserve.datatype_of(np.dtype(t["dtype"])), tuple(t["shape"])) for t in tensors]
+
+
+class Router:
+    """What the handlers read: model metadata, settings, and the dispatcher."""
+
+    version = "1"
+
+    def __init__(self, dispatcher: Dispatcher, model: dict) -> None:
+        self.dispatcher = dispatcher
+        self.model = model
+        self.model_name = model["name"]
+        self.inputs = tensor_specs(model["inputs"])
+        self.outputs = tensor_specs(model["outputs"])
+        batch_dim = self.inputs[0].shape[0] if self.inputs[0].shape else -1
+        self.max_batch_size = dispatcher.queue.max_batch_size if batch_dim <= 0 else min(batch_dim, dispatcher.queue.max_batch_size)
+        self.max_body_size = config.nbytes("http.max-body-size")
+        self.retry_after = int(config.get("retry-after"))
+        self.top_k = int(config.get("http.top-k"))
+        self.num_classes = max(1, self.outputs[0].shape[-1])
+        self.labels = load_labels(config.get("labels"), self.num_classes)
+        self.notes = model.get("metadata", {})
+
+    def server_metadata(self) -> dict:
+        from importlib.metadata import version
+
+        return kserve.server_metadata("gpu-batch-router", version("gpu-batch-router"), EXTENSIONS)
+
+    def model_metadata(self) -> dict:
+        meta = kserve.model_metadata(self.model_name, self.version, "onnx_onnxv1", self.inputs, self.outputs)
+        meta["parameters"] = {"sha256": self.model["sha256"], **self.notes}
+        return meta
+
+    def model_config(self) -> dict:
+        q = self.dispatcher.queue
+        batching = {
+            "max_queue_delay_microseconds": int(q.max_queue_delay * 1e6),
+            "priority_levels": self.dispatcher.levels,
+            "default_priority_level": self.dispatcher.default_level,
+            "default_queue_policy": {
+                "timeout_action": "REJECT",
+                "default_timeout_microseconds": int(self.dispatcher.default_timeout * 1e6),
+                "allow_timeout_override": True,
+                "max_queue_size": q.max_queue_size,
+            },
+        }
+        return kserve.model_config(self.model_name, "onnxruntime_onnx", self.max_batch_size, self.inputs, self.outputs, batching)
+
+    def predictions(self, reply: Reply) -> dict:
+        idx = np.frombuffer(reply.result["index"], dtype=np.int64)
+        prob = np.frombuffer(reply.result["prob"], dtype=np.float32)
+        return {
+            "model": self.model_name,
+            "predictions": [
+                {"label": self.labels[i], "index": int(i), "probability": float(p)} for i, p in zip(idx, prob)
+            ],
+            "worker": reply.worker,
+            "batch_size": reply.batch_rows,
+        }
+
+
+def make_app(router: Router) -> web.Application:
+    args = {"router": router}
+    model = r"/v2/models/([^/]+)(?:/versions/([^/]+))?"
+    return web.Application(
+        [
+            (r"/v2/health/live", Live, args),
+            (r"/v2/health/ready", Ready, args),
+            (r"/v2/?", ServerMetadata, args),
+            (r"/v2/models/stats", ModelStatistics, args),
+            (model + r"/?", ModelMetadata, args),
+            (model + r"/ready", ModelReady, args),
+            (model + r"/config", ModelConfig, args),
+            (model + r"/stats", ModelStatistics, args),
+            (model + r"/infer", Infer, args),
+            (r"/v1/classify", Classify, args),
+        ],
+        default_handler_class=NotFound,
+        default_handler_args=args,
+    )
+
+
+async def start_front_end(client, host: str, port: int) -> tuple[Router, httpserver.HTTPServer]:
+    """Connect a Dispatcher to the cluster behind ``client`` and listen for HTTP."""
+    model = await client.scheduler.batch_router_model()
+    dispatcher = Dispatcher(client, model)
+    await dispatcher.start()
+    router = Router(dispatcher, model)
+    server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size, xheaders=False)
+    server.listen(port, address=host)
+    logger.info("HTTP front end on http://%s:%d (model %s)", host, port, router.model_name)
+    return router, server

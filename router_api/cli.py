@@ -1,0 +1,108 @@
+"""``batch-router``: start the whole service, or one of its roles.
+
+Flags override ``batch-router.*`` settings from Dask config (YAML, DASK_BATCH_ROUTER__*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import dask.config
+
+from router_api import config
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """Flags the user gave, as batch-router config keys."""
+    keys = {
+        "max_batch_size": "max-batch-size",
+        "max_queue_delay": "max-queue-delay",
+        "max_queue_size": "max-queue-size",
+        "window": "window",
+        "device": "worker.device",
+        "threads": "worker.intra-op-threads",
+        "model_name": "model-name",
+        "labels": "labels",
+    }
+    return {f"batch-router.{key}": getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="batch-router", description=__doc__)
+    sub = p.add_subparsers(dest="role", required=True)
+
+    def batching(sp):
+        sp.add_argument("--max-batch-size", type=int, help="rows per batch (default 32)")
+        sp.add_argument("--max-queue-delay", help="e.g. 0ms, 5ms (default 0)")
+        sp.add_argument("--max-queue-size", type=int, help="queued requests before 503")
+        sp.add_argument("--window", type=int, help="batches in flight per worker (default 2)")
+        sp.add_argument("--model-name", help="name under /v2/models/ (default resnet50)")
+        sp.add_argument("--labels", help="class names, one per line")
+
+    def workers(sp):
+        sp.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per worker")
+        sp.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (default auto)")
+
+    up = sub.add_parser("up", help="scheduler, dashboard, N local workers and the HTTP front end")
+    up.add_argument("--workers", type=int, default=None, help="local worker processes (default 2)")
+    up.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    up.add_argument("--scheduler-port", type=int, default=None, help="Dask scheduler port (default 8786)")
+    up.add_argument("--dashboard-port", type=int, default=None, help="Dask dashboard port (default 8787)")
+    up.add_argument("--model", help="ONNX image classifier (default: ResNet-50, random weights)")
+    batching(up)
+    workers(up)
+
+    s = sub.add_parser("scheduler", help="a Dask scheduler with the batch-router plugin")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--dashboard-port", type=int, default=None)
+    s.add_argument("--model")
+    s.add_argument("--model-name")
+
+    w = sub.add_parser("worker", help="a Dask worker that loads the cluster's model")
+    w.add_argument("scheduler_address")
+    w.add_argument("--name", default=None)
+    workers(w)
+
+    f = sub.add_parser("serve", help="the HTTP front end, for a running scheduler")
+    f.add_argument("--scheduler", required=True, help="e.g. tcp://127.0.0.1:8786")
+    f.add_argument("--host", default=None)
+    f.add_argument("--port", type=int, default=None)
+    batching(f)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    dask.config.set(_settings(args))
+    from router_api import launch
+
+    host = getattr(args, "host", None) or config.get("http.host")
+    port = args.port if getattr(args, "port", None) is not None else config.get("http.port")
+    dash_host = config.get("scheduler.dashboard-address").rsplit(":", 1)[0]
+    dash_port = getattr(args, "dashboard_port", None)
+    dashboard = f"{dash_host}:{dash_port}" if dash_port is not None else config.get("scheduler.dashboard-address")
+    if args.role == "up":
+        sport = args.scheduler_port if args.scheduler_port is not None else config.get("scheduler.port")
+        n = args.workers if args.workers is not None else config.get("worker.count")
+        coro = launch.up(args.model, n, host, port, sport, dashboard, args.threads or 0, config.get("worker.device"))
+    elif args.role == "scheduler":
+        shost = args.host or config.get("scheduler.host")
+        sport = args.port if args.port is not None else config.get("scheduler.port")
+        coro = launch.run_scheduler(args.model, shost, sport, dashboard)
+    elif args.role == "worker":
+        coro = launch.run_worker(args.scheduler_address, args.name)
+    else:
+        coro = launch.serve(args.scheduler, host, port)
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

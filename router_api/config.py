@@ -1,0 +1,47 @@
+"""The ``batch-router`` namespace in Dask's config system.
+
+Importing this module merges ``batch-router.yaml`` into ``dask.config`` as defaults, so
+YAML files and ``DASK_BATCH_ROUTER__...`` environment variables override them as Dask
+users expect.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import yaml
+from dask.utils import parse_bytes, parse_timedelta
+
+_DEFAULTS = Path(__file__).with_name("batch-router.yaml")
+
+with _DEFAULTS.open() as f:
+    _defaults = yaml.safe_load(f)
+dask.config.update_defaults(_defaults)
+
+
+def get(key: str, default: Any = None) -> Any:
+    """Read ``batch-router.<key>``."""
+    return dask.config.get(f"batch-router.{key}", default=default)
+
+
+def seconds(key: str) -> float:
+    """A duration setting in seconds (accepts "5ms", "2s", 0.1)."""
+    value = get(key)
+    return float(parse_timedelta(value, default="s") or 0.0)
+
+
+def nbytes(key: str) -> int:
+    value = get(key)
+    return int(parse_bytes(value) if isinstance(value, str) else value)
+
+
+def cache_dir() -> Path:
+    """Where models are built and cached: $XDG_CACHE_HOME/gpu-batch-router by default."""
+    configured = get("worker.cache-dir")
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gpu-batch-router"

@@ -1,0 +1,289 @@
+"""The front end's bridge to Dask: batches go out when a worker has room, one Dask task
+per batch, and each request gets its own rows back when the worker's reply arrives.
+
+Work-conserving: a lone request leaves at once for a free worker; while every worker is
+at its window, the queue grows into bigger batches by itself. Replies come back as
+events on the worker's own stream (``log_event`` -> ``subscribe_topic``), one hop
+instead of a gather's two, and without connecting to the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from router_api import config
+from router_api.batching import BatchQueue, Pending, QueueFull, resolve_priority, resolve_timeout
+from router_api.placement import Slot, least_loaded
+from router_api.stats import ModelStats
+from scheduler_plugins.plugin import RESULTS_PREFIX, WORKERS_TOPIC
+from worker_setup.execute import run_batch
+
+logger = logging.getLogger("router_api.dispatch")
+
+
+class Unavailable(Exception):
+    """503: queue full, shutting down, or no worker can take the request."""
+
+
+class DeadlineExceeded(Exception):
+    """504: the request's timeout passed while it was queued."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request as the dispatcher carries it: what travels, and who waits for it."""
+
+    item: dict  # sent to the worker as is
+    future: asyncio.Future
+    arrival_ns: int = field(default_factory=time.perf_counter_ns)
+    dispatched_ns: int = 0
+
+
+@dataclass
+class Reply:
+    """One request's result plus where and how it ran."""
+
+    result: dict
+    worker: str
+    batch_rows: int
+    queue_ns: int
+
+
+@dataclass(eq=False)
+class Batch:
+    id: str
+    slot: Slot
+    items: list[Pending]
+    future: Any  # distributed.Future
+
+
+class Dispatcher:
+    def __init__(self, client, model: dict) -> None:
+        self.client = client
+        self.model = model
+        self.window = int(config.get("window"))
+        self.levels = int(config.get("priority-levels"))
+        self.default_level = int(config.get("default-priority-level"))
+        self.default_timeout = config.seconds("default-timeout")
+        self.queue = BatchQueue(
+            max_batch_size=int(config.get("max-batch-size")),
+            max_queue_size=int(config.get("max-queue-size")),
+            priority_levels=self.levels,
+            max_queue_delay=config.seconds("max-queue-delay"),
+            starvation_limit=config.seconds("starvation-limit"),
+        )
+        self.slots: dict[str, Slot] = {}
+        self.in_flight: dict[str, Batch] = {}
+        self.stats = ModelStats(model["name"])
+        self.topic = RESULTS_PREFIX + client.id
+        self._ids = itertools.count()
+        self._prefix = f"batch-router-{uuid.uuid4().hex[:8]}"
+        self._timer: asyncio.TimerHandle | None = None
+        self._resync: asyncio.Task | None = None
+        self.closing = False
+        self.loop = asyncio.get_running_loop()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.client.subscribe_topic(self.topic, self._on_reply)
+        self.client.subscribe_topic(WORKERS_TOPIC, self._on_worker_event)
+        # Dask's client->scheduler stream coalesces for 10 ms; the plugin lowers the
+        # stream back to us. Both must be redone after a reconnect.
+        self.client.scheduler_comm.interval = config.seconds("batched-send-interval")
+        await self.client.scheduler.batch_router_hello(client=self.client.id)
+        await self.sync_workers()
+        self._resync = asyncio.create_task(self._resync_loop())
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, answer everything queued and in flight, then stop."""
+        self.closing = True
+        deadline = time.monotonic() + timeout
+        while (len(self.queue) or self.in_flight) and time.monotonic() < deadline and self.slots:
+            await asyncio.sleep(0.05)
+        for p in self.queue.drain():
+            self._fail(p, Unavailable("server is shutting down"))
+        for batch in list(self.in_flight.values()):
+            self._abandon(batch, Unavailable("server is shutting down"))
+        if self._resync:
+            self._resync.cancel()
+        if self._timer:
+            self._timer.cancel()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.slots) and not self.closing
+
+    # -- requests ----------------------------------------------------------------------
+
+    def submit(self, item: dict, rows: int, priority: int = 0, timeout_us: int = 0) -> tuple[Pending, asyncio.Future]:
+        """Queue one request. Raises ValueError (400) or Unavailable (503) at once."""
+        if self.closing:
+            raise Unavailable("server is shutting down")
+        level = resolve_priority(priority, self.levels, self.default_level)
+        timeout = resolve_timeout(timeout_us / 1e6, self.default_timeout)
+        now = self.loop.time()
+        ticket = Ticket(item=item, future=self.loop.create_future())
+        pending = Pending(rows=rows, priority=level, arrival=now, deadline=now + timeout if timeout else None, payload=ticket)
+        try:
+            self.queue.push(pending)
+        except QueueFull as e:
+            self.stats.rejected["queue_full"] += 1
+            raise Unavailable(str(e)) from None
+        self._pump()
+        return pending, ticket.future
+
+    def cancel(self, pending: Pending) -> None:
+        """The client went away: drop its request if it has not been sent yet."""
+        if self.queue.cancel(pending):
+            self.stats.rejected["cancelled"] += 1
+            pending.payload.future.cancel()
+
+    # -- the pump: everything that moves requests runs here, synchronously --------------
+
+    def _pump(self) -> None:
+        now = self.loop.time()
+        for p in self.queue.expire(now):
+            self.stats.rejected["timeout"] += 1
+            self._fail(p, DeadlineExceeded("request timeout expired while queued"))
+        slots = list(self.slots.values())
+        while self.queue.ready(now):
+            slot = least_loaded(slots)
+            if slot is None:
+                break
+            items = self.queue.take(now)
+            if not items:
+                break
+            self._send(slot, items)
+        self._arm_timer(now)
+
+    def _arm_timer(self, now: float) -> None:
+        wake = self.queue.next_wakeup(now)
+        if self._timer is not None and (wake is None or self._timer.when() != wake):
+            self._timer.cancel()
+            self._timer = None
+        if wake is not None and self._timer is None:
+            self._timer = self.loop.call_at(wake, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _send(self, slot: Slot, items: list[Pending]) -> None:
+        batch_id = f"{self._prefix}-{next(self._ids)}"
+        now_ns = time.perf_counter_ns()
+        for p in items:
+            p.payload.dispatched_ns = now_ns
+        spec = {"id": batch_id, "topic": self.topic, "items": [p.payload.item for p in items]}
+        future = self.client.submit(
+            run_batch, spec, key=batch_id, workers=[slot.address], allow_other_workers=False, pure=False
+        )
+        batch = Batch(batch_id, slot, items, future)
+        self.in_flight[batch_id] = batch
+        slot.in_flight += 1
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._on_task_done, batch_id, f))
+
+    # -- replies ----------------------------------------------------------------------
+
+    def _on_reply(self, event) -> None:
+        _, msg = event
+        batch = self.in_flight.pop(msg["id"], None)
+        if batch is None:
+            return  # already answered (re-dispatched or abandoned)
+        reply = msgpack.unpackb(msg["blob"], raw=False)
+        self._finish(batch)
+        t = reply["timings"]
+        rows = t.get("rows", 0)
+        if rows:
+            self.stats.batch_done(rows, t["input_ns"], t["infer_ns"], t["output_ns"])
+        done_ns = time.perf_counter_ns()
+        for p, result in zip(batch.items, reply["results"]):
+            ticket: Ticket = p.payload
+            queue_ns = ticket.dispatched_ns - ticket.arrival_ns
+            ok = "error" not in result
+            self.stats.request_done(ok, done_ns - ticket.arrival_ns, queue_ns)
+            if not ticket.future.done():
+                ticket.future.set_result(Reply(result, batch.slot.name or reply["worker"], rows, queue_ns))
+        self._pump()
+
+    def _on_task_done(self, batch_id: str, future) -> None:
+        """A task that ended without replying (lost or erred): answer its requests."""
+        batch = self.in_flight.get(batch_id)
+        if batch is None or future.status == "finished":
+            return
+        if future.status == "error":
+            self._abandon(batch, RuntimeError(f"batch failed on {batch.slot.address}: {future.exception()}"))
+            self._pump()
+
+    def _finish(self, batch: Batch) -> None:
+        batch.slot.in_flight = max(0, batch.slot.in_flight - 1)
+        batch.slot.batches += 1
+        batch.slot.rows += sum(p.rows for p in batch.items)
+        batch.future.release()
+
+    def _abandon(self, batch: Batch, error: Exception) -> None:
+        self.in_flight.pop(batch.id, None)
+        self._finish(batch)
+        for p in batch.items:
+            self.stats.request_done(False, time.perf_counter_ns() - p.payload.arrival_ns, 0)
+            self._fail(p, error)
+
+    def _fail(self, p: Pending, error: Exception) -> None:
+        if not p.payload.future.done():
+            p.payload.future.set_exception(error)
+
+    # -- workers ----------------------------------------------------------------------
+
+    def _on_worker_event(self, event) -> None:
+        _, msg = event
+        if msg["action"] == "add":
+            self._add_slot(msg["worker"])
+        else:
+            self._remove_slot(msg["worker"]["address"])
+        self._pump()
+
+    def _add_slot(self, info: dict) -> None:
+        if info["sha256"] != self.model["sha256"]:
+            return
+        slot = self.slots.get(info["address"])
+        if slot is None:
+            self.slots[info["address"]] = Slot(info["address"], info.get("name", ""), self.window, info)
+            logger.info("worker %s joined (%s, %s)", info["address"], info.get("device"), info.get("providers"))
+        else:
+            slot.info = info
+
+    def _remove_slot(self, address: str) -> None:
+        slot = self.slots.pop(address, None)
+        if slot is None:
+            return
+        lost = [b for b in self.in_flight.values() if b.slot is slot]
+        logger.warning("worker %s left with %d batches in flight; re-queueing them", address, len(lost))
+        for batch in lost:
+            self.in_flight.pop(batch.id, None)
+            batch.future.release()
+            self.queue.requeue(batch.items)
+
+    async def sync_workers(self) -> None:
+        workers = await self.client.scheduler.batch_router_workers()
+        for info in workers.values():
+            self._add_slot(info)
+        for address in set(self.slots) - set(workers):
+            self._remove_slot(address)
+        self._pump()
+
+    async def _resync_loop(self) -> None:
+        """Membership events are the fast path; this catches anything they missed."""
+        while not self.closing:
+            await asyncio.sleep(2.0)
+            try:
+                await self.sync_workers()
+            except Exception as e:  # the scheduler may be briefly unreachable
+                logger.warning("could not refresh the worker list: %s", e)

@@ -1,0 +1,239 @@
+"""Tornado handlers: parse, validate, hand off to the dispatcher, write. Nothing else.
+
+Protocol encoding lives in ``kserve.py``; batching in ``batching.py``/``dispatch.py``.
+Every error is ``{"error": "..."}`` with the status Triton would use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+from tornado import httputil, web
+
+from router_api import kserve
+from router_api.dispatch import DeadlineExceeded, Reply, Unavailable
+
+
+class JSONHandler(web.RequestHandler):
+    def initialize(self, router) -> None:
+        self.router = router
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+
+    def write_json(self, obj, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(obj))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        message = self._reason
+        exc = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        self.finish(kserve.error_body(message))
+
+    def fail(self, status: int, message: str, **headers) -> None:
+        for k, v in headers.items():
+            self.set_header(k.replace("_", "-"), str(v))
+        self.set_status(status)
+        self.finish(kserve.error_body(message))
+
+    def check_model(self, name: str, version: str | None = None) -> bool:
+        if name != self.router.model_name or version not in (None, "", self.router.version):
+            self.fail(404, f"unknown model: '{name}'" + (f" version {version}" if version else ""))
+            return False
+        return True
+
+
+class NotFound(JSONHandler):
+    def prepare(self) -> None:
+        self.fail(404, f"no such endpoint: {self.request.method} {self.request.path}")
+
+
+class Live(JSONHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain")
+        self.finish()
+
+
+class Ready(JSONHandler):
+    def get(self) -> None:
+        # Triton answers 400 when not ready; the KServe spec says "4xx means false".
+        self.set_header("Content-Type", "text/plain")
+        self.set_status(200 if self.router.dispatcher.ready else 400)
+        self.finish()
+
+
+class ServerMetadata(JSONHandler):
+    def get(self) -> None:
+        self.write_json(self.router.server_metadata())
+
+
+class ModelMetadata(JSONHandler):
+    def get(self, name: str, version: str | None = None) -> None:
+        if self.check_model(name, version):
+            self.write_json(self.router.model_metadata())
+
+
+class ModelReady(JSONHandler):
+    def get(self, name: str, version: str | None = None) -> None:
+        if self.check_model(name, version):
+            self.set_header("Content-Type", "text/plain")
+            self.set_status(200 if self.router.dispatcher.ready else 400)
+            self.finish()
+
+
+class ModelConfig(JSONHandler):
+    def get(self, name: str, version: str | None = None) -> None:
+        if self.check_model(name, version):
+            self.write_json(self.router.model_config())
+
+
+class ModelStatistics(JSONHandler):
+    def get(self, name: str | None = None, version: str | None = None) -> None:
+        if name is None or self.check_model(name, version):
+            self.write_json({"model_stats": [self.router.dispatcher.stats.as_triton()]})
+
+
+@web.stream_request_body
+class BodyHandler(JSONHandler):
+    """Reads the body itself so an oversized one gets a 413 in the protocol's format."""
+
+    def prepare(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.too_large = False
+        self.pending: list = []
+        self.limit = self.router.max_body_size
+        declared = int(self.request.headers.get("Content-Length", 0) or 0)
+        # Let Tornado drain the body instead of answering with its own plain 400.
+        self.request.connection.set_max_body_size(max(declared, self.limit) + 1)
+        if declared > self.limit:
+            self.too_large = True
+
+    def data_received(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.too_large = True
+        if not self.too_large:
+            self.chunks.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+
+    def reject_large(self) -> bool:
+        if self.too_large:
+            self.fail(413, f"request body exceeds the {self.limit} byte limit")
+        return self.too_large
+
+    def on_connection_close(self) -> None:
+        for pending in self.pending:
+            self.router.dispatcher.cancel(pending)
+
+    async def run(self, items: list[dict], rows: int, priority: int = 0, timeout_us: int = 0) -> list[Reply] | None:
+        """Queue items (one per request row group) and wait for all of them.
+
+        On failure writes the error in the protocol's format and returns None.
+        """
+        try:
+            futures = []
+            for item in items:
+                pending, future = self.router.dispatcher.submit(item, rows, priority, timeout_us)
+                self.pending.append(pending)
+                futures.append(future)
+            replies = await asyncio.gather(*futures, return_exceptions=True)
+            for r in replies:
+                if isinstance(r, BaseException):
+                    raise r
+            return list(replies)
+        except ValueError as e:
+            self.fail(400, str(e))
+        except Unavailable as e:
+            self.fail(503, str(e), Retry_After=self.router.retry_after)
+        except DeadlineExceeded as e:
+            self.fail(504, str(e))
+        except asyncio.CancelledError:
+            pass  # the client went away; nobody to answer
+        except Exception as e:
+            self.fail(500, str(e))
+        return None
+
+
+class Infer(BodyHandler):
+    async def post(self, name: str, version: str | None = None) -> None:
+        if self.reject_large() or not self.check_model(name, version):
+            return
+        router = self.router
+        header = self.request.headers.get("Inference-Header-Content-Length")
+        try:
+            header_length = int(header) if header is not None else None
+            req = kserve.parse_infer_request(self.body, header_length, router.inputs, router.outputs, router.max_batch_size)
+        except kserve.ProtocolError as e:
+            return self.fail(e.status, str(e))
+        except ValueError:
+            return self.fail(400, f"bad Inference-Header-Content-Length: {header!r}")
+        item = {
+            "kind": "tensor",
+            "rows": req.rows,
+            "inputs": {i.name: i.data for i in req.inputs},
+            "shapes": {i.name: list(i.shape) for i in req.inputs},
+            "outputs": [o.name for o in req.outputs],
+        }
+        replies = await self.run([item], req.rows, req.priority, req.timeout_us)
+        if replies is None:
+            return
+        reply = replies[0]
+        if "error" in reply.result:
+            return self.fail(500, reply.result["error"])
+        outs = reply.result["outputs"]
+        arrays = [
+            (o, np.frombuffer(outs[o.name]["data"], dtype=outs[o.name]["dtype"]).reshape(outs[o.name]["shape"]))
+            for o in req.outputs
+        ]
+        body, header_length = kserve.encode_infer_response(router.model_name, router.version, req.id, arrays)
+        if header_length is not None:
+            self.set_header("Inference-Header-Content-Length", str(header_length))
+            self.set_header("Content-Type", "application/octet-stream")
+        self.finish(body)
+
+
+class Classify(BodyHandler):
+    """POST /v1/classify: one image as the body, or several as multipart/form-data."""
+
+    async def post(self) -> None:
+        if self.reject_large():
+            return
+        ctype = self.request.headers.get("Content-Type", "")
+        try:
+            top_k = int(self.get_query_argument("top_k", str(self.router.top_k)))
+        except ValueError:
+            return self.fail(400, "top_k must be an integer")
+        if not 1 <= top_k <= self.router.num_classes:
+            return self.fail(400, f"top_k must be in 1..{self.router.num_classes}")
+        if ctype.startswith("multipart/form-data"):
+            files: dict = {}
+            httputil.parse_body_arguments(ctype, self.body, {}, files, self.request.headers)
+            images = [f["body"] for parts in files.values() for f in parts]
+            if not images:
+                return self.fail(400, "multipart body holds no files")
+        elif not self.body:
+            return self.fail(400, "empty body: send an image (image/jpeg or image/png)")
+        else:
+            images = [self.body]
+        try:
+            priority = int(self.get_query_argument("priority", "0") or 0)
+            timeout_us = int(self.get_query_argument("timeout", "0") or 0)
+        except ValueError:
+            return self.fail(400, "priority and timeout must be integers")
+        items = [{"kind": "image", "data": img, "top_k": top_k} for img in images]
+        replies = await self.run(items, 1, priority, timeout_us)
+        if replies is None:
+            return
+        errors = [f"image {i}: {r.result['error']}" for i, r in enumerate(replies) if "error" in r.result]
+        if errors:
+            return self.fail(400, "; ".join(errors) if len(images) > 1 else replies[0].result["error"])
+        results = [self.router.predictions(r) for r in replies]
+        self.write_json(results[0] if len(images) == 1 else {"results": results})

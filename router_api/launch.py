@@ -1,0 +1,158 @@
+"""The processes batch-router runs: scheduler, workers, front end, or all on one machine.
+
+``up`` puts the HTTP front end in the scheduler's own process and event loop, with its
+Dask client connected over ``inproc://``: a batch reaches a worker and back with no
+TCP hop on the front end's side (shared/research/dask-latency.md §3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import dask.config
+from distributed import Client, Scheduler, Worker
+
+from router_api import config
+from scheduler_plugins.plugin import BatchRouterPlugin
+
+logger = logging.getLogger("batch-router")
+
+# Dask settings batch-router needs: the front end balances work itself, and late binding
+# means a task never waits on a worker long enough to be worth stealing.
+DASK_SETTINGS = {
+    "distributed.scheduler.work-stealing": False,
+    # A batch of 32 float32 images is ~19 MB; that is expected, not a mistake.
+    "distributed.admin.large-graph-warning-threshold": "256MiB",
+}
+
+
+def model_path(path: str | None) -> str:
+    path = path or config.get("model")
+    if path:
+        return str(Path(path).expanduser().resolve())
+    from worker_setup.resnet50 import ensure_default_model
+
+    return str(ensure_default_model())
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_public_plaintext(host: str, what: str) -> None:
+    """A Dask scheduler reachable without mutual TLS is remote code execution."""
+    if not is_loopback(host):
+        raise SystemExit(
+            f"refusing to listen on {host!r} for the {what} without TLS: anyone who can "
+            "connect could run code on this machine. Listen on 127.0.0.1."
+        )
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+
+
+def spawn_worker(address: str, name: str, threads: int, device: str) -> subprocess.Popen:
+    env = dict(os.environ, DASK_INTERNAL_INHERIT_CONFIG=dask.config.serialize(dask.config.global_config))
+    cmd = [sys.executable, "-m", "router_api.cli", "worker", address, "--name", name, "--device", device]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return subprocess.Popen(cmd, env=env)
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("worker %d did not stop in %.0fs; killing it", p.pid, timeout)
+            p.kill()
+            p.wait()
+
+
+async def up(model: str | None, workers: int, host: str, port: int, scheduler_port: int, dashboard: str, threads: int, device: str) -> None:
+    """Everything on one machine: scheduler + dashboard + front end here, N workers as processes."""
+    from router_api.app import start_front_end
+
+    refuse_public_plaintext(host, "HTTP front end")
+    path = model_path(model)
+    threads = threads or int(config.get("worker.intra-op-threads") or 0) or max(1, (os.cpu_count() or 1) // max(1, workers))
+    with dask.config.set(DASK_SETTINGS):
+        async with Scheduler(
+            host=[None, "127.0.0.1"],
+            protocol=["inproc", "tcp"],
+            port=[None, scheduler_port],
+            dashboard=True,
+            dashboard_address=dashboard,
+            plugins=[BatchRouterPlugin(path)],
+        ) as scheduler:
+            inproc, tcp = scheduler.listeners[0].contact_address, scheduler.listeners[1].contact_address
+            procs = [spawn_worker(tcp, f"local-{i}", threads, device) for i in range(workers)]
+            try:
+                async with Client(inproc, asynchronous=True) as client:
+                    router, server = await start_front_end(client, host, port)
+                    print(f"batch-router: scheduler {tcp}, dashboard http://{dashboard}/status", flush=True)
+                    print(f"batch-router: serving http://{host}:{port}/v2/models/{router.model_name}", flush=True)
+                    await wait_for_signal()
+                    logger.info("shutting down: answering queued and in-flight requests")
+                    server.stop()
+                    await router.dispatcher.close()
+                    await server.close_all_connections()
+            finally:
+                await asyncio.to_thread(stop_processes, procs)
+
+
+async def run_scheduler(model: str | None, host: str, port: int, dashboard: str) -> None:
+    refuse_public_plaintext(host, "Dask scheduler")
+    with dask.config.set(DASK_SETTINGS):
+        async with Scheduler(
+            host=host, port=port, dashboard=True, dashboard_address=dashboard, plugins=[BatchRouterPlugin(model_path(model))]
+        ) as scheduler:
+            print(f"batch-router: scheduler {scheduler.address}, dashboard http://{dashboard}/status", flush=True)
+            await wait_for_signal()
+
+
+async def run_worker(address: str, name: str | None) -> None:
+    async with Worker(address, nthreads=1, name=name, preload=["worker_setup.preload"]) as worker:
+        stop = asyncio.ensure_future(wait_for_signal())
+        done = asyncio.ensure_future(worker.finished())
+        await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)
+        if stop.done():
+            await worker.close()
+        stop.cancel()
+
+
+async def serve(scheduler_address: str, host: str, port: int) -> None:
+    from router_api.app import start_front_end
+
+    refuse_public_plaintext(host, "HTTP front end")
+    with dask.config.set(DASK_SETTINGS):
+        async with Client(scheduler_address, asynchronous=True) as client:
+            router, server = await start_front_end(client, host, port)
+            print(f"batch-router: serving http://{host}:{port}/v2/models/{router.model_name}", flush=True)
+            await wait_for_signal()
+            server.stop()
+            await router.dispatcher.close()
+            await server.close_all_connections()

@@ -1,0 +1,57 @@
+"""Triton's statistics extension (cumulative counters), kept per model by the front end."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+FIELDS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+
+
+class ModelStats:
+    def __init__(self, name: str, version: str = "1") -> None:
+        self.name, self.version = name, version
+        self.durations = {f: [0, 0] for f in FIELDS}  # field -> [count, ns]
+        self.batch = defaultdict(lambda: {f: [0, 0] for f in ("compute_input", "compute_infer", "compute_output")})
+        self.inference_count = 0  # rows
+        self.execution_count = 0  # batches
+        self.last_inference_ms = 0
+        self.rejected = defaultdict(int)  # reason -> count (queue_full, timeout, cancelled)
+
+    def _add(self, field: str, ns: int, n: int = 1) -> None:
+        d = self.durations[field]
+        d[0] += n
+        d[1] += ns
+
+    def request_done(self, ok: bool, total_ns: int, queue_ns: int) -> None:
+        self._add("success" if ok else "fail", total_ns)
+        if ok:
+            self._add("queue", queue_ns)
+
+    def batch_done(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        self.inference_count += rows
+        self.execution_count += 1
+        self.last_inference_ms = int(time.time() * 1000)
+        for field, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
+            self._add(field, ns, rows)
+            b = self.batch[rows][field]
+            b[0] += 1
+            b[1] += ns
+
+    def as_triton(self) -> dict:
+        def stat(d):
+            return {"count": d[0], "ns": d[1]}
+
+        return {
+            "name": self.name,
+            "version": self.version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {f: stat(d) for f, d in self.durations.items()},
+            "batch_stats": [
+                {"batch_size": size, **{f: stat(d) for f, d in fields.items()}}
+                for size, fields in sorted(self.batch.items())
+            ],
+            "rejected": dict(self.rejected),
+        }

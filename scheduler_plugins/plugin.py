@@ -1,0 +1,111 @@
+"""The scheduler side of batch-router: model registry, worker view, fast streams.
+
+Shaped like ``distributed/semaphore.py``: state, RPC handlers, and a few plugin hooks.
+It runs inside the Dask scheduler, either added by ``batch-router scheduler`` or by
+``dask scheduler --preload scheduler_plugins.preload``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from router_api import config
+from scheduler_plugins.model_store import ModelFile
+
+logger = logging.getLogger("scheduler_plugins.plugin")
+
+EXTENSION = "batch-router"
+WORKERS_TOPIC = "batch-router-workers"
+RESULTS_PREFIX = "batch-router-results-"
+
+
+def worker_entry(ws) -> dict | None:
+    """What front ends need to know about a worker; None if it has no router model."""
+    extra = ws.extra.get(EXTENSION)
+    if not extra:
+        return None
+    return {"address": ws.address, "name": str(ws.name), "nthreads": ws.nthreads, **extra}
+
+
+class BatchRouterPlugin(SchedulerPlugin):
+    name = EXTENSION
+
+    def __init__(self, model_path: str, model_name: str | None = None) -> None:
+        self.model_path = model_path
+        self.model_name = model_name or config.get("model-name")
+        self.model: ModelFile | None = None
+        self.scheduler = None
+        self.interval = config.seconds("batched-send-interval")
+
+    async def start(self, scheduler) -> None:
+        import asyncio
+
+        self.scheduler = scheduler
+        self.model = await asyncio.to_thread(ModelFile.open, self.model_path, self.model_name)
+        scheduler.handlers.update(
+            {
+                "batch_router_model": self.model_info,
+                "batch_router_model_chunk": self.model_chunk,
+                "batch_router_workers": self.workers_info,
+                "batch_router_hello": self.hello,
+            }
+        )
+        scheduler.extensions[EXTENSION] = self
+        logger.info("serving model %s sha256=%s", self.model.path, self.model.sha256[:12])
+
+    # -- RPC handlers ------------------------------------------------------------
+
+    def model_info(self) -> dict:
+        return self.model.describe()
+
+    def model_chunk(self, offset: int) -> bytes:
+        return self.model.read_chunk(int(offset))
+
+    def workers_info(self) -> dict:
+        """Workers that run this cluster's model, keyed by address."""
+        out = {}
+        for ws in self.scheduler.workers.values():
+            entry = worker_entry(ws)
+            if entry and entry["sha256"] == self.model.sha256:
+                out[ws.address] = entry
+        return out
+
+    def hello(self, client: str) -> None:
+        """A front end's client connected: stop coalescing the stream back to it.
+
+        The scheduler->client stream is created after ``add_client`` runs, so this cannot
+        be a plugin hook (shared/research/dask-latency.md §7).
+        """
+        comm = self.scheduler.client_comms.get(client)
+        if comm is not None:
+            comm.interval = self.interval
+
+    # -- plugin hooks --------------------------------------------------------------
+
+    def add_worker(self, scheduler, worker: str) -> None:
+        # Dask's scheduler->worker stream coalesces for 5 ms by default.
+        comm = scheduler.stream_comms.get(worker)
+        if comm is not None:
+            comm.interval = self.interval
+        entry = worker_entry(scheduler.workers[worker])
+        if entry is None:
+            logger.warning("worker %s has no batch-router model; it gets no batches", worker)
+            return
+        if entry["sha256"] != self.model.sha256:
+            logger.error("worker %s runs model %s, not %s; it gets no batches", worker, entry["sha256"][:12], self.model.sha256[:12])
+            return
+        if entry.get("cuda_fallback"):
+            logger.error("worker %s asked for CUDA but ONNX Runtime runs on CPU", worker)
+        scheduler.log_event(WORKERS_TOPIC, {"action": "add", "worker": entry})
+
+    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+        scheduler.log_event(WORKERS_TOPIC, {"action": "remove", "worker": {"address": worker}})
+
+    def log_event(self, topic: str, msg) -> None:
+        # Results travel as events (the worker's own stream, no connection to the
+        # worker). Dask keeps the last 1000 events of every topic; batch results are
+        # big and already delivered, so drop them. Broker.truncate is private API.
+        if topic.startswith(RESULTS_PREFIX):
+            self.scheduler._broker.truncate(topic)

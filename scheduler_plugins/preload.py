@@ -1,0 +1,17 @@
+"""Scheduler preload: ``dask scheduler --preload scheduler_plugins.preload``.
+
+The model comes from ``batch-router.model`` (YAML or DASK_BATCH_ROUTER__MODEL); unset
+means the default ResNet-50, built on first use.
+"""
+
+from __future__ import annotations
+
+from router_api import config
+from scheduler_plugins.plugin import BatchRouterPlugin
+
+
+def dask_setup(scheduler) -> None:
+    from worker_setup.resnet50 import ensure_default_model
+
+    path = config.get("model") or str(ensure_default_model())
+    scheduler.add_plugin(BatchRouterPlugin(path))
