@@ -76,7 +76,7 @@ def make_app(metadata: Optional[dict[str, Any]] = None) -> tornado.web.Applicati
         (r"/v2/models/([^/]+)/infer", Infer),
         (r"/v2/models/([^/]+)(?:/versions/[^/]+)?", Metadata, {"metadata": meta}),
         (r"/v1/classify", Classify),
-    ])
+    ], log_function=lambda handler: None)  # no access log: it would cost the ceiling
 
 
 def load_metadata(arg: Optional[str]) -> Optional[dict[str, Any]]:

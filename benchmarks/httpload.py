@@ -217,6 +217,11 @@ class Recorder:
         if self.start <= now < self.end:
             self.completed_ok += 1
 
+    def unfinished(self, t_sched: float) -> None:
+        """Still in flight when the drain cap ran out."""
+        if self.start <= t_sched < self.end:
+            self.errors["unfinished"] += 1
+
 
 Send = Callable[[Connection], Awaitable[Response]]
 
@@ -232,8 +237,7 @@ async def _one(rec: Recorder, conn: Connection, send: Send, t_sched: float,
             status = (await asyncio.wait_for(send(conn), timeout))[0]
         rec.record(t_sched, None if 200 <= status < 300 else str(status))
     except asyncio.CancelledError:
-        if rec.start <= t_sched < rec.end:
-            rec.errors["unfinished"] += 1
+        rec.unfinished(t_sched)
         raise
     except Exception as e:  # noqa: BLE001 - the class name is the error kind we report
         rec.record(t_sched, type(e).__name__)
@@ -283,7 +287,11 @@ async def open_loop(host: str, port: int, send: Send, rate: float, warmup: float
     tasks: set[asyncio.Task] = set()
 
     async def arrival(t_sched: float) -> None:
-        conn = await pool.acquire()
+        try:
+            conn = await pool.acquire()
+        except asyncio.CancelledError:  # still queued for a connection when the drain ended
+            rec.unfinished(t_sched)
+            raise
         try:
             await _one(rec, conn, send, t_sched, timeout)
         finally:

@@ -177,9 +177,11 @@ def spawn_router(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     exe = Path(sys.executable).parent / "batch-router"
     port = _free_port()
     cmd = [str(exe) if exe.exists() else "batch-router", "up", "--port", str(port),
-           "--dashboard-port", str(_free_port())]
+           "--dashboard-port", str(_free_port()), "--scheduler-port", str(_free_port())]
     if args.model_path:
         cmd += ["--model", str(args.model_path)]
+    if args.model != "resnet50":
+        cmd += ["--model-name", args.model]
     cmd += shlex.split(args.spawn_args)
     print("spawning:", shlex.join(cmd), flush=True)
     # Own session: a terminal Ctrl-C reaches only us; we then stop the router ourselves.

@@ -24,6 +24,7 @@ from router_api.handlers import (
     NotFound,
     Ready,
     ServerMetadata,
+    Workers,
 )
 from worker_setup.labels import load_labels
 
@@ -82,6 +83,21 @@ class Router:
         }
         return kserve.model_config(self.model_name, "onnxruntime_onnx", self.max_batch_size, self.inputs, self.outputs, batching)
 
+    def workers(self) -> list[dict]:
+        keys = ("device", "providers", "requested_providers", "cuda_fallback", "threads")
+        return [
+            {
+                "address": s.address,
+                "name": s.name,
+                **{k: s.info.get(k) for k in keys},
+                "window": s.window,
+                "in_flight": s.in_flight,
+                "batches": s.batches,
+                "rows": s.rows,
+            }
+            for s in self.dispatcher.slots.values()
+        ]
+
     def predictions(self, reply: Reply) -> dict:
         idx = np.frombuffer(reply.result["index"], dtype=np.int64)
         prob = np.frombuffer(reply.result["prob"], dtype=np.float32)
@@ -110,6 +126,7 @@ def make_app(router: Router) -> web.Application:
             (model + r"/stats", ModelStatistics, args),
             (model + r"/infer", Infer, args),
             (r"/v1/classify", Classify, args),
+            (r"/v1/workers", Workers, args),
         ],
         default_handler_class=NotFound,
         default_handler_args=args,

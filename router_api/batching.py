@@ -121,7 +121,7 @@ class BatchQueue:
         if self.rows >= self.max_batch_size or self.max_queue_delay <= 0:
             return True
         oldest = self._oldest()
-        return oldest is not None and now - oldest.arrival >= self.max_queue_delay
+        return oldest is not None and now >= oldest.arrival + self.max_queue_delay
 
     def next_wakeup(self, now: float) -> float | None:
         """The earliest time something changes by itself: a deadline, or a delay ending."""
@@ -192,7 +192,7 @@ class BatchQueue:
         self._clean_heads()
         if self.starvation_limit > 0:
             oldest = self._oldest()
-            if oldest is not None and now - oldest.arrival >= self.starvation_limit:
+            if oldest is not None and now >= oldest.arrival + self.starvation_limit:
                 return oldest
         for level in self._levels:
             if level:

@@ -63,6 +63,7 @@ class Batch:
     slot: Slot
     items: list[Pending]
     future: Any  # distributed.Future
+    sent: float = 0.0  # wall clock, to compare with the worker's stamps
 
 
 class Dispatcher:
@@ -186,7 +187,7 @@ class Dispatcher:
         future = self.client.submit(
             run_batch, spec, key=batch_id, workers=[slot.address], allow_other_workers=False, pure=False
         )
-        batch = Batch(batch_id, slot, items, future)
+        batch = Batch(batch_id, slot, items, future, time.time())
         self.in_flight[batch_id] = batch
         slot.in_flight += 1
         future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._on_task_done, batch_id, f))
@@ -202,6 +203,9 @@ class Dispatcher:
         self._finish(batch)
         t = reply["timings"]
         rows = t.get("rows", 0)
+        if "started" in t:
+            now = time.time()
+            logger.debug("batch %s: to worker %.2f ms, on worker %.2f ms, back %.2f ms", batch.id, 1e3 * (t["started"] - batch.sent), 1e3 * (t["finished"] - t["started"]), 1e3 * (now - t["finished"]))
         if rows:
             self.stats.batch_done(rows, t["input_ns"], t["infer_ns"], t["output_ns"])
         done_ns = time.perf_counter_ns()

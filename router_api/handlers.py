@@ -97,6 +97,13 @@ class ModelStatistics(JSONHandler):
             self.write_json({"model_stats": [self.router.dispatcher.stats.as_triton()]})
 
 
+class Workers(JSONHandler):
+    """GET /v1/workers: the front end's live view of every model worker (no secrets)."""
+
+    def get(self) -> None:
+        self.write_json({"workers": self.router.workers()})
+
+
 @web.stream_request_body
 class BodyHandler(JSONHandler):
     """Reads the body itself so an oversized one gets a 413 in the protocol's format."""

@@ -19,6 +19,8 @@ logger = logging.getLogger("scheduler_plugins.plugin")
 EXTENSION = "batch-router"
 WORKERS_TOPIC = "batch-router-workers"
 RESULTS_PREFIX = "batch-router-results-"
+# Task prefixes of the Python API (worker_setup.api): they need a worker with the model.
+API_PREFIXES = {"classify", "classify_files", "infer"}
 
 
 def worker_entry(ws) -> dict | None:
@@ -99,6 +101,22 @@ class BatchRouterPlugin(SchedulerPlugin):
         if entry.get("cuda_fallback"):
             logger.error("worker %s asked for CUDA but ONNX Runtime runs on CPU", worker)
         scheduler.log_event(WORKERS_TOPIC, {"action": "add", "worker": entry})
+
+    def update_graph(self, scheduler, *, tasks, **kwargs) -> None:
+        """Keep Python-API tasks (``client.submit(classify, ...)``) on model workers.
+
+        Runs before the new tasks leave ``released`` (dask-internals §2), so the
+        restriction holds from their first placement. Placement among those workers
+        is Dask's until the GPU-aware policy lands.
+        """
+        eligible = set(self.workers_info())
+        if not eligible:
+            return
+        for key in tasks:
+            ts = scheduler.tasks.get(key)
+            if ts is not None and ts.state == "released" and ts.prefix.name in API_PREFIXES and not ts.worker_restrictions:
+                ts.worker_restrictions = set(eligible)
+                ts.loose_restrictions = False
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
         scheduler.log_event(WORKERS_TOPIC, {"action": "remove", "worker": {"address": worker}})

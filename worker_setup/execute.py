@@ -101,6 +101,7 @@ def run_batch(spec: dict) -> int:
     worker = get_worker()
     items = spec["items"]
     t0 = time.perf_counter()
+    started = time.time()
     try:
         model = current_model()
     except Exception as e:
@@ -114,5 +115,7 @@ def run_batch(spec: dict) -> int:
             results, timings = [{"error": f"inference failed on {worker.address}: {e}"}] * len(items), {}
         errors = sum(1 for r in results if "error" in r)
         model.stats.finished(timings.get("rows", 0), time.perf_counter() - t0, errors)
+    # Wall-clock stamps let the front end split latency into transfer and compute.
+    timings["started"], timings["finished"] = started, time.time()
     worker.log_event(spec["topic"], {"id": spec["id"], "blob": pack_reply(spec["id"], worker.address, results, timings)})
     return timings.get("rows", 0)

@@ -1,0 +1,87 @@
+"""A real batch-router for integration tests: `batch-router up` in a subprocess, real
+scheduler and worker processes, real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    workers: int = 2
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    scheduler_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    log: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def scheduler(self) -> str:
+        return f"tcp://127.0.0.1:{self.scheduler_port}"
+
+    def start(self, timeout: float = 180.0) -> "Cluster":
+        cmd = [
+            sys.executable, "-m", "router_api.cli", "up",
+            "--workers", str(self.workers),
+            "--port", str(self.port),
+            "--scheduler-port", str(self.scheduler_port),
+            "--dashboard-port", str(self.dashboard_port),
+            *self.args,
+        ]  # fmt: skip
+        out = open(self.log, "w") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"batch-router up exited with {self.proc.returncode}; log: {self.log}")
+            try:
+                if len(self.get("/v1/workers")["workers"]) >= self.workers:
+                    return self
+            except (OSError, urllib.error.URLError, ValueError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"cluster not ready after {timeout}s; log: {self.log}")
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return json.loads(r.read() or b"null")
+
+    def stats(self) -> dict:
+        return self.get("/v2/models/resnet50/stats")["model_stats"][0]
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
