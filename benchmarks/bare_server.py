@@ -38,7 +38,7 @@ class _Handler(tornado.web.RequestHandler):
 
 class Ready(_Handler):
     def get(self) -> None:
-        self.write(b"{}")
+        self.set_status(200)  # empty body, as Triton answers
 
 
 class Metadata(_Handler):

@@ -90,16 +90,24 @@ def infer_request(meta: dict[str, Any], rows: int, seed: int = 0) -> tuple[dict,
     return headers, header + data
 
 
-async def get_json(host: str, port: int, path: str) -> Optional[dict]:
-    """GET path as JSON; None on any failure (the caller prints n/a)."""
+async def get(host: str, port: int, path: str) -> tuple[int, bytes]:
+    """One GET on its own connection; status 0 if it could not be made."""
     conn = Connection(host, port)
     try:
-        status, _, body = await asyncio.wait_for(conn.request("GET", path), 10)
-        return json.loads(body) if status == 200 else None
+        return (await asyncio.wait_for(conn.request("GET", path), 10))[::2]
     except (OSError, ValueError, asyncio.TimeoutError):
-        return None
+        return 0, b""
     finally:
         conn.close()
+
+
+async def get_json(host: str, port: int, path: str) -> Optional[dict]:
+    """GET path as JSON; None on any failure (the caller prints n/a)."""
+    status, body = await get(host, port, path)
+    try:
+        return json.loads(body) if status == 200 else None
+    except ValueError:
+        return None
 
 
 def _counts(stats: Optional[dict]) -> Optional[tuple[int, int]]:
@@ -154,8 +162,8 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float, what: str) -> 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{what} exited with code {proc.returncode} before it was ready")
-        ok = asyncio.run(get_json(u.hostname or "127.0.0.1", u.port or 80, "/v2/health/ready"))
-        if ok is not None:
+        ready = f"{u.path.rstrip('/')}/v2/health/ready"
+        if asyncio.run(get(u.hostname or "127.0.0.1", u.port or 80, ready))[0] == 200:
             return
         time.sleep(0.5)
     stop(proc)
@@ -183,11 +191,19 @@ def spawn_router(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     if args.model != "resnet50":
         cmd += ["--model-name", args.model]
     cmd += shlex.split(args.spawn_args)
-    print("spawning:", shlex.join(cmd), flush=True)
+    # Its log goes to a file, so the progress bar and summary stay readable.
+    log = tempfile.NamedTemporaryFile("w", prefix="batch-router-", suffix=".log", delete=False)
+    print(f"spawning: {shlex.join(cmd)}\n  log: {log.name}", flush=True)
     # Own session: a terminal Ctrl-C reaches only us; we then stop the router ourselves.
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(proc, url, 120, "batch-router")
+    try:
+        _wait_ready(proc, url, 120, "batch-router")
+    except SystemExit:
+        print("".join(Path(log.name).read_text().splitlines(True)[-20:]), file=sys.stderr)
+        raise
     return proc, url
 
 

@@ -1,0 +1,135 @@
+"""Queue bounds, deadlines, priorities, disconnects and body limits, on a deliberately
+tight service: one worker, one row per batch, one batch in flight, four queued."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from tests.cluster import Cluster
+from tests.conftest import ARTIFACTS, make_image
+from tests.http import classify, infer_binary
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tight(model_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    c = Cluster(
+        workers=1,
+        args=["--threads", "1", "--max-batch-size", "1", "--window", "1", "--max-queue-size", "4"],
+        env={"DASK_BATCH_ROUTER__HTTP__MAX_BODY_SIZE": "1MiB"},
+        log=ARTIFACTS / "tight.log",
+    ).start()
+    yield c
+    c.stop()
+
+
+def in_background(fn, *args):
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", fn(*args)))
+    t.start()
+    return t, out
+
+
+def wait_idle(c: Cluster, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(w["in_flight"] == 0 for w in c.get("/v1/workers")["workers"]):
+            return
+        time.sleep(0.05)
+
+
+def test_body_over_the_limit_gets_413(tight):
+    r = classify(tight.url, b"\xff" * (2 * 2**20))
+    assert r.status == 413 and "limit" in r.json()["error"]
+    assert classify(tight.url, make_image(1)).status == 200  # the service is fine
+
+
+def test_full_queue_answers_503_at_once_with_retry_after(tight):
+    images = [make_image(s) for s in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda i: classify(tight.url, i), images))
+    statuses = [r.status for r in responses]
+    assert statuses.count(200) >= 5  # one in flight plus four queued at least
+    rejected = [r for r in responses if r.status == 503]
+    assert rejected, statuses
+    for r in rejected:
+        assert "maximum queue size" in r.json()["error"] and r.headers["retry-after"] == "1"
+    wait_idle(tight)
+
+
+def test_deadline_passing_in_the_queue_gives_504_and_never_reaches_a_worker(tight):
+    wait_idle(tight)
+    before = tight.stats()
+    busy = [in_background(classify, tight.url, make_image(s)) for s in range(3)]
+    time.sleep(0.02)
+    x = np.zeros((1, 3, 224, 224), np.float32)
+    r = infer_binary(tight.url, x, params={"timeout": 20_000})  # 20 ms, in microseconds
+    assert r.status == 504 and "timeout" in r.json()["error"]
+    for t, out in busy:
+        t.join()
+        assert out["r"].status == 200
+    after = tight.stats()
+    assert after["inference_count"] - before["inference_count"] == 3  # the expired one never ran
+    assert after["rejected"]["timeout"] - before["rejected"].get("timeout", 0) == 1
+
+
+def test_higher_priority_is_served_before_earlier_lower_priority(tight):
+    wait_idle(tight)
+    done: dict[str, float] = {}
+
+    def go(name, priority):
+        r = classify(tight.url, make_image(3), f"?priority={priority}")
+        assert r.status == 200
+        done[name] = time.monotonic()
+
+    threads = []
+    for name, priority in [("busy", 2), ("low-1", 3), ("low-2", 3), ("low-3", 3), ("high", 1)]:
+        threads.append(threading.Thread(target=go, args=(name, priority)))
+        threads[-1].start()
+        time.sleep(0.01)  # arrive in this order while the worker is busy
+    for t in threads:
+        t.join()
+    assert done["high"] < min(done["low-1"], done["low-2"], done["low-3"]), done
+
+
+def test_client_that_disconnects_before_dispatch_is_dropped(tight):
+    wait_idle(tight)
+    before = tight.stats()
+    busy = [in_background(classify, tight.url, make_image(s)) for s in range(3)]
+    time.sleep(0.02)
+    image = make_image(99)
+    s = socket.create_connection(("127.0.0.1", tight.port))
+    s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n" + f"Content-Length: {len(image)}\r\n\r\n".encode() + image)
+    time.sleep(0.01)
+    s.close()
+    for t, out in busy:
+        t.join()
+        assert out["r"].status == 200
+    wait_idle(tight)
+    after = tight.stats()
+    assert after["rejected"]["cancelled"] - before["rejected"].get("cancelled", 0) == 1
+    assert after["inference_count"] - before["inference_count"] == 3
+
+
+def test_sigterm_answers_queued_and_in_flight_requests_then_exits(model_path):
+    c = Cluster(workers=1, args=["--threads", "1", "--max-batch-size", "1", "--window", "1"], log=ARTIFACTS / "shutdown.log").start()
+    try:
+        pending = [in_background(classify, c.url, make_image(s)) for s in range(4)]
+        time.sleep(0.05)
+        import signal
+
+        code = c.stop(signal.SIGTERM)
+        for t, out in pending:
+            t.join()
+            assert out["r"].status == 200
+        assert code == 0
+    finally:
+        c.stop()
