@@ -199,6 +199,7 @@ class Recorder:
     end: float
     latencies: list[float] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
+    samples: dict[str, str] = field(default_factory=dict)  # first error body per status
     completed_ok: int = 0
     done: int = 0
     failed: int = 0
@@ -232,10 +233,14 @@ async def _one(rec: Recorder, conn: Connection, send: Send, t_sched: float,
     try:
         if _timeout is not None:
             async with _timeout(timeout):
-                status = (await send(conn))[0]
+                status, _, body = await send(conn)
         else:
-            status = (await asyncio.wait_for(send(conn), timeout))[0]
-        rec.record(t_sched, None if 200 <= status < 300 else str(status))
+            status, _, body = await asyncio.wait_for(send(conn), timeout)
+        if 200 <= status < 300:
+            rec.record(t_sched, None)
+        else:  # keep the first body of each status: it says why (e.g. "top_k must be...")
+            rec.record(t_sched, str(status))
+            rec.samples.setdefault(str(status), body[:200].decode("utf-8", "replace"))
     except asyncio.CancelledError:
         rec.unfinished(t_sched)
         raise

@@ -143,6 +143,7 @@ async def run_load(url: str, args: argparse.Namespace, path: str, headers: dict,
         rec = await closed_loop(host, port, send, args.concurrency, **common)
     c0, c1 = _counts(await before), _counts(await get_json(host, port, stats_path))
     out = summarize(rec.latencies, rec.errors, rec.completed_ok, args.duration, rows)
+    out["error_samples"] = rec.samples
     out["mean_batch"] = None
     if c0 and c1 and c1[1] > c0[1]:
         out["mean_batch"] = round((c1[0] - c0[0]) / (c1[1] - c0[1]), 3)
@@ -256,15 +257,16 @@ def machine() -> dict:
 
 def print_summary(title: str, s: dict) -> None:
     lat = s["latency_ms"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+    ms = "  ".join(f"{k} {'n/a' if lat[k] is None else f'{lat[k]:.1f}'}"
+                   for k in ("p50", "p95", "p99", "max"))
     errs = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "none"
+    why = "".join(f"\n    {k}: {v!r}" for k, v in s.get("error_samples", {}).items())
     mb = s.get("mean_batch")
     print(f"{title}\n"
           f"  throughput  {s['req_per_s']:.1f} req/s  {s['img_per_s']:.1f} img/s"
           f"  ({s['ok']} ok in {s['duration_s']:.1f} s)\n"
-          f"  latency ms  p50 {fmt(lat['p50'])}  p95 {fmt(lat['p95'])}"
-          f"  p99 {fmt(lat['p99'])}  max {fmt(lat['max'])}\n"
-          f"  errors      {errs}\n"
+          f"  latency ms  {ms}\n"
+          f"  errors      {errs}{why}\n"
           f"  mean batch  {'n/a' if mb is None else f'{mb:.2f}'}", flush=True)
 
 
@@ -309,6 +311,24 @@ def payload(args: argparse.Namespace, meta: Optional[dict]) -> tuple[str, dict, 
     return f"/v2/models/{args.model}/infer", headers, body, args.batch_rows
 
 
+def _ratio(a: float, b: float) -> Optional[float]:
+    return round(a / b, 4) if b else None
+
+
+def bare_baseline(args: argparse.Namespace, meta: Optional[dict], path: str, headers: dict,
+                  body: bytes, rows: int) -> dict:
+    """The same load, same settings, against bare_server: the HTTP ceiling."""
+    proc, url, meta_file = spawn_bare(meta)
+    try:
+        out = asyncio.run(run_load(url, args, path, headers, body, rows))
+    finally:
+        stop(proc)
+        if meta_file:
+            os.unlink(meta_file)
+    print_summary(f"bare Tornado server {url}, same load", out)
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     router, url = spawn_router(args) if args.spawn else (None, args.url.rstrip("/"))
@@ -331,24 +351,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             stop(router)
     ratios: dict[str, Any] = {}
     if args.baseline_bare:
-        bare, bare_url, meta_file = spawn_bare(meta)
-        try:
-            result["baseline_bare"] = asyncio.run(
-                run_load(bare_url, args, path, headers, body, rows))
-        finally:
-            stop(bare)
-            if meta_file:
-                os.unlink(meta_file)
-        print_summary(f"bare Tornado server, same load", result["baseline_bare"])
-        bare_rps = result["baseline_bare"]["req_per_s"]
-        ratios["router_over_bare_req"] = round(result["router"]["req_per_s"] / bare_rps, 4) \
-            if bare_rps else None
+        bare = result["baseline_bare"] = bare_baseline(args, meta, path, headers, body, rows)
+        ratios["router_over_bare_req"] = _ratio(result["router"]["req_per_s"],
+                                                bare["req_per_s"])
         print(f"router req/s / bare req/s: {ratios['router_over_bare_req']}")
     if args.baseline:
         raw = result["baseline_raw"] = run_raw(args, args.baseline_duration)
-        best = raw["best_rows_per_s"]
-        r = result["router"]
-        ratios["throughput_router_over_raw"] = round(r["img_per_s"] / best, 4) if best else None
+        r, best = result["router"], raw["best_rows_per_s"]
+        ratios["throughput_router_over_raw"] = _ratio(r["img_per_s"], best)
         p50 = r["latency_ms"]["p50"]
         ratios["latency_p50_delta_ms"] = None if p50 is None else \
             round(p50 - raw["latency_b1_ms"]["p50"], 3)
