@@ -139,7 +139,7 @@ async def start_front_end(client, host: str, port: int) -> tuple[Router, httpser
     dispatcher = Dispatcher(client, model)
     await dispatcher.start()
     router = Router(dispatcher, model)
-    server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size, xheaders=False)
+    server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size)
     server.listen(port, address=host)
     logger.info("HTTP front end on http://%s:%d (model %s)", host, port, router.model_name)
     return router, server

@@ -88,6 +88,7 @@ class Dispatcher:
         self._ids = itertools.count()
         self._prefix = f"batch-router-{uuid.uuid4().hex[:8]}"
         self._timer: asyncio.TimerHandle | None = None
+        self._pump_scheduled = False
         self._resync: asyncio.Task | None = None
         self.closing = False
         self.loop = asyncio.get_running_loop()
@@ -139,7 +140,7 @@ class Dispatcher:
         except QueueFull as e:
             self.stats.rejected["queue_full"] += 1
             raise Unavailable(str(e)) from None
-        self._pump()
+        self._pump_soon()
         return pending, ticket.future
 
     def cancel(self, pending: Pending) -> None:
@@ -150,7 +151,19 @@ class Dispatcher:
 
     # -- the pump: everything that moves requests runs here, synchronously --------------
 
+    def _pump_soon(self) -> None:
+        """Pump once the event loop has read every request that is already waiting.
+
+        Requests that arrive in the same loop iteration then share one batch (one Dask
+        task) instead of each taking a free worker slot alone; a lone request still
+        leaves within the same millisecond.
+        """
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self.loop.call_soon(self._pump)
+
     def _pump(self) -> None:
+        self._pump_scheduled = False
         now = self.loop.time()
         for p in self.queue.expire(now):
             self.stats.rejected["timeout"] += 1
@@ -190,7 +203,6 @@ class Dispatcher:
         batch = Batch(batch_id, slot, items, future, time.time())
         self.in_flight[batch_id] = batch
         slot.in_flight += 1
-        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._on_task_done, batch_id, f))
 
     # -- replies ----------------------------------------------------------------------
 
@@ -218,13 +230,15 @@ class Dispatcher:
                 ticket.future.set_result(Reply(result, batch.slot.name or reply["worker"], rows, queue_ns))
         self._pump()
 
-    def _on_task_done(self, batch_id: str, future) -> None:
-        """A task that ended without replying (lost or erred): answer its requests."""
-        batch = self.in_flight.get(batch_id)
-        if batch is None or future.status == "finished":
-            return
-        if future.status == "error":
-            self._abandon(batch, RuntimeError(f"batch failed on {batch.slot.address}: {future.exception()}"))
+    def _reap_failed(self) -> None:
+        """Answer batches whose task ended without replying (e.g. it could not even be
+        unpickled on the worker). ``run_batch`` replies on every error it can catch, so
+        this is rare; polling client-side future state costs nothing per batch, unlike a
+        done-callback (a thread hop each)."""
+        failed = [b for b in self.in_flight.values() if b.future.status in ("error", "cancelled")]
+        for batch in failed:
+            self._abandon(batch, RuntimeError(f"batch failed on {batch.slot.address}: {batch.future.status}"))
+        if failed:
             self._pump()
 
     def _finish(self, batch: Batch) -> None:
@@ -287,6 +301,7 @@ class Dispatcher:
         """Membership events are the fast path; this catches anything they missed."""
         while not self.closing:
             await asyncio.sleep(2.0)
+            self._reap_failed()
             try:
                 await self.sync_workers()
             except Exception as e:  # the scheduler may be briefly unreachable

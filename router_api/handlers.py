@@ -16,6 +16,12 @@ from router_api import kserve
 from router_api.dispatch import DeadlineExceeded, Reply, Unavailable
 
 
+def as_frame(data: bytes | memoryview) -> np.ndarray:
+    """Wrap request bytes so Dask ships them as their own frame, never copied into a
+    pickle: protocol 5 sends numpy buffers out of band, but not ``bytes``."""
+    return np.frombuffer(data, dtype=np.uint8)
+
+
 class JSONHandler(web.RequestHandler):
     def initialize(self, router) -> None:
         self.router = router
@@ -185,7 +191,7 @@ class Infer(BodyHandler):
         item = {
             "kind": "tensor",
             "rows": req.rows,
-            "inputs": {i.name: i.data for i in req.inputs},
+            "inputs": {i.name: as_frame(i.data) for i in req.inputs},
             "shapes": {i.name: list(i.shape) for i in req.inputs},
             "outputs": [o.name for o in req.outputs],
         }
@@ -215,7 +221,7 @@ class Classify(BodyHandler):
             return
         ctype = self.request.headers.get("Content-Type", "")
         try:
-            top_k = int(self.get_query_argument("top_k", str(self.router.top_k)))
+            top_k = int(self.get_query_argument("top_k", str(min(self.router.top_k, self.router.num_classes))))
         except ValueError:
             return self.fail(400, "top_k must be an integer")
         if not 1 <= top_k <= self.router.num_classes:
@@ -235,7 +241,7 @@ class Classify(BodyHandler):
             timeout_us = int(self.get_query_argument("timeout", "0") or 0)
         except ValueError:
             return self.fail(400, "priority and timeout must be integers")
-        items = [{"kind": "image", "data": img, "top_k": top_k} for img in images]
+        items = [{"kind": "image", "data": as_frame(img), "top_k": top_k} for img in images]
         replies = await self.run(items, 1, priority, timeout_us)
         if replies is None:
             return

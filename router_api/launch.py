@@ -31,6 +31,9 @@ DASK_SETTINGS = {
     "distributed.scheduler.work-stealing": False,
     # A batch of 32 float32 images is ~19 MB; that is expected, not a mistake.
     "distributed.admin.large-graph-warning-threshold": "256MiB",
+    # Dask keeps the last N messages of every stream (and events of every topic) for
+    # debugging; at 1000 that is ~600 MB per worker stream of retained batches.
+    "distributed.admin.low-level-log-length": 32,
 }
 
 
@@ -135,6 +138,7 @@ async def run_scheduler(model: str | None, host: str, port: int, dashboard: str)
 
 
 async def run_worker(address: str, name: str | None) -> None:
+    dask.config.set(DASK_SETTINGS)
     async with Worker(address, nthreads=1, name=name, preload=["worker_setup.preload"]) as worker:
         stop = asyncio.ensure_future(wait_for_signal())
         done = asyncio.ensure_future(worker.finished())

@@ -121,9 +121,3 @@ class BatchRouterPlugin(SchedulerPlugin):
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
         scheduler.log_event(WORKERS_TOPIC, {"action": "remove", "worker": {"address": worker}})
 
-    def log_event(self, topic: str, msg) -> None:
-        # Results travel as events (the worker's own stream, no connection to the
-        # worker). Dask keeps the last 1000 events of every topic; batch results are
-        # big and already delivered, so drop them. Broker.truncate is private API.
-        if topic.startswith(RESULTS_PREFIX):
-            self.scheduler._broker.truncate(topic)
