@@ -189,8 +189,7 @@ def spawn_router(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
            "--dashboard-port", str(_free_port()), "--scheduler-port", str(_free_port())]
     if args.model_path:
         cmd += ["--model", str(args.model_path)]
-    if args.model != "resnet50":
-        cmd += ["--model-name", args.model]
+    cmd += ["--model-name", args.model]  # the name the load is sent to
     cmd += shlex.split(args.spawn_args)
     # Its log goes to a file, so the progress bar and summary stay readable.
     log = tempfile.NamedTemporaryFile("w", prefix="batch-router-", suffix=".log", delete=False)

@@ -23,6 +23,15 @@ RESULTS_PREFIX = "batch-router-results-"
 API_PREFIXES = {"classify", "classify_files", "infer"}
 
 
+def default_name(path: str) -> str:
+    """Like a Triton model repository: a model is named after its file, except ours."""
+    from pathlib import Path
+
+    from worker_setup.resnet50 import default_model_path
+
+    return "resnet50" if Path(path).resolve() == default_model_path().resolve() else Path(path).stem
+
+
 def worker_entry(ws) -> dict | None:
     """What front ends need to know about a worker; None if it has no router model."""
     extra = ws.extra.get(EXTENSION)
@@ -36,7 +45,7 @@ class BatchRouterPlugin(SchedulerPlugin):
 
     def __init__(self, model_path: str, model_name: str | None = None) -> None:
         self.model_path = model_path
-        self.model_name = model_name or config.get("model-name")
+        self.model_name = model_name or config.get("model-name") or default_name(model_path)
         self.model: ModelFile | None = None
         self.scheduler = None
         self.interval = config.seconds("batched-send-interval")

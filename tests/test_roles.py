@@ -1,0 +1,65 @@
+"""The split roles on loopback: `batch-router scheduler`, `worker` and `serve` as
+separate processes, configured the Dask way (environment variables)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.cluster import ROOT, free_port
+from tests.conftest import ARTIFACTS, make_image
+from tests.http import classify, request
+
+pytestmark = pytest.mark.integration
+
+
+def launch(*args: str, env: dict | None = None, log: str) -> subprocess.Popen:
+    ARTIFACTS.mkdir(exist_ok=True)
+    out = open(ARTIFACTS / log, "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "router_api.cli", *args], cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
+    )
+
+
+def wait_ready(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if request(url, "GET", "/v2/health/ready", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(url)
+
+
+def test_scheduler_worker_and_front_end_as_separate_processes(model_path):
+    sport, dport, hport = free_port(), free_port(), free_port()
+    scheduler = launch("scheduler", "--port", str(sport), "--dashboard-port", str(dport), log="roles-scheduler.log")
+    procs = [scheduler]
+    try:
+        procs.append(launch("worker", f"tcp://127.0.0.1:{sport}", "--name", "solo", "--threads", "1", log="roles-worker.log"))
+        env = {"DASK_BATCH_ROUTER__MAX_BATCH_SIZE": "8"}  # Dask-style override, no flag
+        procs.append(launch("serve", "--scheduler", f"tcp://127.0.0.1:{sport}", "--port", str(hport), env=env, log="roles-serve.log"))
+        url = f"http://127.0.0.1:{hport}"
+        wait_ready(url)
+        assert request(url, "GET", "/v2/models/resnet50/config").json()["max_batch_size"] == 8
+        r = classify(url, make_image(5))
+        assert r.status == 200 and r.json()["worker"] == "solo"
+        assert request(f"http://127.0.0.1:{dport}", "GET", "/status").status == 200  # Dask dashboard
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+
+
+@pytest.mark.parametrize("role", [["scheduler", "--host", "0.0.0.0"], ["up", "--host", "0.0.0.0", "--workers", "0"]])
+def test_refuses_to_listen_beyond_loopback_without_tls(role):
+    r = subprocess.run([sys.executable, "-m", "router_api.cli", *role], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "refusing to listen on '0.0.0.0'" in r.stderr

@@ -1,0 +1,124 @@
+"""Worker-side logic without Dask: sessions, preprocessing, per-item batch execution."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_image
+from worker_setup.execute import execute_items, top_k
+from worker_setup.model_cache import cached_path, ensure_model
+from worker_setup.preload import image_layout
+from worker_setup.preprocess import ImageError, ImageLayout, image_to_row
+from worker_setup.resnet50 import build_trivial
+from worker_setup.runtime import WorkerModel
+from worker_setup.session import ModelSession
+
+
+@pytest.fixture(scope="module")
+def trivial(tmp_path_factory):
+    """One-node model: per-channel mean of an N x 3 x 224 x 224 input."""
+    path = build_trivial(tmp_path_factory.mktemp("m") / "trivial.onnx")
+    session = ModelSession.load(str(path), device="cpu", threads=1)
+    return WorkerModel(session=session, name="trivial", sha256="x", layout=image_layout(session))
+
+
+def test_session_reports_the_providers_onnx_runtime_uses(trivial):
+    s = trivial.session
+    assert s.providers == ["CPUExecutionProvider"] and s.device == "cpu" and not s.cuda_fallback
+    assert [t.name for t in s.inputs] == ["input"] and s.inputs[0].shape == (-1, 3, 224, 224)
+
+
+def test_cuda_requested_but_running_on_cpu_is_an_error_not_silence(tmp_path, caplog):
+    path = build_trivial(tmp_path / "t.onnx")
+    with caplog.at_level(logging.ERROR, logger="worker_setup.session"), pytest.warns(UserWarning, match="not in available provider"):
+        s = ModelSession.load(str(path), device="cuda", threads=1)
+    assert s.device == "cpu" and s.cuda_fallback
+    assert s.requested[0] == "CUDAExecutionProvider"
+    assert any("CUDA WAS REQUESTED BUT ONNX RUNTIME IS RUNNING ON CPU" in r.message for r in caplog.records)
+
+
+def test_image_layout_is_read_from_the_model_input():
+    assert ImageLayout.from_shape((-1, 3, 224, 224), "float32").layout == "NCHW"
+    nhwc = ImageLayout.from_shape((-1, 299, 299, 3), "uint8")
+    assert (nhwc.layout, nhwc.size, nhwc.row_shape) == ("NHWC", 299, (299, 299, 3))
+    with pytest.raises(ValueError):
+        ImageLayout.from_shape((-1, 1000), "float32")
+
+
+def test_preprocessing_is_resize_crop_and_imagenet_normalisation():
+    row = image_to_row(make_image(1, size=(500, 300)), ImageLayout())
+    assert row.shape == (3, 224, 224) and row.dtype == np.float32
+    assert -2.2 < row.min() < row.max() < 2.7  # (x/255 - mean) / std
+    raw = image_to_row(make_image(1, "PNG"), ImageLayout(layout="NHWC", dtype="uint8"))
+    assert raw.shape == (224, 224, 3) and raw.dtype == np.uint8
+
+
+def test_undecodable_bytes_raise_image_error():
+    with pytest.raises(ImageError, match="cannot decode image"):
+        image_to_row(b"GIF89a but not really", ImageLayout())
+
+
+def test_top_k_is_sorted_softmax():
+    idx, prob = top_k(np.array([1.0, 3.0, 2.0, 0.0], np.float32), 3)
+    assert idx.tolist() == [1, 2, 0]
+    e = np.exp([3.0, 2.0, 1.0]) / np.exp([1.0, 3.0, 2.0, 0.0]).sum()
+    np.testing.assert_allclose(prob, e, rtol=1e-6)
+
+
+def test_a_batch_gives_each_item_exactly_its_rows_and_bad_items_fail_alone(trivial):
+    x = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
+    items = [
+        {"kind": "tensor", "rows": 2, "inputs": {"input": x[:2].tobytes()}, "shapes": {"input": [2, 3, 224, 224]}, "outputs": ["logits"]},
+        {"kind": "image", "data": b"not an image", "top_k": 2},
+        {"kind": "image", "data": make_image(4), "top_k": 2},
+        {"kind": "tensor", "rows": 1, "inputs": {"input": x[2:].tobytes()}, "shapes": {"input": [1, 3, 224, 224]}, "outputs": ["logits"]},
+    ]
+    results, timings = execute_items(trivial, items)
+    assert timings["rows"] == 4  # the bad image took no row
+    first = results[0]["outputs"]["logits"]
+    np.testing.assert_allclose(np.frombuffer(first["data"], np.float32).reshape(first["shape"]), x[:2].mean(axis=(2, 3)), atol=1e-6)
+    assert "cannot decode image" in results[1]["error"]
+    expected = image_to_row(make_image(4), trivial.layout).mean(axis=(1, 2))
+    assert np.frombuffer(results[2]["index"], np.int64).tolist() == top_k(expected, 2)[0].tolist()
+    last = results[3]["outputs"]["logits"]
+    np.testing.assert_allclose(np.frombuffer(last["data"], np.float32), x[2:].mean(axis=(2, 3)).ravel(), atol=1e-6)
+
+
+class FakeScheduler:
+    """Serves model chunks the way the scheduler plugin's RPC does."""
+
+    def __init__(self, data: bytes, chunk: int = 1000):
+        self.data, self.chunk, self.calls = data, chunk, 0
+
+    async def batch_router_model_chunk(self, offset: int) -> bytes:
+        self.calls += 1
+        return self.data[offset : offset + self.chunk]
+
+
+def test_model_is_fetched_in_chunks_verified_and_cached(tmp_path):
+    data = bytes(range(256)) * 20
+    info = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    rpc = FakeScheduler(data)
+    path = asyncio.run(ensure_model(rpc, info, tmp_path))
+    assert path == cached_path(tmp_path, info["sha256"]) and path.read_bytes() == data
+    assert rpc.calls == 6
+    asyncio.run(ensure_model(rpc, info, tmp_path))
+    assert rpc.calls == 6  # cached: not fetched again
+
+
+def test_corrupt_cache_is_fetched_again_and_a_wrong_download_is_refused(tmp_path):
+    data = b"model bytes" * 100
+    info = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    cached_path(tmp_path, info["sha256"]).parent.mkdir(parents=True)
+    cached_path(tmp_path, info["sha256"]).write_bytes(b"corrupt")
+    assert asyncio.run(ensure_model(FakeScheduler(data), info, tmp_path)).read_bytes() == data
+    other = {"sha256": "0" * 64, "size": len(data)}
+    with pytest.raises(IOError, match="does not match"):
+        asyncio.run(ensure_model(FakeScheduler(data), other, tmp_path))
+    assert not cached_path(tmp_path, "0" * 64).exists()
+    assert not list((tmp_path / "models").glob(".fetch-*"))  # no half-written files left
