@@ -84,7 +84,7 @@ class Router:
         return kserve.model_config(self.model_name, "onnxruntime_onnx", self.max_batch_size, self.inputs, self.outputs, batching)
 
     def workers(self) -> list[dict]:
-        keys = ("device", "providers", "requested_providers", "cuda_fallback", "threads")
+        keys = ("device", "providers", "requested_providers", "cuda_fallback", "threads", "sha256")
         return [
             {
                 "address": s.address,

@@ -136,13 +136,18 @@ class BatchQueue:
                 times.append(oldest.arrival + self.max_queue_delay)
         return min(times) if times else None
 
-    def take(self, now: float) -> list[Pending]:
-        """Form one batch of at most ``max_batch_size`` rows, in serving order."""
+    def take(self, now: float, max_rows: int | None = None) -> list[Pending]:
+        """Form one batch of at most ``max_batch_size`` rows, in serving order.
+
+        ``max_rows`` caps it lower (the dispatcher's fair share per free worker slot);
+        the first request always fits, so a batch is never empty while work waits.
+        """
+        limit = min(self.max_batch_size, max_rows or self.max_batch_size)
         batch: list[Pending] = []
         rows = 0
         while True:
             item = self._head(now)
-            if item is None or rows + item.rows > self.max_batch_size:
+            if item is None or rows + item.rows > (limit if batch else self.max_batch_size):
                 break
             self._levels[item.priority - 1].popleft()
             self._retire(item, TAKEN)

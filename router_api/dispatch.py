@@ -98,10 +98,7 @@ class Dispatcher:
     async def start(self) -> None:
         self.client.subscribe_topic(self.topic, self._on_reply)
         self.client.subscribe_topic(WORKERS_TOPIC, self._on_worker_event)
-        # Dask's client->scheduler stream coalesces for 10 ms; the plugin lowers the
-        # stream back to us. Both must be redone after a reconnect.
-        self.client.scheduler_comm.interval = config.seconds("batched-send-interval")
-        await self.client.scheduler.batch_router_hello(client=self.client.id)
+        await self._fast_streams(force=True)
         await self.sync_workers()
         self._resync = asyncio.create_task(self._resync_loop())
 
@@ -173,7 +170,10 @@ class Dispatcher:
             slot = least_loaded(slots)
             if slot is None:
                 break
-            items = self.queue.take(now)
+            # Split what is queued across the free slots instead of handing it all to
+            # one worker while another idles (closed-loop clients arrive in waves).
+            free = sum(max(0, s.window - s.in_flight) for s in slots)
+            items = self.queue.take(now, max_rows=-(-self.queue.rows // free))
             if not items:
                 break
             self._send(slot, items)
@@ -215,9 +215,9 @@ class Dispatcher:
         self._finish(batch)
         t = reply["timings"]
         rows = t.get("rows", 0)
-        if "started" in t:
-            now = time.time()
-            logger.debug("batch %s: to worker %.2f ms, on worker %.2f ms, back %.2f ms", batch.id, 1e3 * (t["started"] - batch.sent), 1e3 * (t["finished"] - t["started"]), 1e3 * (now - t["finished"]))
+        if "started" in t and logger.isEnabledFor(logging.DEBUG):
+            to, on, back = t["started"] - batch.sent, t["finished"] - t["started"], time.time() - t["finished"]
+            logger.debug("batch %s: to worker %.2f ms, on worker %.2f ms, back %.2f ms", batch.id, 1e3 * to, 1e3 * on, 1e3 * back)
         if rows:
             self.stats.batch_done(rows, t["input_ns"], t["infer_ns"], t["output_ns"])
         done_ns = time.perf_counter_ns()
@@ -297,12 +297,22 @@ class Dispatcher:
             self._remove_slot(address)
         self._pump()
 
+    async def _fast_streams(self, force: bool = False) -> None:
+        """Dask coalesces client<->scheduler messages for 2-10 ms; we want none. Redone
+        after a reconnect, which creates new streams with Dask's defaults."""
+        interval = config.seconds("batched-send-interval")
+        comm = self.client.scheduler_comm
+        if comm is not None and (force or comm.interval != interval):
+            comm.interval = interval
+            await self.client.scheduler.batch_router_hello(client=self.client.id)
+
     async def _resync_loop(self) -> None:
         """Membership events are the fast path; this catches anything they missed."""
         while not self.closing:
             await asyncio.sleep(2.0)
             self._reap_failed()
             try:
+                await self._fast_streams()
                 await self.sync_workers()
             except Exception as e:  # the scheduler may be briefly unreachable
                 logger.warning("could not refresh the worker list: %s", e)

@@ -172,6 +172,7 @@ class BodyHandler(JSONHandler):
             pass  # the client went away; nobody to answer
         except Exception as e:
             self.fail(500, str(e))
+        self.on_connection_close()  # nobody waits for the rest of this request's items
         return None
 
 

@@ -156,3 +156,14 @@ def test_priority_outside_the_levels_is_an_error():
 )
 def test_a_request_may_shorten_but_not_lengthen_the_default_timeout(requested, default, expected):
     assert resolve_timeout(requested, default) == expected
+
+
+def test_take_can_be_capped_to_share_work_but_never_returns_nothing():
+    q = BatchQueue(max_batch_size=32)
+    for i in range(16):
+        q.push(req(name=i))
+    assert names(q.take(0.0, max_rows=4)) == [0, 1, 2, 3]
+    q2 = BatchQueue(max_batch_size=32)
+    q2.push(req(rows=6, name="big"))
+    q2.push(req(name="small"))
+    assert names(q2.take(0.0, max_rows=2)) == ["big"]  # over the share, still served

@@ -50,6 +50,9 @@ def test_scheduler_worker_and_front_end_as_separate_processes(model_path):
         assert request(url, "GET", "/v2/models/resnet50/config").json()["max_batch_size"] == 8
         r = classify(url, make_image(5))
         assert r.status == 200 and r.json()["worker"] == "solo"
+        # The worker joined after the scheduler and runs exactly the scheduler's model.
+        sha = request(url, "GET", "/v2/models/resnet50").json()["parameters"]["sha256"]
+        assert [w["sha256"] for w in request(url, "GET", "/v1/workers").json()["workers"]] == [sha]
         assert request(f"http://127.0.0.1:{dport}", "GET", "/status").status == 200  # Dask dashboard
     finally:
         for p in reversed(procs):
