@@ -91,6 +91,7 @@ class Dispatcher:
         self._pump_scheduled = False
         self._resync: asyncio.Task | None = None
         self.closing = False
+        self.received = 0  # requests ever queued: lets callers see arrivals in order
         self.loop = asyncio.get_running_loop()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -137,6 +138,7 @@ class Dispatcher:
         except QueueFull as e:
             self.stats.rejected["queue_full"] += 1
             raise Unavailable(str(e)) from None
+        self.received += 1
         self._pump_soon()
         return pending, ticket.future
 

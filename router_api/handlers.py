@@ -107,7 +107,9 @@ class Workers(JSONHandler):
     """GET /v1/workers: the front end's live view of every model worker (no secrets)."""
 
     def get(self) -> None:
-        self.write_json({"workers": self.router.workers()})
+        d = self.router.dispatcher
+        queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received}
+        self.write_json({"workers": self.router.workers(), "queue": queue})
 
 
 @web.stream_request_body

@@ -38,6 +38,18 @@ def in_background(fn, *args):
     return t, out
 
 
+def received(c: Cluster) -> int:
+    return c.get("/v1/workers")["queue"]["received"]
+
+
+def wait_received(c: Cluster, n: int, timeout=30):
+    """Until the front end has queued n requests in all (so arrival order is known)."""
+    deadline = time.monotonic() + timeout
+    while received(c) < n:
+        assert time.monotonic() < deadline, f"the front end never received {n} requests"
+        time.sleep(0.002)
+
+
 def wait_idle(c: Cluster, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,8 +80,9 @@ def test_full_queue_answers_503_at_once_with_retry_after(tight):
 def test_deadline_passing_in_the_queue_gives_504_and_never_reaches_a_worker(tight):
     wait_idle(tight)
     before = tight.stats()
+    start = received(tight)
     busy = [in_background(classify, tight.url, make_image(s)) for s in range(3)]
-    time.sleep(0.02)
+    wait_received(tight, start + 3)  # one running, two waiting ahead of the next request
     x = np.zeros((1, 3, 224, 224), np.float32)
     r = infer_binary(tight.url, x, params={"timeout": 20_000})  # 20 ms, in microseconds
     assert r.status == 504 and "timeout" in r.json()["error"]
@@ -90,26 +103,34 @@ def test_higher_priority_is_served_before_earlier_lower_priority(tight):
         assert r.status == 200
         done[name] = time.monotonic()
 
+    def send(name, priority):
+        t = threading.Thread(target=go, args=(name, priority))
+        t.start()
+        return t
+
+    n = received(tight)
     threads = []
-    for name, priority in [("busy", 2), ("low-1", 3), ("low-2", 3), ("low-3", 3), ("high", 1)]:
-        threads.append(threading.Thread(target=go, args=(name, priority)))
-        threads[-1].start()
-        time.sleep(0.01)  # arrive in this order while the worker is busy
+    for name, priority in [("busy-1", 2), ("busy-2", 2), ("low-1", 3), ("low-2", 3), ("low-3", 3), ("high", 1)]:
+        threads.append(send(name, priority))
+        n += 1
+        wait_received(tight, n)  # arrive in exactly this order, while busy-1 runs
     for t in threads:
         t.join()
     assert done["high"] < min(done["low-1"], done["low-2"], done["low-3"]), done
+    assert done["busy-2"] < min(done["low-1"], done["low-2"], done["low-3"]), done
 
 
 def test_client_that_disconnects_before_dispatch_is_dropped(tight):
     wait_idle(tight)
     before = tight.stats()
+    start = received(tight)
     busy = [in_background(classify, tight.url, make_image(s)) for s in range(3)]
-    time.sleep(0.02)
+    wait_received(tight, start + 3)
     image = make_image(99)
     s = socket.create_connection(("127.0.0.1", tight.port))
     s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n" + f"Content-Length: {len(image)}\r\n\r\n".encode() + image)
-    time.sleep(0.01)
-    s.close()
+    wait_received(tight, start + 4)  # it is queued behind the busy ones...
+    s.close()  # ...when its client goes away
     for t, out in busy:
         t.join()
         assert out["r"].status == 200
