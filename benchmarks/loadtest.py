@@ -2,10 +2,17 @@
 
     python -m benchmarks.loadtest --url http://127.0.0.1:8000 --concurrency 16 --duration 30s
         [--rate R] [--mode classify|infer] [--baseline] [--baseline-bare] [--spawn] [--json P]
+        [--rounds N]
 
 Baselines run one after another, never beside the router: they share the same cores, so
 ratios measured in one invocation are the figures worth comparing (absolute numbers on a
 shared machine drift between runs).
+
+On a noisy machine even one invocation drifts (the same ONNX Runtime loop can take 32 ms
+one minute and 48 ms the next), so --rounds N alternates: router window, baseline window(s),
+router window, ... The router and the baselines (a raw_ort --serve process with the model
+loaded once, a bare server) stay up throughout and each idles while another is measured.
+The figures to quote are the medians over rounds of the per-round ratios and p50 deltas.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import re
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +41,7 @@ import numpy as np
 from benchmarks.httpload import Connection, closed_loop, open_loop, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BATCH_SIZES = "1,8,32"
 DTYPES = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "UINT8": "uint8",
           "INT8": "int8", "INT32": "int32", "INT64": "int64"}
 
@@ -118,23 +127,24 @@ def _counts(stats: Optional[dict]) -> Optional[tuple[int, int]]:
         return None
 
 
-async def run_load(url: str, args: argparse.Namespace, path: str, headers: dict,
-                   body: bytes, rows: int) -> dict:
-    """Warm up, measure one window, drain; mean batch from the server's stats around it."""
+async def load_window(url: str, args: argparse.Namespace, path: str, headers: dict,
+                      body: bytes, warmup: Optional[float] = None) -> tuple[Any, Optional[dict]]:
+    """Warm up, measure one window, drain: (Recorder, server stats delta or None)."""
     u = urlsplit(url)
     host, port, base = u.hostname or "127.0.0.1", u.port or 80, u.path.rstrip("/")
     stats_path = f"{base}/v2/models/{args.model}/stats"
     full = base + path
+    warmup = args.warmup if warmup is None else warmup
 
     async def send(conn: Connection):
         return await conn.request("POST", full, headers, body)
 
     async def stats_at_window_start() -> Optional[dict]:
-        await asyncio.sleep(args.warmup)
+        await asyncio.sleep(warmup)
         return await get_json(host, port, stats_path)
 
     before = asyncio.ensure_future(stats_at_window_start())
-    common = dict(warmup=args.warmup, duration=args.duration, drain_cap=args.drain_cap,
+    common = dict(warmup=warmup, duration=args.duration, drain_cap=args.drain_cap,
                   timeout=args.timeout, progress=not args.quiet)
     if args.rate:
         rec = await open_loop(host, port, send, args.rate, seed=args.seed,
@@ -142,14 +152,30 @@ async def run_load(url: str, args: argparse.Namespace, path: str, headers: dict,
     else:
         rec = await closed_loop(host, port, send, args.concurrency, **common)
     c0, c1 = _counts(await before), _counts(await get_json(host, port, stats_path))
-    out = summarize(rec.latencies, rec.errors, rec.completed_ok, args.duration, rows)
-    out["error_samples"] = rec.samples
-    out["mean_batch"] = None
+    delta = None
     if c0 and c1 and c1[1] > c0[1]:
-        out["mean_batch"] = round((c1[0] - c0[0]) / (c1[1] - c0[1]), 3)
-        out["stats_delta"] = {"inference_count": c1[0] - c0[0],
-                              "execution_count": c1[1] - c0[1]}
+        delta = {"inference_count": c1[0] - c0[0], "execution_count": c1[1] - c0[1]}
+    return rec, delta
+
+
+def window_summary(latencies: list[float], errors: dict, completed_ok: int, duration: float,
+                   rows: int, samples: dict, delta: Optional[dict]) -> dict:
+    """summarize() plus error samples and the mean batch from the server's stats delta."""
+    out = summarize(latencies, errors, completed_ok, duration, rows)
+    out["error_samples"] = samples
+    out["mean_batch"] = None
+    if delta and delta["execution_count"] > 0:
+        out["mean_batch"] = round(delta["inference_count"] / delta["execution_count"], 3)
+        out["stats_delta"] = delta
     return out
+
+
+async def run_load(url: str, args: argparse.Namespace, path: str, headers: dict,
+                   body: bytes, rows: int, warmup: Optional[float] = None) -> dict:
+    """Warm up, measure one window, drain; mean batch from the server's stats around it."""
+    rec, delta = await load_window(url, args, path, headers, body, warmup)
+    return window_summary(rec.latencies, rec.errors, rec.completed_ok, args.duration, rows,
+                          rec.samples, delta)
 
 
 def _free_port() -> int:
@@ -227,21 +253,76 @@ def spawn_bare(meta: Optional[dict]) -> tuple[subprocess.Popen, str, Optional[st
     return proc, url, meta_file
 
 
+def _model_path(args: argparse.Namespace) -> Path:
+    if args.model_path is not None:
+        return args.model_path
+    from worker_setup.resnet50 import ensure_default_model
+
+    return ensure_default_model()
+
+
 def run_raw(args: argparse.Namespace, duration: float) -> dict:
     """raw_ort in a subprocess: its own threads and memory, nothing shared with us."""
-    model_path = args.model_path
-    if model_path is None:
-        from worker_setup.resnet50 import ensure_default_model
-
-        model_path = ensure_default_model()
-    cmd = [sys.executable, "-m", "benchmarks.raw_ort", "--model-path", str(model_path),
+    cmd = [sys.executable, "-m", "benchmarks.raw_ort", "--model-path", str(_model_path(args)),
            "--mode", args.mode, "--threads", str(args.baseline_threads),
            "--duration", f"{duration}s", "--seed", str(args.seed)]
+    if args.baseline_batch_sizes != DEFAULT_BATCH_SIZES:
+        cmd += ["--batch-sizes", args.baseline_batch_sizes]
     print("baseline:", shlex.join(cmd), flush=True)
     out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True).stdout
     lines = out.strip().splitlines()
     print("\n".join(lines[:-1]), flush=True)
     return json.loads(lines[-1])
+
+
+class RawServer:
+    """`raw_ort --serve` in a subprocess: the session is loaded once, then each window()
+    runs one measurement there while we wait (so nothing else runs beside it)."""
+
+    def __init__(self, args: argparse.Namespace, batch_sizes: list[int]) -> None:
+        cmd = [sys.executable, "-m", "benchmarks.raw_ort", "--serve",
+               "--model-path", str(_model_path(args)), "--mode", args.mode,
+               "--threads", str(args.baseline_threads), "--duration", f"{args.duration}s",
+               "--batch-sizes", ",".join(map(str, batch_sizes)), "--seed", str(args.seed)]
+        print("baseline:", shlex.join(cmd), flush=True)
+        # Own session: a terminal Ctrl-C reaches only us; close() ends it.
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            self.info = self._answer()
+        except BaseException:
+            self.close()
+            raise
+
+    def _answer(self) -> dict:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.lstrip().startswith("{"):
+                out = json.loads(line)
+                if "error" in out:
+                    raise SystemExit(f"raw_ort: {out['error']}")
+                return out
+        raise SystemExit(f"raw_ort exited with code {self.proc.wait()}")
+
+    def window(self, duration: float, batch_sizes: list[int]) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"duration": duration,
+                                          "batch_sizes": batch_sizes}) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        """EOF on its stdin ends it; killed if it does not go."""
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def machine() -> dict:
@@ -287,14 +368,29 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     a("--seed", type=int, default=0)
     a("--baseline", action="store_true", help="then raw ONNX Runtime in a subprocess")
     a("--baseline-threads", type=int, default=os.cpu_count() or 1)
-    a("--baseline-duration", type=parse_duration, default=10.0, help="per raw measurement")
+    a("--baseline-duration", type=parse_duration, default=10.0,
+      help="per raw measurement (one round only; with --rounds each raw batch size runs "
+           "for --duration)")
+    a("--baseline-batch-sizes", default=DEFAULT_BATCH_SIZES,
+      help="raw batch sizes; throughput is the best of them, latency is batch 1's")
     a("--baseline-bare", action="store_true", help="then a bare Tornado server, same load")
     a("--model-path", type=Path, help="ONNX file (default: the built-in ResNet-50)")
     a("--spawn", action="store_true", help="start `batch-router up` on free ports")
     a("--spawn-args", default="", help="extra arguments for batch-router up")
+    a("--rounds", type=int, default=1,
+      help="alternate router and baseline windows this many times; quote the medians")
     a("--json", type=Path, help="write every figure here")
     a("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    try:
+        sizes = [int(b) for b in args.baseline_batch_sizes.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        p.error(f"bad --baseline-batch-sizes {args.baseline_batch_sizes!r} (e.g. 1,8,32)")
+    return args
 
 
 def payload(args: argparse.Namespace, meta: Optional[dict]) -> tuple[str, dict, bytes, int]:
@@ -328,6 +424,206 @@ def bare_baseline(args: argparse.Namespace, meta: Optional[dict], path: str, hea
     return out
 
 
+# Per-round figures: (key, label, format). Ratios and deltas are per round, then medians.
+ROUND_METRICS = [
+    ("router_img_per_s", "router img/s", "{:.1f}"),
+    ("router_req_per_s", "router req/s", "{:.1f}"),
+    ("router_p50_ms", "router p50 ms", "{:.2f}"),
+    ("raw_best_img_per_s", "raw best img/s", "{:.1f}"),
+    ("raw_p50_ms", "raw batch-1 p50 ms", "{:.2f}"),
+    ("throughput_router_over_raw", "router img/s / best raw img/s", "{:.3f}"),
+    ("latency_p50_delta_ms", "router p50 - raw batch-1 p50 ms", "{:+.2f}"),
+    ("bare_req_per_s", "bare req/s", "{:.1f}"),
+    ("bare_p50_ms", "bare p50 ms", "{:.2f}"),
+    ("router_over_bare_req", "router req/s / bare req/s", "{:.3f}"),
+    ("latency_p50_delta_vs_bare_ms", "router p50 - bare p50 ms", "{:+.2f}"),
+]
+
+
+def round_figures(router: dict, raw: Optional[dict] = None,
+                  bare: Optional[dict] = None) -> dict:
+    """One round's headline figures, ratios and p50 deltas (None where not measurable)."""
+    p50 = router["latency_ms"]["p50"]
+    f: dict[str, Any] = {"router_img_per_s": router["img_per_s"],
+                         "router_req_per_s": router["req_per_s"], "router_p50_ms": p50}
+    if raw is not None:
+        raw_p50 = raw["latency_b1_ms"]["p50"]
+        f.update(raw_best_img_per_s=raw["best_rows_per_s"], raw_best_batch=raw["best_batch"],
+                 raw_p50_ms=raw_p50,
+                 throughput_router_over_raw=_ratio(router["img_per_s"],
+                                                   raw["best_rows_per_s"]),
+                 latency_p50_delta_ms=None if p50 is None else round(p50 - raw_p50, 3))
+    if bare is not None:
+        bare_p50 = bare["latency_ms"]["p50"]
+        f.update(bare_req_per_s=bare["req_per_s"], bare_p50_ms=bare_p50,
+                 router_over_bare_req=_ratio(router["req_per_s"], bare["req_per_s"]),
+                 latency_p50_delta_vs_bare_ms=None if p50 is None or bare_p50 is None
+                 else round(p50 - bare_p50, 3))
+    return f
+
+
+def summarize_rounds(rounds: list[dict]) -> dict:
+    """Median, min and max over rounds of every per-round figure (rounds missing one, e.g.
+    no latency because every request failed, are left out of that figure's median)."""
+    out: dict[str, dict] = {}
+    for key, _, _ in ROUND_METRICS:
+        xs = [r[key] for r in rounds if r.get(key) is not None]
+        if xs:
+            out[key] = {"median": round(statistics.median(xs), 4), "min": min(xs),
+                        "max": max(xs), "n": len(xs)}
+    return out
+
+
+def pooled_summary(windows: list[tuple[Any, Optional[dict]]], duration: float,
+                   rows: int) -> dict:
+    """The router's windows taken together: every latency sample, every error, and the
+    mean batch from the summed stats deltas (rounds without stats are left out of it)."""
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    samples: dict[str, str] = {}
+    ok = inference = execution = 0
+    for rec, delta in windows:
+        lat += rec.latencies
+        ok += rec.completed_ok
+        for k, v in rec.errors.items():
+            errors[k] = errors.get(k, 0) + v
+        for k, v in rec.samples.items():
+            samples.setdefault(k, v)
+        if delta:
+            inference += delta["inference_count"]
+            execution += delta["execution_count"]
+    delta = {"inference_count": inference, "execution_count": execution} if execution \
+        else None
+    return window_summary(lat, errors, ok, duration * len(windows), rows, samples, delta)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def print_rounds_table(rounds: list[dict]) -> None:
+    cols = [("router_img_per_s", "router img/s", "{:.1f}"),
+            ("router_p50_ms", "router p50", "{:.2f}")]
+    if any("raw_p50_ms" in r for r in rounds):
+        cols += [("raw_best_img_per_s", "raw img/s", "{:.1f}"),
+                 ("raw_best_batch", "at batch", "{}"), ("raw_p50_ms", "raw p50", "{:.2f}"),
+                 ("throughput_router_over_raw", "img ratio", "{:.3f}"),
+                 ("latency_p50_delta_ms", "p50 - raw", "{:+.2f}")]
+    if any("bare_p50_ms" in r for r in rounds):
+        cols += [("bare_req_per_s", "bare req/s", "{:.1f}"),
+                 ("bare_p50_ms", "bare p50", "{:.2f}"),
+                 ("router_over_bare_req", "req ratio", "{:.3f}"),
+                 ("latency_p50_delta_vs_bare_ms", "p50 - bare", "{:+.2f}")]
+    widths = [max(len(h), 9) for _, h, _ in cols]
+    print("per round (img/s, req/s; p50 in ms; ratio = router / baseline, same round):")
+    print("round  " + "  ".join(h.rjust(w) for (_, h, _), w in zip(cols, widths)))
+    for r in rounds:
+        print(f"{r['round']:5d}  " + "  ".join(
+            _fmt(r.get(k), f).rjust(w) for (k, _, f), w in zip(cols, widths)))
+
+
+def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: str,
+               headers: dict, body: bytes, rows: int, title: str) -> dict:
+    """--rounds N: router window, then each baseline's window, N times over; the router
+    and the baselines stay up throughout and idle while another one is measured."""
+    sizes = [int(b) for b in args.baseline_batch_sizes.split(",")]
+    raw: Optional[RawServer] = None
+    bare_proc: Optional[subprocess.Popen] = None
+    bare_url, meta_file = None, None
+    rounds: list[dict] = []
+    windows: list[tuple[Any, Optional[dict]]] = []
+    try:
+        if args.baseline:
+            raw = RawServer(args, sizes)
+            print(f"raw onnxruntime ({', '.join(raw.info['providers'])}, "
+                  f"{args.baseline_threads} threads, {args.mode}"
+                  f"{' incl. preprocessing' if args.mode == 'classify' else ''}), "
+                  f"model loaded once", flush=True)
+        if args.baseline_bare:
+            bare_proc, bare_url, meta_file = spawn_bare(meta)
+            print(f"bare Tornado server {bare_url}, same load", flush=True)
+        parts = [f"router {args.duration:g} s"]
+        if bare_url:
+            parts.append(f"bare {args.duration:g} s")
+        if raw:
+            parts.append(f"raw {args.duration:g} s x batch {','.join(map(str, sizes))}")
+        print(f"{args.rounds} rounds of: {' -> '.join(parts)}"
+              f" (first router window after {args.warmup:g} s warmup)\n"
+              "  the router stays up and gets no traffic (idles) while a baseline is "
+              "measured; each baseline idles while the router is measured", flush=True)
+        for i in range(args.rounds):
+            warmup = args.warmup if i == 0 else 0.0
+            rec, delta = asyncio.run(load_window(url, args, path, headers, body, warmup))
+            windows.append((rec, delta))
+            router = window_summary(rec.latencies, rec.errors, rec.completed_ok,
+                                    args.duration, rows, rec.samples, delta)
+            bare = raw_out = None
+            if bare_url:
+                bare = asyncio.run(run_load(bare_url, args, path, headers, body, rows,
+                                            warmup))
+            if raw:
+                raw_out = raw.window(args.duration, sizes)
+            rnd = {"round": i + 1, **round_figures(router, raw_out, bare), "router": router}
+            if bare is not None:
+                rnd["bare"] = bare
+            if raw_out is not None:
+                rnd["raw"] = {k: v for k, v in raw_out.items()
+                              if k not in ("model_path", "mode", "threads", "providers",
+                                           "input_shape")}
+            rounds.append(rnd)
+            errs = sum(router["errors"].values())
+            line = (f"round {i + 1}/{args.rounds}: router "
+                    f"{_fmt(rnd['router_img_per_s'], '{:.1f}')} img/s "
+                    f"p50 {_fmt(rnd['router_p50_ms'], '{:.2f}')} ms"
+                    f"{f' ({errs} errors)' if errs else ''}")
+            if bare is not None:
+                line += (f" | bare {_fmt(rnd['bare_req_per_s'], '{:.1f}')} req/s "
+                         f"p50 {_fmt(rnd['bare_p50_ms'], '{:.2f}')} ms, "
+                         f"ratio {_fmt(rnd['router_over_bare_req'], '{:.3f}')}")
+            if raw_out is not None:
+                line += (f" | raw {_fmt(rnd['raw_best_img_per_s'], '{:.1f}')} img/s "
+                         f"(batch {rnd['raw_best_batch']}) "
+                         f"p50 {_fmt(rnd['raw_p50_ms'], '{:.2f}')} ms, "
+                         f"ratio {_fmt(rnd['throughput_router_over_raw'], '{:.3f}')}, "
+                         f"p50 delta {_fmt(rnd['latency_p50_delta_ms'], '{:+.2f}')} ms")
+            print(line, flush=True)
+    finally:
+        if raw is not None:
+            raw.close()
+        if bare_proc is not None:
+            stop(bare_proc)
+        if meta_file:
+            os.unlink(meta_file)
+
+    pooled = pooled_summary(windows, args.duration, rows)
+    print()
+    print_summary(f"{title}, pooled over {args.rounds} rounds", pooled)
+    print()
+    print_rounds_table(rounds)
+    summary = summarize_rounds(rounds)
+    quote = [k for k in ("throughput_router_over_raw", "latency_p50_delta_ms",
+                         "router_over_bare_req", "latency_p50_delta_vs_bare_ms")
+             if k in summary]
+    if quote:
+        print(f"medians over {args.rounds} rounds (min .. max) - quote these medians, "
+              "not the pooled or single-round figures:")
+        for key, label, fmt in ROUND_METRICS:
+            if key in quote:
+                m = summary[key]
+                note = " (meaningful at --concurrency 1 only)" \
+                    if key.startswith("latency_p50_delta") and (args.rate or
+                                                                args.concurrency != 1) \
+                    else ""
+                print(f"  {label}: {fmt.format(m['median'])}  "
+                      f"({fmt.format(m['min'])} .. {fmt.format(m['max'])}){note}")
+    return {"router": pooled, "rounds": rounds, "rounds_summary": summary,
+            "ratios": {k: summary[k]["median"] for k in quote},
+            "raw_session": raw.info if raw is not None else None,
+            "rounds_note": "each round: router window, then baseline window(s) of the same "
+                           "length (raw: per batch size); the router idled during baseline "
+                           "windows; ratios are medians of per-round ratios"}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     router, url = spawn_router(args) if args.spawn else (None, args.url.rstrip("/"))
@@ -343,11 +639,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         loop = f"open loop {args.rate} req/s" if args.rate else \
             f"closed loop {args.concurrency} conn"
         title = f"router {url} {args.mode}, {loop}, {args.duration:g} s"
-        result["router"] = asyncio.run(run_load(url, args, path, headers, body, rows))
-        print_summary(title, result["router"])
+        if args.rounds > 1:
+            result.update(run_rounds(args, url, meta, path, headers, body, rows, title))
+        else:
+            result["router"] = asyncio.run(run_load(url, args, path, headers, body, rows))
+            print_summary(title, result["router"])
     finally:
         if router is not None:
             stop(router)
+    if args.rounds > 1:
+        return finish(args, result)
     ratios: dict[str, Any] = {}
     if args.baseline_bare:
         bare = result["baseline_bare"] = bare_baseline(args, meta, path, headers, body, rows)
@@ -366,6 +667,10 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"router p50 - raw batch-1 p50 (meaningful at --concurrency 1 only): "
               f"{ratios['latency_p50_delta_ms']} ms", flush=True)
     result["ratios"] = ratios
+    return finish(args, result)
+
+
+def finish(args: argparse.Namespace, result: dict) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

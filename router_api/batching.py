@@ -90,12 +90,7 @@ class BatchQueue:
         if item.rows > self.max_batch_size:
             raise ValueError(f"{item.rows} rows exceed max_batch_size {self.max_batch_size}")
         item.seq = next(self._seq)
-        item.state = QUEUED
-        self._levels[item.priority - 1].append(item)
-        if item.deadline is not None:
-            heapq.heappush(self._deadlines, (item.deadline, item.seq, item))
-        self.count += 1
-        self.rows += item.rows
+        self._admit(item, front=False)
 
     def cancel(self, item: Pending) -> bool:
         """Drop a queued request (its client went away). Removed lazily."""
@@ -161,12 +156,7 @@ class BatchQueue:
         They were admitted once, so the size bound does not apply again.
         """
         for item in reversed(items):
-            item.state = QUEUED
-            self._levels[item.priority - 1].appendleft(item)
-            if item.deadline is not None:
-                heapq.heappush(self._deadlines, (item.deadline, item.seq, item))
-            self.count += 1
-            self.rows += item.rows
+            self._admit(item, front=True)
 
     def drain(self) -> list[Pending]:
         """Remove and return everything still queued (shutdown)."""
@@ -176,6 +166,15 @@ class BatchQueue:
         return items
 
     # -- internals -----------------------------------------------------------------
+
+    def _admit(self, item: Pending, front: bool) -> None:
+        item.state = QUEUED
+        level = self._levels[item.priority - 1]
+        level.appendleft(item) if front else level.append(item)
+        if item.deadline is not None:
+            heapq.heappush(self._deadlines, (item.deadline, item.seq, item))
+        self.count += 1
+        self.rows += item.rows
 
     def _retire(self, item: Pending, state: str) -> None:
         item.state = state

@@ -9,7 +9,7 @@ import asyncio
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -268,3 +268,82 @@ def test_end_to_end_infer_with_both_baselines(bare_url: str, trivial_model: Path
     ratios = r["ratios"]
     assert ratios["router_over_bare_req"] > 0 and ratios["throughput_router_over_raw"] > 0
     assert isinstance(ratios["latency_p50_delta_ms"], float)
+
+
+def test_rounds_summary_is_median_of_per_round_ratios() -> None:
+    def router(img: float, p50: Optional[float]) -> dict:
+        return {"img_per_s": img, "req_per_s": img, "latency_ms": {"p50": p50}}
+
+    def raw(best: float, p50: float) -> dict:
+        return {"best_rows_per_s": best, "best_batch": 1, "latency_b1_ms": {"p50": p50}}
+
+    # Machine speed drifts between rounds; the per-round ratio does not, the pooled one would.
+    rounds = [loadtest.round_figures(router(30.0, 35.0), raw(31.0 * 1.0, 32.0)),
+              loadtest.round_figures(router(20.0, 52.0), raw(25.0, 48.0)),
+              loadtest.round_figures(router(27.0, 40.0), raw(30.0, 37.5)),
+              loadtest.round_figures(router(10.0, None), raw(20.0, 30.0))]
+    assert [r["throughput_router_over_raw"] for r in rounds] == \
+        [pytest.approx(30 / 31, abs=1e-4), 0.8, 0.9, 0.5]
+    assert [r["latency_p50_delta_ms"] for r in rounds] == [3.0, 4.0, 2.5, None]
+    s = loadtest.summarize_rounds(rounds)
+    assert s["throughput_router_over_raw"]["median"] == pytest.approx((0.8 + 0.9) / 2)
+    assert (s["throughput_router_over_raw"]["min"], s["throughput_router_over_raw"]["max"]) \
+        == (0.5, pytest.approx(30 / 31, abs=1e-4))
+    assert s["latency_p50_delta_ms"] == {"median": 3.0, "min": 2.5, "max": 4.0, "n": 3}
+    assert s["raw_p50_ms"]["median"] == pytest.approx((32 + 37.5) / 2)
+    assert "router_over_bare_req" not in s
+
+    bare = {"req_per_s": 40.0, "latency_ms": {"p50": 1.5}}
+    f = loadtest.round_figures(router(20.0, 2.0), bare=bare)
+    assert f["router_over_bare_req"] == 0.5 and f["latency_p50_delta_vs_bare_ms"] == 0.5
+    assert "throughput_router_over_raw" not in f
+
+
+def test_raw_ort_serve_loads_once_and_measures_per_request(trivial_model: Path) -> None:
+    import io
+
+    from benchmarks import raw_ort
+
+    stdin = io.StringIO('{"duration": 0.05, "batch_sizes": [1]}\n\n{"batch_sizes": "x"}\n')
+    stdout = io.StringIO()
+    raw_ort.serve(str(trivial_model), "infer", 1, 0.05, [1, 4], stdin=stdin, stdout=stdout)
+    ready, one, default, bad = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert ready["ready"] and ready["input_shape"][1:] == [3, 224, 224]
+    assert [t["batch"] for t in one["throughput"]] == [1] and one["latency_batch"] == 1
+    assert one["best_rows_per_s"] > 0 and one["latency_b1_ms"]["p50"] > 0
+    assert [t["batch"] for t in default["throughput"]] == [1, 4]
+    assert "error" in bad
+
+
+def test_rounds_alternate_router_and_baselines(bare_url: str, trivial_model: Path,
+                                               tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "rounds.json"
+    rc = loadtest.main(["--url", bare_url, "--mode", "infer", "--duration", "0.5s",
+                        "--warmup", "0.1s", "--concurrency", "2", "--rounds", "2",
+                        "--baseline", "--baseline-bare", "--baseline-batch-sizes", "1,4",
+                        "--baseline-threads", "1", "--model-path", str(trivial_model),
+                        "--quiet", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "--serve" in printed and "gets no traffic (idles)" in printed
+    assert "round 1/2:" in printed and "round 2/2:" in printed and "pooled over 2" in printed
+    assert "quote these medians" in printed
+    r = json.loads(out.read_text())
+    assert [x["round"] for x in r["rounds"]] == [1, 2]
+    for x in r["rounds"]:
+        assert x["router"]["ok"] > 5 and x["bare"]["ok"] > 5 and x["bare"]["errors"] == {}
+        assert [t["batch"] for t in x["raw"]["throughput"]] == [1, 4]
+        assert x["raw"]["duration_per_batch_s"] == 0.5
+        assert x["throughput_router_over_raw"] > 0 and x["router_over_bare_req"] > 0
+        assert isinstance(x["latency_p50_delta_ms"], float)
+    # the pooled router figures hold every sample of both windows
+    assert r["router"]["ok"] == sum(x["router"]["ok"] for x in r["rounds"])
+    assert r["router"]["duration_s"] == 1.0
+    s = r["rounds_summary"]
+    for key in ("throughput_router_over_raw", "latency_p50_delta_ms", "router_over_bare_req"):
+        vals = [x[key] for x in r["rounds"]]
+        assert s[key]["median"] == pytest.approx(statistics.median(vals), abs=1e-3)
+        assert r["ratios"][key] == s[key]["median"]
+        assert (s[key]["min"], s[key]["max"]) == (min(vals), max(vals))
+    assert r["raw_session"]["ready"] and r["config"]["rounds"] == 2
