@@ -24,7 +24,6 @@ test: model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: model
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m benchmarks.loadtest --spawn --baseline --concurrency 16 --duration 30s
 
 clean:

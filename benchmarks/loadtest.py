@@ -424,6 +424,53 @@ def bare_baseline(args: argparse.Namespace, meta: Optional[dict], path: str, hea
     return out
 
 
+class CpuProbe:
+    """Cores kept busy, during a window, by processes that are not ours (this one and its
+    descendants: router, workers, raw_ort, bare server) or stolen by the hypervisor. On a
+    shared machine a round where this differs between its windows was not a fair race."""
+
+    def __init__(self) -> None:
+        try:
+            import psutil
+        except ImportError:  # figures are then None
+            psutil = None
+        self.ps = psutil
+        self.me = psutil.Process() if psutil else None
+
+    def sample(self) -> Optional[tuple]:
+        if self.ps is None:
+            return None
+        t = self.ps.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        ours: dict[int, float] = {}
+        for proc in [self.me] + self.me.children(recursive=True):
+            try:
+                c = proc.cpu_times()
+                ours[proc.pid] = c.user + c.system
+            except (self.ps.NoSuchProcess, self.ps.AccessDenied, self.ps.ZombieProcess):
+                pass
+        return time.monotonic(), busy, getattr(t, "steal", 0.0), ours
+
+    @staticmethod
+    def others(a: Optional[tuple], b: Optional[tuple]) -> Optional[float]:
+        """Cores used by others between samples a and b (ours: per process, so one that
+        started in between counts whole and one that ended is simply missing)."""
+        if a is None or b is None or b[0] <= a[0]:
+            return None
+        ours = sum(v - a[3].get(pid, 0.0) for pid, v in b[3].items())
+        return round(max(0.0, (b[1] - a[1]) - ours + (b[2] - a[2])) / (b[0] - a[0]), 2)
+
+    def ours_except(self, a: Optional[tuple], b: Optional[tuple],
+                    exclude: set[int]) -> Optional[float]:
+        """Cores used by our processes other than `exclude` and this one: what the idle
+        router (and its workers) cost while a baseline was measured."""
+        if a is None or b is None or b[0] <= a[0] or self.me is None:
+            return None
+        skip = exclude | {self.me.pid}
+        used = sum(v - a[3].get(pid, 0.0) for pid, v in b[3].items() if pid not in skip)
+        return round(max(0.0, used) / (b[0] - a[0]), 3)
+
+
 # Per-round figures: (key, label, format). Ratios and deltas are per round, then medians.
 ROUND_METRICS = [
     ("router_img_per_s", "router img/s", "{:.1f}"),
@@ -514,12 +561,25 @@ def print_rounds_table(rounds: list[dict]) -> None:
                  ("bare_p50_ms", "bare p50", "{:.2f}"),
                  ("router_over_bare_req", "req ratio", "{:.3f}"),
                  ("latency_p50_delta_vs_bare_ms", "p50 - bare", "{:+.2f}")]
+    for side in ("router", "bare", "raw"):
+        if any(side in r.get("other_cpu_cores", {}) for r in rounds):
+            cols.append((f"other_cpu_cores.{side}", f"others@{side}", "{:.2f}"))
     widths = [max(len(h), 9) for _, h, _ in cols]
     print("per round (img/s, req/s; p50 in ms; ratio = router / baseline, same round):")
     print("round  " + "  ".join(h.rjust(w) for (_, h, _), w in zip(cols, widths)))
+
+    def get(r: dict, key: str) -> Any:
+        for part in key.split("."):
+            r = r.get(part) if isinstance(r, dict) else None  # type: ignore[assignment]
+        return r
+
     for r in rounds:
         print(f"{r['round']:5d}  " + "  ".join(
-            _fmt(r.get(k), f).rjust(w) for (k, _, f), w in zip(cols, widths)))
+            _fmt(get(r, k), f).rjust(w) for (k, _, f), w in zip(cols, widths)))
+    if any(r.get("other_cpu_cores") for r in rounds):
+        print("  others@X: cores busy with processes not started by this run (plus "
+              "hypervisor steal) during window X; a round where these differ much between "
+              "its windows was not measured under the same conditions")
 
 
 def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: str,
@@ -528,8 +588,10 @@ def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: s
     and the baselines stay up throughout and idle while another one is measured."""
     sizes = [int(b) for b in args.baseline_batch_sizes.split(",")]
     raw: Optional[RawServer] = None
+    probe = CpuProbe()
     bare_proc: Optional[subprocess.Popen] = None
-    bare_url, meta_file = None, None
+    bare_url: Optional[str] = None
+    meta_file: Optional[str] = None
     rounds: list[dict] = []
     windows: list[tuple[Any, Optional[dict]]] = []
     try:
@@ -553,7 +615,12 @@ def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: s
               "measured; each baseline idles while the router is measured", flush=True)
         for i in range(args.rounds):
             warmup = args.warmup if i == 0 else 0.0
+            other: dict[str, Optional[float]] = {}
+            idle: dict[str, Optional[float]] = {}  # the router's own CPU in baseline windows
+            t0 = probe.sample()
             rec, delta = asyncio.run(load_window(url, args, path, headers, body, warmup))
+            t1 = probe.sample()
+            other["router"] = probe.others(t0, t1)
             windows.append((rec, delta))
             router = window_summary(rec.latencies, rec.errors, rec.completed_ok,
                                     args.duration, rows, rec.samples, delta)
@@ -561,9 +628,16 @@ def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: s
             if bare_url:
                 bare = asyncio.run(run_load(bare_url, args, path, headers, body, rows,
                                             warmup))
+                t1, t0 = probe.sample(), t1
+                other["bare"] = probe.others(t0, t1)
+                idle["bare"] = probe.ours_except(t0, t1, {bare_proc.pid})  # type: ignore
             if raw:
                 raw_out = raw.window(args.duration, sizes)
-            rnd = {"round": i + 1, **round_figures(router, raw_out, bare), "router": router}
+                t1, t0 = probe.sample(), t1
+                other["raw"] = probe.others(t0, t1)
+                idle["raw"] = probe.ours_except(t0, t1, {raw.proc.pid})
+            rnd = {"round": i + 1, **round_figures(router, raw_out, bare),
+                   "other_cpu_cores": other, "router_idle_cpu_cores": idle, "router": router}
             if bare is not None:
                 rnd["bare"] = bare
             if raw_out is not None:
@@ -586,6 +660,11 @@ def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: s
                          f"p50 {_fmt(rnd['raw_p50_ms'], '{:.2f}')} ms, "
                          f"ratio {_fmt(rnd['throughput_router_over_raw'], '{:.3f}')}, "
                          f"p50 delta {_fmt(rnd['latency_p50_delta_ms'], '{:+.2f}')} ms")
+            line += " | others busy " + ", ".join(f"{k} {_fmt(v, '{:.2f}')}"
+                                                  for k, v in other.items())
+            if idle:
+                line += " | idle router " + ", ".join(f"in {k} {_fmt(v, '{:.3f}')}"
+                                                      for k, v in idle.items()) + " cores"
             print(line, flush=True)
     finally:
         if raw is not None:
@@ -611,8 +690,7 @@ def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: s
             if key in quote:
                 m = summary[key]
                 note = " (meaningful at --concurrency 1 only)" \
-                    if key.startswith("latency_p50_delta") and (args.rate or
-                                                                args.concurrency != 1) \
+                    if key == "latency_p50_delta_ms" and (args.rate or args.concurrency != 1) \
                     else ""
                 print(f"  {label}: {fmt.format(m['median'])}  "
                       f"({fmt.format(m['min'])} .. {fmt.format(m['max'])}){note}")

@@ -337,6 +337,8 @@ def test_rounds_alternate_router_and_baselines(bare_url: str, trivial_model: Pat
         assert x["raw"]["duration_per_batch_s"] == 0.5
         assert x["throughput_router_over_raw"] > 0 and x["router_over_bare_req"] > 0
         assert isinstance(x["latency_p50_delta_ms"], float)
+        assert set(x["other_cpu_cores"]) == {"router", "bare", "raw"}
+        assert 0 <= x["router_idle_cpu_cores"]["raw"] < 0.5  # nothing sent to it meanwhile
     # the pooled router figures hold every sample of both windows
     assert r["router"]["ok"] == sum(x["router"]["ok"] for x in r["rounds"])
     assert r["router"]["duration_s"] == 1.0
