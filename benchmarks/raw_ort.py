@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from benchmarks.httpload import percentile
-from benchmarks.loadtest import make_jpeg, parse_duration, random_tensor
+from benchmarks.loadtest import parse_duration
+from benchmarks.payloads import make_jpeg, random_tensor
 
 ORT_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
              "tensor(uint8)": "UINT8", "tensor(int8)": "INT8", "tensor(int32)": "INT32",

@@ -17,9 +17,10 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from benchmarks import loadtest
+from benchmarks import loadtest, payloads, servers, windows
 from benchmarks.httpload import (Connection, Pool, closed_loop, open_loop, percentile,
                                  poisson_arrivals, summarize)
+from benchmarks.rounds import round_figures, summarize_rounds
 
 
 class _CountingServer(tornado.httpserver.HTTPServer):
@@ -197,12 +198,12 @@ def test_error_kinds_unfinished_and_mean_batch() -> None:
         rec = await open_loop("127.0.0.1", port, send("/slow"), 100, 0.0, 0.3,
                               max_connections=2, drain_cap=0.2, progress=False)
         assert rec.errors["unfinished"] > 10 and set(rec.errors) == {"unfinished"}
-        refused = await closed_loop("127.0.0.1", loadtest._free_port(), send("/ok"), 1, 0.0,
+        refused = await closed_loop("127.0.0.1", servers._free_port(), send("/ok"), 1, 0.0,
                                     0.1, progress=False)
         assert set(refused.errors) == {"ConnectionRefusedError"}
         args = loadtest.parse_args(["--url", url, "--duration", "0.5s", "--warmup", "0.1s",
                                     "--concurrency", "4", "--quiet"])
-        out = await loadtest.run_load(url, args, "/ok", {}, b"img", 1)
+        out = await windows.run_load(url, args, "/ok", {}, b"img", 1)
         assert out["errors"] == {} and out["ok"] > 10
         assert out["mean_batch"] == pytest.approx(2.0, abs=0.2)
         server.stop()
@@ -211,12 +212,12 @@ def test_error_kinds_unfinished_and_mean_batch() -> None:
 
 
 def test_payloads_are_deterministic() -> None:
-    jpeg = loadtest.make_jpeg()
+    jpeg = payloads.make_jpeg()
     assert jpeg[:2] == b"\xff\xd8" and 12_000 < len(jpeg) < 30_000
-    assert jpeg == loadtest.make_jpeg()
+    assert jpeg == payloads.make_jpeg()
     meta = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [-1, 8, 8, 3]}],
             "outputs": [{"name": "y"}]}
-    headers, body = loadtest.infer_request(meta, rows=2)
+    headers, body = payloads.infer_request(meta, rows=2)
     n = int(headers["Inference-Header-Content-Length"])
     head = json.loads(body[:n])
     assert head["inputs"][0]["shape"] == [2, 8, 8, 3]
@@ -226,9 +227,9 @@ def test_payloads_are_deterministic() -> None:
 
 @pytest.fixture(scope="module")
 def bare_url():
-    proc, url, _ = loadtest.spawn_bare(None)
+    proc, url, _ = servers.spawn_bare(None)
     yield url
-    loadtest.stop(proc)
+    servers.stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -278,14 +279,14 @@ def test_rounds_summary_is_median_of_per_round_ratios() -> None:
         return {"best_rows_per_s": best, "best_batch": 1, "latency_b1_ms": {"p50": p50}}
 
     # Machine speed drifts between rounds; the per-round ratio does not, the pooled one would.
-    rounds = [loadtest.round_figures(router(30.0, 35.0), raw(31.0 * 1.0, 32.0)),
-              loadtest.round_figures(router(20.0, 52.0), raw(25.0, 48.0)),
-              loadtest.round_figures(router(27.0, 40.0), raw(30.0, 37.5)),
-              loadtest.round_figures(router(10.0, None), raw(20.0, 30.0))]
+    rounds = [round_figures(router(30.0, 35.0), raw(31.0 * 1.0, 32.0)),
+              round_figures(router(20.0, 52.0), raw(25.0, 48.0)),
+              round_figures(router(27.0, 40.0), raw(30.0, 37.5)),
+              round_figures(router(10.0, None), raw(20.0, 30.0))]
     assert [r["throughput_router_over_raw"] for r in rounds] == \
         [pytest.approx(30 / 31, abs=1e-4), 0.8, 0.9, 0.5]
     assert [r["latency_p50_delta_ms"] for r in rounds] == [3.0, 4.0, 2.5, None]
-    s = loadtest.summarize_rounds(rounds)
+    s = summarize_rounds(rounds)
     assert s["throughput_router_over_raw"]["median"] == pytest.approx((0.8 + 0.9) / 2)
     assert (s["throughput_router_over_raw"]["min"], s["throughput_router_over_raw"]["max"]) \
         == (0.5, pytest.approx(30 / 31, abs=1e-4))
@@ -294,7 +295,7 @@ def test_rounds_summary_is_median_of_per_round_ratios() -> None:
     assert "router_over_bare_req" not in s
 
     bare = {"req_per_s": 40.0, "latency_ms": {"p50": 1.5}}
-    f = loadtest.round_figures(router(20.0, 2.0), bare=bare)
+    f = round_figures(router(20.0, 2.0), bare=bare)
     assert f["router_over_bare_req"] == 0.5 and f["latency_p50_delta_vs_bare_ms"] == 0.5
     assert "throughput_router_over_raw" not in f
 
