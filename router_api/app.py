@@ -59,9 +59,13 @@ class Router:
         self.notes = model.get("metadata", {})
 
     def server_metadata(self) -> dict:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        return kserve.server_metadata("gpu-batch-router", version("gpu-batch-router"), EXTENSIONS)
+        try:
+            v = version("gpu-batch-router")
+        except PackageNotFoundError:  # run from a source tree (e.g. the GPU machine's PYTHONPATH)
+            v = "0+source"
+        return kserve.server_metadata("gpu-batch-router", v, EXTENSIONS)
 
     def model_metadata(self) -> dict:
         meta = kserve.model_metadata(self.model_name, self.version, "onnx_onnxv1", self.inputs, self.outputs)

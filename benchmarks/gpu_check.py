@@ -1,0 +1,102 @@
+"""The one prepared check for a GPU machine (a session gets ~15 minutes of device time).
+
+It records which providers ONNX Runtime really uses, raw ONNX Runtime CUDA throughput on
+ResNet-50 at batch 32 and 128, and throughput through the router (one CUDA worker) with
+batches of 32 and 128 rows, side by side in one run. Everything goes to ``--out``
+(``$OUT`` on the device machine), as JSON, plus the router logs.
+
+    PYTHONPATH=/tmp/site:. python3 -m benchmarks.gpu_check --out "$OUT"
+    .venv/bin/python -m benchmarks.gpu_check --device cpu --quick --out /tmp/gpu-check  # rehearsal
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.servers import ROOT, _free_port, _wait_ready, stop
+from router_api import config
+
+
+def raw_throughput(path: str, device: str, batch: int, seconds: float) -> dict:
+    """Rows/s of session.run on numpy input, the way a worker runs a batch."""
+    from worker_setup.session import ModelSession
+
+    s = ModelSession.load(path, device=device)
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    s.run({"input": x})
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        s.run({"input": x})
+        runs += 1
+    elapsed = time.perf_counter() - t0
+    return {"batch": batch, "img_per_s": round(runs * batch / elapsed, 1), "ms_per_batch": round(1e3 * elapsed / runs, 2),
+            "providers": s.providers, "device": s.device, "cuda_fallback": s.cuda_fallback}
+
+
+def router_throughput(device: str, batch: int, seconds: str, out: Path) -> dict:
+    """One worker behind the router; clients send requests of up to 32 rows that the
+    router batches up to ``batch`` rows."""
+    port = _free_port()
+    log = open(out / f"router-b{batch}.log", "w")
+    cmd = [sys.executable, "-m", "router_api.cli", "up", "--workers", "1", "--device", device,
+           "--max-batch-size", str(batch), "--port", str(port),
+           "--scheduler-port", str(_free_port()), "--dashboard-port", str(_free_port())]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url, 300, "router")
+        workers = json.load(urllib.request.urlopen(url + "/v1/workers"))["workers"]
+        rows = min(32, batch)
+        clients = max(2, 2 * batch // rows)
+        result = out / f"router-b{batch}.json"
+        subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--url", url, "--mode", "infer", "--batch-rows",
+                        str(rows), "--concurrency", str(clients), "--duration", seconds, "--quiet",
+                        "--json", str(result)], cwd=ROOT, check=True)
+        router = json.loads(result.read_text())["router"]
+        return {"batch": batch, "clients": clients, "rows_per_request": rows, "workers": workers, "router": router}
+    finally:
+        stop(proc)
+        log.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--quick", action="store_true", help="short windows and batch 4/8 (a CPU rehearsal)")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from worker_setup.resnet50 import ensure_default_model
+
+    import onnxruntime as ort
+
+    batches, raw_s, load = ((4, 8), 3.0, "3s") if args.quick else ((32, 128), 10.0, "20s")
+    report = {
+        "ort_version": ort.__version__,
+        "available_providers": ort.get_available_providers(),
+        "nvidia_smi": subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout if args.device == "cuda" else None,
+        "cache_dir": str(config.cache_dir()),
+    }
+    path = str(ensure_default_model())
+    report["raw"] = [raw_throughput(path, args.device, b, raw_s) for b in batches]
+    print(json.dumps(report["raw"], indent=1), flush=True)
+    report["through_router"] = [router_throughput(args.device, b, load, args.out) for b in batches]
+    for raw, routed in zip(report["raw"], report["through_router"]):
+        img_s = routed["router"]["img_per_s"]
+        routed["ratio_vs_raw"] = round(img_s / raw["img_per_s"], 3) if img_s else None
+        print(f"batch {raw['batch']}: raw {raw['img_per_s']} img/s on {raw['providers'][0]}; "
+              f"router {img_s} img/s; ratio {routed['ratio_vs_raw']}", flush=True)
+    (args.out / "gpu-check.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
