@@ -199,9 +199,15 @@ class Dispatcher:
         for p in items:
             p.payload.dispatched_ns = now_ns
         spec = {"id": batch_id, "topic": self.topic, "items": [p.payload.item for p in items]}
-        future = self.client.submit(
-            run_batch, spec, key=batch_id, workers=[slot.address], allow_other_workers=False, pure=False
-        )
+        try:
+            future = self.client.submit(
+                run_batch, spec, key=batch_id, workers=[slot.address], allow_other_workers=False, pure=False
+            )
+        except Exception as e:  # e.g. the client lost the scheduler: answer, never drop
+            logger.error("could not submit batch %s: %s", batch_id, e)
+            for p in items:
+                self._fail(p, Unavailable(f"cannot reach the scheduler: {e}"))
+            return
         batch = Batch(batch_id, slot, items, future, time.time())
         self.in_flight[batch_id] = batch
         slot.in_flight += 1
