@@ -79,7 +79,9 @@ def spawn_worker(address: str, name: str, threads: int, device: str) -> subproce
     cmd = [sys.executable, "-m", "router_api.cli", "worker", address, "--name", name, "--device", device]
     if threads:
         cmd += ["--threads", str(threads)]
-    return subprocess.Popen(cmd, env=env)
+    # Own session: a terminal's Ctrl-C reaches only `up`, which then drains the queue and
+    # stops the workers itself. Orphaned workers exit when their scheduler goes away.
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:

@@ -3,6 +3,8 @@ tight service: one worker, one row per batch, one batch in flight, four queued."
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -141,17 +143,21 @@ def test_client_that_disconnects_before_dispatch_is_dropped(tight):
     assert after["inference_count"] - before["inference_count"] == 3
 
 
-def test_sigterm_answers_queued_and_in_flight_requests_then_exits(model_path):
-    c = Cluster(workers=1, args=["--threads", "1", "--max-batch-size", "1", "--window", "1"], log=ARTIFACTS / "shutdown.log").start()
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_stopping_answers_queued_and_in_flight_requests_then_exits(model_path, how):
+    """SIGTERM to `up`, or Ctrl-C in its terminal (SIGINT to the whole process group)."""
+    c = Cluster(workers=1, args=["--threads", "1", "--max-batch-size", "1", "--window", "1"], log=ARTIFACTS / f"stop-{how}.log").start()
     try:
+        start = received(c)
         pending = [in_background(classify, c.url, make_image(s)) for s in range(4)]
-        time.sleep(0.05)
-        import signal
-
-        code = c.stop(signal.SIGTERM)
+        wait_received(c, start + 4)  # one running, three queued
+        if how == "sigterm":
+            c.proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(c.proc.pid, signal.SIGINT)
         for t, out in pending:
             t.join()
             assert out["r"].status == 200
-        assert code == 0
+        assert c.proc.wait(60) == 0
     finally:
         c.stop()
