@@ -22,6 +22,18 @@ with _DEFAULTS.open() as f:
 dask.config.update_defaults(_defaults)
 
 
+# Dask settings batch-router needs: the front end balances work itself, and late binding
+# means a task never waits on a worker long enough to be worth stealing.
+DASK_SETTINGS = {
+    "distributed.scheduler.work-stealing": False,
+    # A batch of 32 float32 images is ~19 MB; that is expected, not a mistake.
+    "distributed.admin.large-graph-warning-threshold": "256MiB",
+    # Dask keeps the last N messages of every stream (and events of every topic) for
+    # debugging; at 1000 that is ~600 MB per worker stream of retained batches.
+    "distributed.admin.low-level-log-length": 32,
+}
+
+
 def get(key: str, default: Any = None) -> Any:
     """Read ``batch-router.<key>``."""
     return dask.config.get(f"batch-router.{key}", default=default)

@@ -21,21 +21,10 @@ import dask.config
 from distributed import Client, Scheduler, Worker
 
 from router_api import config
+from router_api.config import DASK_SETTINGS
 from scheduler_plugins.plugin import BatchRouterPlugin
 
 logger = logging.getLogger("batch-router")
-
-# Dask settings batch-router needs: the front end balances work itself, and late binding
-# means a task never waits on a worker long enough to be worth stealing.
-DASK_SETTINGS = {
-    "distributed.scheduler.work-stealing": False,
-    # A batch of 32 float32 images is ~19 MB; that is expected, not a mistake.
-    "distributed.admin.large-graph-warning-threshold": "256MiB",
-    # Dask keeps the last N messages of every stream (and events of every topic) for
-    # debugging; at 1000 that is ~600 MB per worker stream of retained batches.
-    "distributed.admin.low-level-log-length": 32,
-}
-
 
 def model_path(path: str | None) -> str:
     path = path or config.get("model")

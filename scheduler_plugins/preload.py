@@ -11,7 +11,11 @@ from scheduler_plugins.plugin import BatchRouterPlugin
 
 
 def dask_setup(scheduler) -> None:
+    import dask.config
+
     from worker_setup.resnet50 import ensure_default_model
+
+    dask.config.set(config.DASK_SETTINGS)  # for the streams opened from here on
 
     path = config.get("model") or str(ensure_default_model())
     scheduler.add_plugin(BatchRouterPlugin(path))

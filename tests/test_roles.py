@@ -37,9 +37,21 @@ def wait_ready(url: str, timeout: float = 120) -> None:
     raise TimeoutError(url)
 
 
-def test_scheduler_worker_and_front_end_as_separate_processes(model_path):
+def dask_scheduler(sport: int, dport: int, log: str) -> subprocess.Popen:
+    """The plain `dask scheduler` CLI with batch-router's scheduler preload."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(sport),
+           "--dashboard-address", f"127.0.0.1:{dport}", "--preload", "scheduler_plugins.preload"]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(ARTIFACTS / log, "w"), stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize("scheduler_cli", ["batch-router", "dask-preload"])
+def test_scheduler_worker_and_front_end_as_separate_processes(model_path, scheduler_cli):
     sport, dport, hport = free_port(), free_port(), free_port()
-    scheduler = launch("scheduler", "--port", str(sport), "--dashboard-port", str(dport), log="roles-scheduler.log")
+    if scheduler_cli == "batch-router":
+        scheduler = launch("scheduler", "--port", str(sport), "--dashboard-port", str(dport), log="roles-scheduler.log")
+    else:
+        scheduler = dask_scheduler(sport, dport, log="roles-dask-scheduler.log")
     procs = [scheduler]
     try:
         procs.append(launch("worker", f"tcp://127.0.0.1:{sport}", "--name", "solo", "--threads", "1", log="roles-worker.log"))
