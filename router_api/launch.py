@@ -48,8 +48,8 @@ def refuse_public_plaintext(host: str, what: str) -> None:
     """A Dask scheduler reachable without mutual TLS is remote code execution."""
     if not is_loopback(host):
         raise SystemExit(
-            f"refusing to listen on {host!r} for the {what} without TLS: anyone who can "
-            "connect could run code on this machine. Listen on 127.0.0.1."
+            f"refusing a non-loopback address {host!r} for the {what} without TLS: anyone "
+            "who can connect could run code on this machine. Use 127.0.0.1."
         )
 
 
@@ -91,6 +91,7 @@ async def up(model: str | None, workers: int, host: str, port: int, scheduler_po
     from router_api.app import start_front_end
 
     refuse_public_plaintext(host, "HTTP front end")
+    refuse_public_plaintext(dashboard.rsplit(":", 1)[0], "Dask dashboard")
     path = model_path(model)
     threads = threads or int(config.get("worker.intra-op-threads") or 0) or max(1, (os.cpu_count() or 1) // max(1, workers))
     with dask.config.set(DASK_SETTINGS):
@@ -120,6 +121,7 @@ async def up(model: str | None, workers: int, host: str, port: int, scheduler_po
 
 async def run_scheduler(model: str | None, host: str, port: int, dashboard: str) -> None:
     refuse_public_plaintext(host, "Dask scheduler")
+    refuse_public_plaintext(dashboard.rsplit(":", 1)[0], "Dask dashboard")
     with dask.config.set(DASK_SETTINGS):
         async with Scheduler(
             host=host, port=port, dashboard=True, dashboard_address=dashboard, plugins=[BatchRouterPlugin(model_path(model))]
@@ -129,8 +131,15 @@ async def run_scheduler(model: str | None, host: str, port: int, dashboard: str)
 
 
 async def run_worker(address: str, name: str | None) -> None:
+    # The worker only dials out; nothing it serves (task RPCs run pickled code) may be
+    # reachable from the network. Remote schedulers need mutual TLS (not built yet).
+    from urllib.parse import urlsplit
+
+    refuse_public_plaintext(urlsplit(address).hostname or "", "Dask scheduler connection")
     dask.config.set(DASK_SETTINGS)
-    async with Worker(address, nthreads=1, name=name, preload=["worker_setup.preload"]) as worker:
+    async with Worker(
+        address, nthreads=1, name=name, preload=["worker_setup.preload"], host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    ) as worker:
         stop = asyncio.ensure_future(wait_for_signal())
         done = asyncio.ensure_future(worker.finished())
         await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)

@@ -3,11 +3,13 @@ separate processes, configured the Dask way (environment variables)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from tests.cluster import ROOT, free_port
@@ -65,6 +67,11 @@ def test_scheduler_worker_and_front_end_as_separate_processes(model_path, schedu
         # The worker joined after the scheduler and runs exactly the scheduler's model.
         sha = request(url, "GET", "/v2/models/resnet50").json()["parameters"]["sha256"]
         assert [w["sha256"] for w in request(url, "GET", "/v1/workers").json()["workers"]] == [sha]
+        # Nothing any of the three processes opened listens beyond loopback.
+        for p in procs:
+            for conn in psutil.Process(p.pid).net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    assert ipaddress.ip_address(conn.laddr.ip).is_loopback, (p.args, conn.laddr)
         assert request(f"http://127.0.0.1:{dport}", "GET", "/status").status == 200  # Dask dashboard
     finally:
         for p in reversed(procs):
@@ -73,8 +80,15 @@ def test_scheduler_worker_and_front_end_as_separate_processes(model_path, schedu
             p.wait(30)
 
 
-@pytest.mark.parametrize("role", [["scheduler", "--host", "0.0.0.0"], ["up", "--host", "0.0.0.0", "--workers", "0"]])
+@pytest.mark.parametrize(
+    "role",
+    [
+        ["scheduler", "--host", "0.0.0.0"],
+        ["up", "--host", "0.0.0.0", "--workers", "0"],
+        ["worker", "tcp://0.0.0.0:8786"],
+    ],
+)
 def test_refuses_to_listen_beyond_loopback_without_tls(role):
     r = subprocess.run([sys.executable, "-m", "router_api.cli", *role], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert "refusing to listen on '0.0.0.0'" in r.stderr
+    assert "refusing a non-loopback address '0.0.0.0'" in r.stderr
