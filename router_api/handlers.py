@@ -203,7 +203,7 @@ class Infer(BodyHandler):
             return
         reply = replies[0]
         if "error" in reply.result:
-            return self.fail(500, reply.result["error"])
+            return self.fail(reply.result.get("status", 500), reply.result["error"])
         outs = reply.result["outputs"]
         arrays = [
             (o, np.frombuffer(outs[o.name]["data"], dtype=outs[o.name]["dtype"]).reshape(outs[o.name]["shape"]))
@@ -248,8 +248,10 @@ class Classify(BodyHandler):
         replies = await self.run(items, 1, priority, timeout_us)
         if replies is None:
             return
-        errors = [f"image {i}: {r.result['error']}" for i, r in enumerate(replies) if "error" in r.result]
-        if errors:
-            return self.fail(400, "; ".join(errors) if len(images) > 1 else replies[0].result["error"])
+        failed = [(i, r.result) for i, r in enumerate(replies) if "error" in r.result]
+        if failed:
+            status = max(res.get("status", 500) for _, res in failed)  # a server fault wins
+            message = "; ".join(f"image {i}: {res['error']}" for i, res in failed) if len(images) > 1 else failed[0][1]["error"]
+            return self.fail(status, message)
         results = [self.router.predictions(r) for r in replies]
         self.write_json(results[0] if len(images) == 1 else {"results": results})

@@ -122,3 +122,42 @@ def test_corrupt_cache_is_fetched_again_and_a_wrong_download_is_refused(tmp_path
         asyncio.run(ensure_model(FakeScheduler(data), other, tmp_path))
     assert not cached_path(tmp_path, "0" * 64).exists()
     assert not list((tmp_path / "models").glob(".fetch-*"))  # no half-written files left
+
+
+def test_a_decompression_bomb_fails_alone_as_a_client_error(trivial, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 320x240 image is now a "bomb"
+    items = [{"kind": "image", "data": make_image(1), "top_k": 1}]
+    results, _ = execute_items(trivial, items)
+    assert results[0]["status"] == 400 and "too large" in results[0]["error"]
+
+
+def test_rows_of_different_shapes_run_as_separate_groups(tmp_path):
+    """A model with variable spatial dims: requests of different sizes share a batch
+    task but not a tensor, and each still gets exactly its rows."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["logits"], axes=[2, 3], keepdims=0)],
+        "var",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+    )
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model_proto.ir_version = 8
+    onnx.save(model_proto, str(tmp_path / "var.onnx"))
+    session = ModelSession.load(str(tmp_path / "var.onnx"), device="cpu", threads=1)
+    model = WorkerModel(session=session, name="var", sha256="x", layout=None)
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in [(1, 3, 8, 8), (2, 3, 5, 7), (1, 3, 8, 8)]]
+    items = [
+        {"kind": "tensor", "rows": len(x), "inputs": {"input": x.tobytes()}, "shapes": {"input": list(x.shape)}, "outputs": ["logits"]}
+        for x in xs
+    ]
+    results, timings = execute_items(model, items)
+    assert timings["rows"] == 4
+    for x, r in zip(xs, results):
+        out = r["outputs"]["logits"]
+        np.testing.assert_allclose(np.frombuffer(out["data"], np.float32).reshape(out["shape"]), x.mean(axis=(2, 3)), atol=1e-6)

@@ -47,33 +47,51 @@ def _item_inputs(model: WorkerModel, item: dict) -> dict[str, np.ndarray]:
 
 
 def execute_items(model: WorkerModel, items: list[dict]) -> tuple[list[dict], dict]:
-    """Run one batch; returns a result per item and timings in ns."""
+    """Run one batch; returns a result per item and timings in ns.
+
+    Items whose rows have different shapes (models with variable dims) run as separate
+    groups, so one odd request never breaks the stacking of the others. An error result
+    carries ``status``: 400 when the request caused it, 500 when the worker did.
+    """
     t0 = time.perf_counter_ns()
     results: list[dict[str, Any] | None] = [None] * len(items)
-    ok: list[tuple[int, int]] = []  # (item index, rows)
-    parts: dict[str, list[np.ndarray]] = {t.name: [] for t in model.session.inputs}
+    groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
     for i, item in enumerate(items):
         try:
             feeds = _item_inputs(model, item)
-        except (ImageError, ValueError, KeyError) as e:
-            results[i] = {"error": str(e)}
+        except ImageError as e:
+            results[i] = {"error": str(e), "status": 400}
             continue
-        for name, arr in feeds.items():
-            parts[name].append(arr)
-        ok.append((i, len(next(iter(feeds.values())))))
+        except Exception as e:  # a malformed item fails alone, whatever went wrong
+            results[i] = {"error": f"bad input: {e}", "status": 400}
+            continue
+        key = tuple((name, arr.shape[1:]) for name, arr in feeds.items())
+        groups.setdefault(key, []).append((i, feeds))
     t1 = time.perf_counter_ns()
-    t2 = t1
-    if ok:
-        feeds = {name: np.concatenate(arrs) if len(arrs) > 1 else arrs[0] for name, arrs in parts.items()}
+    infer_ns = 0
+    for members in groups.values():
         names = [t.name for t in model.session.outputs]
-        outputs = dict(zip(names, model.session.run(feeds, names)))
-        t2 = time.perf_counter_ns()
+        feeds = {
+            name: np.concatenate([f[name] for _, f in members]) if len(members) > 1 else members[0][1][name]
+            for name in members[0][1]
+        }
+        t = time.perf_counter_ns()
+        try:
+            outputs = dict(zip(names, model.session.run(feeds, names)))
+        except Exception as e:  # this group fails, visibly; other groups still run
+            logger.exception("inference failed")
+            for i, _ in members:
+                results[i] = {"error": f"inference failed: {e}", "status": 500}
+            continue
+        infer_ns += time.perf_counter_ns() - t
         start = 0
-        for i, n in ok:
+        for i, f in members:
+            n = len(next(iter(f.values())))
             results[i] = _cut(items[i], outputs, start, n)
             start += n
     t3 = time.perf_counter_ns()
-    timings = {"input_ns": t1 - t0, "infer_ns": t2 - t1, "output_ns": t3 - t2, "rows": sum(n for _, n in ok)}
+    rows = sum(len(next(iter(f.values()))) for members in groups.values() for _, f in members)
+    timings = {"input_ns": t1 - t0, "infer_ns": infer_ns, "output_ns": t3 - t1 - infer_ns, "rows": rows}
     return results, timings  # type: ignore[return-value]
 
 
@@ -105,14 +123,15 @@ def run_batch(spec: dict) -> int:
     try:
         model = current_model()
     except Exception as e:
-        results, timings, model = [{"error": str(e)}] * len(items), {}, None
+        results, timings, model = [{"error": str(e), "status": 500}] * len(items), {}, None
     else:
         model.stats.started()
         try:
             results, timings = execute_items(model, items)
         except Exception as e:  # an ORT failure fails this batch's items, visibly
             logger.exception("batch %s failed", spec["id"])
-            results, timings = [{"error": f"inference failed on {worker.address}: {e}"}] * len(items), {}
+            results = [{"error": f"inference failed on {worker.address}: {e}", "status": 500}] * len(items)
+            timings = {}
         errors = sum(1 for r in results if "error" in r)
         model.stats.finished(timings.get("rows", 0), time.perf_counter() - t0, errors)
     # Wall-clock stamps let the front end split latency into transfer and compute.

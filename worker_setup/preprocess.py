@@ -56,6 +56,8 @@ def decode(data: bytes | np.ndarray, size: int) -> Image.Image:
         # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale: much cheaper for big photos.
         img.draft("RGB", (resize_to, resize_to))
         img = img.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot decode image: {e}") from None
     w, h = img.size
