@@ -49,8 +49,7 @@ class Router:
         self.model_name = model["name"]
         self.inputs = tensor_specs(model["inputs"])
         self.outputs = tensor_specs(model["outputs"])
-        batch_dim = self.inputs[0].shape[0] if self.inputs[0].shape else -1
-        self.max_batch_size = dispatcher.queue.max_batch_size if batch_dim <= 0 else min(batch_dim, dispatcher.queue.max_batch_size)
+        self.max_batch_size = dispatcher.queue.max_batch_size
         self.max_body_size = config.nbytes("http.max-body-size")
         self.retry_after = int(config.get("retry-after"))
         self.top_k = int(config.get("http.top-k"))

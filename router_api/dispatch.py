@@ -41,7 +41,7 @@ class DeadlineExceeded(Exception):
 class Ticket:
     """One request as the dispatcher carries it: what travels, and who waits for it."""
 
-    item: dict  # sent to the worker as is
+    item: dict | None  # sent to the worker as is; dropped once it never will be
     future: asyncio.Future
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
     dispatched_ns: int = 0
@@ -74,8 +74,11 @@ class Dispatcher:
         self.levels = int(config.get("priority-levels"))
         self.default_level = int(config.get("default-priority-level"))
         self.default_timeout = config.seconds("default-timeout")
+        # A model with a fixed batch dimension caps every batch at that size.
+        batch_dim = model["inputs"][0]["shape"][0] if model["inputs"][0]["shape"] else -1
+        max_batch = int(config.get("max-batch-size"))
         self.queue = BatchQueue(
-            max_batch_size=int(config.get("max-batch-size")),
+            max_batch_size=min(max_batch, batch_dim) if batch_dim > 0 else max_batch,
             max_queue_size=int(config.get("max-queue-size")),
             priority_levels=self.levels,
             max_queue_delay=config.seconds("max-queue-delay"),
@@ -108,6 +111,7 @@ class Dispatcher:
         self.closing = True
         deadline = time.monotonic() + timeout
         while (len(self.queue) or self.in_flight) and time.monotonic() < deadline and self.slots:
+            self._reap_failed()
             await asyncio.sleep(0.05)
         for p in self.queue.drain():
             self._fail(p, Unavailable("server is shutting down"))
@@ -146,6 +150,7 @@ class Dispatcher:
         """The client went away: drop its request if it has not been sent yet."""
         if self.queue.cancel(pending):
             self.stats.rejected["cancelled"] += 1
+            pending.payload.item = None  # its bytes need not wait for the entry to reach the head
             pending.payload.future.cancel()
 
     # -- the pump: everything that moves requests runs here, synchronously --------------
@@ -166,6 +171,7 @@ class Dispatcher:
         now = self.loop.time()
         for p in self.queue.expire(now):
             self.stats.rejected["timeout"] += 1
+            p.payload.item = None  # its bytes need not wait for the entry to reach the head
             self._fail(p, DeadlineExceeded("request timeout expired while queued"))
         slots = list(self.slots.values())
         while self.queue.ready(now):

@@ -123,8 +123,9 @@ class BodyHandler(JSONHandler):
         self.pending: list = []
         self.limit = self.router.max_body_size
         declared = int(self.request.headers.get("Content-Length", 0) or 0)
-        # Let Tornado drain the body instead of answering with its own plain 400.
-        self.request.connection.set_max_body_size(max(declared, self.limit) + 1)
+        # Let Tornado drain an oversized body (up to 4x the limit, chunked ones too) so we
+        # can answer 413 in JSON instead of its own bare 400.
+        self.request.connection.set_max_body_size(4 * self.limit)
         if declared > self.limit:
             self.too_large = True
 
@@ -242,8 +243,10 @@ class Classify(BodyHandler):
         try:
             priority = int(self.get_query_argument("priority", "0") or 0)
             timeout_us = int(self.get_query_argument("timeout", "0") or 0)
+            if priority < 0 or timeout_us < 0:
+                raise ValueError
         except ValueError:
-            return self.fail(400, "priority and timeout must be integers")
+            return self.fail(400, "priority and timeout must be non-negative integers")
         items = [{"kind": "image", "data": as_frame(img), "top_k": top_k} for img in images]
         replies = await self.run(items, 1, priority, timeout_us)
         if replies is None:

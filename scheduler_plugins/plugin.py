@@ -75,9 +75,14 @@ class BatchRouterPlugin(SchedulerPlugin):
         return self.model.read_chunk(int(offset))
 
     def workers_info(self) -> dict:
-        """Workers that run this cluster's model, keyed by address."""
+        """Running workers that hold this cluster's model, keyed by address (a paused or
+        closing worker takes no new batch)."""
+        from distributed.core import Status
+
         out = {}
         for ws in self.scheduler.workers.values():
+            if ws.status != Status.running:
+                continue
             entry = worker_entry(ws)
             if entry and entry["sha256"] == self.model.sha256:
                 out[ws.address] = entry

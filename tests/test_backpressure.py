@@ -163,3 +163,21 @@ def test_stopping_answers_queued_and_in_flight_requests_then_exits(model_path, h
         assert c.proc.wait(60) == 0
     finally:
         c.stop()
+
+
+def test_chunked_body_over_the_limit_gets_413_too(tight):
+    def chunks():
+        for _ in range(3):
+            yield b"\xff" * 2**20  # 3 MiB in all, no Content-Length
+
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", tight.port, timeout=30)
+    conn.request("POST", "/v1/classify", body=chunks(), headers={"Content-Type": "image/jpeg"}, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and b"limit" in r.read()
+
+
+def test_negative_timeout_or_priority_is_a_400(tight):
+    assert classify(tight.url, make_image(1), "?timeout=-5").status == 400
+    assert classify(tight.url, make_image(1), "?priority=-1").status == 400

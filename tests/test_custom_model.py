@@ -1,5 +1,6 @@
 """`--model PATH` serves any ONNX image classifier: names, shapes, layout and dtype come
-from the file. Here: NHWC uint8 input named "image", 10 classes named "scores"."""
+from the file. Here: NHWC uint8 input named "image" with a fixed batch of 1, 10 classes
+named "scores"."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ W = np.random.default_rng(0).standard_normal((3, 10)).astype(np.float32)
 
 
 def build_nhwc_classifier(path):
-    """image (N,32,32,3) uint8 -> mean colour per channel -> linear -> scores (N,10)."""
+    """image (1,32,32,3) uint8 -> mean colour per channel -> linear -> scores (1,10)."""
     nodes = [
         helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["f"], ["m"], axes=[1, 2], keepdims=0),
@@ -27,8 +28,8 @@ def build_nhwc_classifier(path):
     graph = helper.make_graph(
         nodes,
         "nhwc",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", 32, 32, 3])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 10])],
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, [1, 32, 32, 3])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 10])],
         [numpy_helper.from_array(W, "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -49,8 +50,9 @@ def custom(tmp_path_factory):
 
 def test_metadata_comes_from_the_model_file(custom):
     meta = request(custom.url, "GET", "/v2/models/colours").json()
-    assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
-    assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1, 10]}]
+    assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [1, 32, 32, 3]}]
+    assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [1, 10]}]
+    assert request(custom.url, "GET", "/v2/models/colours/config").json()["max_batch_size"] == 1
     assert request(custom.url, "GET", "/v2/models/resnet50").status == 404
 
 
@@ -64,3 +66,13 @@ def test_images_are_preprocessed_into_the_models_layout(custom):
     preds = r.json()["predictions"]
     assert [p["index"] for p in preds] == expected.tolist()
     assert [p["label"] for p in preds] == [f"colour-{i}" for i in expected]
+
+
+def test_a_fixed_batch_dimension_caps_every_batch(custom):
+    """Concurrent requests would batch together; this model only takes one row a run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda s: classify(custom.url, make_image(s)), range(8)))
+    assert [r.status for r in responses] == [200] * 8
+    assert all(r.json()["batch_size"] == 1 for r in responses)
