@@ -147,11 +147,12 @@ class Dispatcher:
         return pending, ticket.future
 
     def cancel(self, pending: Pending) -> None:
-        """The client went away: drop its request if it has not been sent yet."""
+        """The client went away: drop its request if not sent yet; if it is on a worker,
+        its answer is discarded and it is not sent again should that worker die."""
         if self.queue.cancel(pending):
             self.stats.rejected["cancelled"] += 1
             pending.payload.item = None  # its bytes need not wait for the entry to reach the head
-            pending.payload.future.cancel()
+        pending.payload.future.cancel()
 
     # -- the pump: everything that moves requests runs here, synchronously --------------
 
@@ -301,7 +302,7 @@ class Dispatcher:
         for batch in lost:
             self.in_flight.pop(batch.id, None)
             batch.future.release()
-            self.queue.requeue(batch.items)
+            self.queue.requeue([p for p in batch.items if not p.payload.future.done()])
 
     async def sync_workers(self) -> None:
         workers = await self.client.scheduler.batch_router_workers()
