@@ -95,6 +95,7 @@ class Dispatcher:
         self._resync: asyncio.Task | None = None
         self.closing = False
         self.received = 0  # requests ever queued: lets callers see arrivals in order
+        self.membership_version = 0  # the plugin's count of worker events seen so far
         self.loop = asyncio.get_running_loop()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -277,6 +278,7 @@ class Dispatcher:
 
     def _on_worker_event(self, event) -> None:
         _, msg = event
+        self.membership_version = max(self.membership_version, msg.get("version", 0))
         if msg["action"] == "add":
             self._add_slot(msg["worker"])
         else:
@@ -305,7 +307,11 @@ class Dispatcher:
             self.queue.requeue([p for p in batch.items if not p.payload.future.done()])
 
     async def sync_workers(self) -> None:
-        workers = await self.client.scheduler.batch_router_workers()
+        snapshot = await self.client.scheduler.batch_router_workers()
+        if snapshot["version"] < self.membership_version:
+            return  # taken before an event we already applied: it would undo it
+        self.membership_version = snapshot["version"]
+        workers = snapshot["workers"]
         for info in workers.values():
             self._add_slot(info)
         for address in set(self.slots) - set(workers):

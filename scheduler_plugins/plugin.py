@@ -49,6 +49,9 @@ class BatchRouterPlugin(SchedulerPlugin):
         self.model: ModelFile | None = None
         self.scheduler = None
         self.interval = config.seconds("batched-send-interval")
+        # Bumped on every membership event, so a front end can tell a snapshot that
+        # left before an event from one taken after it.
+        self.version = 0
 
     async def start(self, scheduler) -> None:
         import asyncio
@@ -59,7 +62,7 @@ class BatchRouterPlugin(SchedulerPlugin):
             {
                 "batch_router_model": self.model_info,
                 "batch_router_model_chunk": self.model_chunk,
-                "batch_router_workers": self.workers_info,
+                "batch_router_workers": self.membership,
                 "batch_router_hello": self.hello,
             }
         )
@@ -88,6 +91,9 @@ class BatchRouterPlugin(SchedulerPlugin):
                 out[ws.address] = entry
         return out
 
+    def membership(self) -> dict:
+        return {"version": self.version, "workers": self.workers_info()}
+
     def hello(self, client: str) -> None:
         """A front end's client connected: stop coalescing the stream back to it.
 
@@ -114,7 +120,8 @@ class BatchRouterPlugin(SchedulerPlugin):
             return
         if entry.get("cuda_fallback"):
             logger.error("worker %s asked for CUDA but ONNX Runtime runs on CPU", worker)
-        scheduler.log_event(WORKERS_TOPIC, {"action": "add", "worker": entry})
+        self.version += 1
+        scheduler.log_event(WORKERS_TOPIC, {"action": "add", "worker": entry, "version": self.version})
 
     def update_graph(self, scheduler, *, tasks, **kwargs) -> None:
         """Keep Python-API tasks (``client.submit(classify, ...)``) on model workers.
@@ -133,5 +140,6 @@ class BatchRouterPlugin(SchedulerPlugin):
                 ts.loose_restrictions = False
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
-        scheduler.log_event(WORKERS_TOPIC, {"action": "remove", "worker": {"address": worker}})
+        self.version += 1
+        scheduler.log_event(WORKERS_TOPIC, {"action": "remove", "worker": {"address": worker}, "version": self.version})
 
