@@ -63,6 +63,20 @@ async def wait_for_signal() -> None:
         loop.remove_signal_handler(sig)
 
 
+async def serve_until_signal(client: Client, host: str, port: int) -> None:
+    """Run the HTTP front end until SIGINT/SIGTERM, then answer everything queued and in
+    flight before closing connections."""
+    from router_api.app import start_front_end
+
+    router, server = await start_front_end(client, host, port)
+    print(f"batch-router: serving http://{host}:{port}/v2/models/{router.model_name}", flush=True)
+    await wait_for_signal()
+    logger.info("shutting down: answering queued and in-flight requests")
+    server.stop()
+    await router.dispatcher.close()
+    await server.close_all_connections()
+
+
 def spawn_worker(address: str, name: str, threads: int, device: str) -> subprocess.Popen:
     env = dict(os.environ, DASK_INTERNAL_INHERIT_CONFIG=dask.config.serialize(dask.config.global_config))
     cmd = [sys.executable, "-m", "router_api.cli", "worker", address, "--name", name, "--device", device]
@@ -88,8 +102,6 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None
 
 async def up(model: str | None, workers: int, host: str, port: int, scheduler_port: int, dashboard: str, threads: int, device: str) -> None:
     """Everything on one machine: scheduler + dashboard + front end here, N workers as processes."""
-    from router_api.app import start_front_end
-
     refuse_public_plaintext(host, "HTTP front end")
     refuse_public_plaintext(dashboard.rsplit(":", 1)[0], "Dask dashboard")
     path = model_path(model)
@@ -107,14 +119,8 @@ async def up(model: str | None, workers: int, host: str, port: int, scheduler_po
             procs = [spawn_worker(tcp, f"local-{i}", threads, device) for i in range(workers)]
             try:
                 async with Client(inproc, asynchronous=True) as client:
-                    router, server = await start_front_end(client, host, port)
                     print(f"batch-router: scheduler {tcp}, dashboard http://{dashboard}/status", flush=True)
-                    print(f"batch-router: serving http://{host}:{port}/v2/models/{router.model_name}", flush=True)
-                    await wait_for_signal()
-                    logger.info("shutting down: answering queued and in-flight requests")
-                    server.stop()
-                    await router.dispatcher.close()
-                    await server.close_all_connections()
+                    await serve_until_signal(client, host, port)
             finally:
                 await asyncio.to_thread(stop_processes, procs)
 
@@ -149,14 +155,7 @@ async def run_worker(address: str, name: str | None) -> None:
 
 
 async def serve(scheduler_address: str, host: str, port: int) -> None:
-    from router_api.app import start_front_end
-
     refuse_public_plaintext(host, "HTTP front end")
     with dask.config.set(DASK_SETTINGS):
         async with Client(scheduler_address, asynchronous=True) as client:
-            router, server = await start_front_end(client, host, port)
-            print(f"batch-router: serving http://{host}:{port}/v2/models/{router.model_name}", flush=True)
-            await wait_for_signal()
-            server.stop()
-            await router.dispatcher.close()
-            await server.close_all_connections()
+            await serve_until_signal(client, host, port)

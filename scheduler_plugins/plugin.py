@@ -130,14 +130,20 @@ class BatchRouterPlugin(SchedulerPlugin):
         restriction holds from their first placement. Placement among those workers
         is Dask's until the GPU-aware policy lands.
         """
-        eligible = set(self.workers_info())
-        if not eligible:
-            return
-        for key in tasks:
-            ts = scheduler.tasks.get(key)
-            if ts is not None and ts.state == "released" and ts.prefix.name in API_PREFIXES and not ts.worker_restrictions:
-                ts.worker_restrictions = set(eligible)
-                ts.loose_restrictions = False
+        # Runs for every batch the front end submits: look at workers only when an
+        # API task is actually present (front-end batches are already pinned).
+        api = [
+            ts
+            for key in tasks
+            if (ts := scheduler.tasks.get(key)) is not None
+            and ts.state == "released"
+            and ts.prefix.name in API_PREFIXES
+            and not ts.worker_restrictions
+        ]
+        eligible = set(self.workers_info()) if api else set()
+        for ts in api if eligible else ():
+            ts.worker_restrictions = set(eligible)
+            ts.loose_restrictions = False
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
         self.version += 1
