@@ -87,18 +87,32 @@ class Router:
         return kserve.model_config(self.model_name, "onnxruntime_onnx", self.max_batch_size, self.inputs, self.outputs, batching)
 
     def workers(self) -> list[dict]:
+        """One entry per worker: what it is, what it is doing, and how placement sees it.
+        Startup info and metrics carry no secrets (no tokens, no keys)."""
+        d = self.dispatcher
         keys = ("device", "providers", "requested_providers", "cuda_fallback", "threads", "sha256")
+        now = d.loop.time()
+        shares = d.weights()
         return [
             {
-                "address": s.address,
-                "name": s.name,
-                **{k: s.info.get(k) for k in keys},
-                "window": s.window,
-                "in_flight": s.in_flight,
-                "batches": s.batches,
-                "rows": s.rows,
+                "address": v.address,
+                "name": v.name,
+                **{k: v.info.get(k) for k in keys},
+                "gpu": v.gpu,
+                "simulated": v.simulated,
+                "weight": round(shares.get(v.address, 0.0), 4),
+                "responsive": v.responsive,
+                "window": v.window,
+                "in_flight": v.in_flight,
+                "rows_in_flight": v.rows_in_flight,
+                "batches": v.batches,
+                "rows": v.rows,
+                "service_s": v.service.as_dict(),
+                "overhead_s": round(v.overhead, 6),
+                "recent_errors": sum(1 for t in v.errors if now - t <= d.policy_tuning.error_window),
+                "metrics_error": v.metrics_error,
             }
-            for s in self.dispatcher.slots.values()
+            for v in d.views.values()
         ]
 
     def predictions(self, reply: Reply) -> dict:

@@ -25,8 +25,24 @@ def _settings(args: argparse.Namespace) -> dict:
         "threads": "worker.intra-op-threads",
         "model_name": "model-name",
         "labels": "labels",
+        "policy": "placement.policy",
+        "gpu_metrics": "worker.gpu-metrics",
+        "slowdown": "worker.slowdown",
     }
     return {f"batch-router.{key}": getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
+
+
+POLICIES = ["gpu-aware", "round-robin", "least-loaded", "dask-default", "seed-score"]
+
+
+def _factors(text: str) -> list[float]:
+    try:
+        factors = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,4: {text!r}") from None
+    if not factors or any(f < 1 for f in factors):
+        raise argparse.ArgumentTypeError("slowdown factors must be >= 1")
+    return factors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,10 +56,16 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--window", type=int, help="batches in flight per worker (default 2)")
         sp.add_argument("--model-name", help="name under /v2/models/ (default resnet50)")
         sp.add_argument("--labels", help="class names, one per line")
+        sp.add_argument("--policy", choices=POLICIES, help="batch placement policy (default gpu-aware)")
 
     def workers(sp):
         sp.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per worker")
         sp.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (default auto)")
+        sp.add_argument(
+            "--gpu-metrics",
+            choices=["auto", "nvml", "simulated", "off"],
+            help="GPU metrics source (default auto: NVML when a GPU is visible; simulated is labelled as such)",
+        )
 
     up = sub.add_parser("up", help="scheduler, dashboard, N local workers and the HTTP front end")
     up.add_argument("--workers", type=int, default=None, help="local worker processes (default 2)")
@@ -52,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--scheduler-port", type=int, default=None, help="Dask scheduler port (default 8786)")
     up.add_argument("--dashboard-port", type=int, default=None, help="Dask dashboard port (default 8787)")
     up.add_argument("--model", help="ONNX image classifier (default: ResNet-50, random weights)")
+    up.add_argument(
+        "--worker-slowdown",
+        type=_factors,
+        default=None,
+        help="benchmark knob: comma-separated factors, one per worker (1,4 makes the second worker 4x slower)",
+    )
     batching(up)
     workers(up)
 
@@ -65,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="a Dask worker that loads the cluster's model")
     w.add_argument("scheduler_address")
     w.add_argument("--name", default=None)
+    w.add_argument("--slowdown", type=float, default=None, help="benchmark knob: stretch each batch by this factor")
     workers(w)
 
     f = sub.add_parser("serve", help="the HTTP front end, for a running scheduler")
@@ -88,8 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     dashboard = f"{dash_host}:{dash_port}" if dash_port is not None else config.get("scheduler.dashboard-address")
     if args.role == "up":
         sport = args.scheduler_port if args.scheduler_port is not None else config.get("scheduler.port")
-        n = args.workers if args.workers is not None else config.get("worker.count")
-        coro = launch.up(args.model, n, host, port, sport, dashboard, args.threads or 0, config.get("worker.device"))
+        slowdown = args.worker_slowdown or []
+        n = args.workers if args.workers is not None else (len(slowdown) or config.get("worker.count"))
+        if len(slowdown) > n:
+            raise SystemExit(f"--worker-slowdown gives {len(slowdown)} factors for {n} workers")
+        coro = launch.up(args.model, n, host, port, sport, dashboard, args.threads or 0, config.get("worker.device"), slowdown)
     elif args.role == "scheduler":
         shost = args.host or config.get("scheduler.host")
         sport = args.port if args.port is not None else config.get("scheduler.port")

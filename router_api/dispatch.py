@@ -2,9 +2,12 @@
 per batch, and each request gets its own rows back when the worker's reply arrives.
 
 Work-conserving: a lone request leaves at once for a free worker; while every worker is
-at its window, the queue grows into bigger batches by itself. Replies come back as
-events on the worker's own stream (``log_event`` -> ``subscribe_topic``), one hop
-instead of a gather's two, and without connecting to the worker.
+at its window, the queue grows into bigger batches by itself. Which worker, and how many
+rows, is the placement policy's call (scheduler_plugins/policies.py), made on the live
+view kept here: in-flight work and measured service times from every reply, GPU
+metrics from the scheduler plugin's state events. Replies come back as events on the
+worker's own stream (``log_event`` -> ``subscribe_topic``), one hop instead of a
+gather's two, and without connecting to the worker.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import msgpack
 
 from router_api import config
 from router_api.batching import BatchQueue, Pending, QueueFull, resolve_priority, resolve_timeout
-from router_api.placement import Slot, least_loaded
 from router_api.stats import ModelStats
-from scheduler_plugins.plugin import RESULTS_PREFIX, WORKERS_TOPIC
+from scheduler_plugins.plugin import RESULTS_PREFIX, STATE_TOPIC, WORKERS_TOPIC
+from scheduler_plugins.policies import DaskDefault, Tuning, WorkerView, expected, make_policy, weights
 from worker_setup.execute import run_batch
 
 logger = logging.getLogger("router_api.dispatch")
@@ -60,10 +63,17 @@ class Reply:
 @dataclass(eq=False)
 class Batch:
     id: str
-    slot: Slot
+    view: WorkerView | None  # None: sent unrestricted (dask-default), Dask picks
     items: list[Pending]
     future: Any  # distributed.Future
     sent: float = 0.0  # wall clock, to compare with the worker's stamps
+    sent_at: float = 0.0  # loop clock
+    due: float = 0.0  # loop clock: past this the worker is presumed stuck
+    alone: bool = False  # its worker had nothing else in flight: the round trip is clean
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.items)
 
 
 class Dispatcher:
@@ -84,7 +94,16 @@ class Dispatcher:
             max_queue_delay=config.seconds("max-queue-delay"),
             starvation_limit=config.seconds("starvation-limit"),
         )
-        self.slots: dict[str, Slot] = {}
+        self.views: dict[str, WorkerView] = {}
+        self.policy_tuning = Tuning(
+            throttle_penalty=float(config.get("placement.throttle-penalty")),
+            memory_headroom=float(config.get("placement.memory-headroom")),
+            error_window=config.seconds("placement.error-penalty-window"),
+        )
+        self.policy = make_policy(config.get("placement.policy"), self.policy_tuning)
+        self.overdue_factor = float(config.get("placement.overdue-factor"))
+        self.overdue_min = config.seconds("placement.overdue-min")
+        self.unrestricted = 0  # dask-default batches in flight
         self.in_flight: dict[str, Batch] = {}
         self.stats = ModelStats(model["name"])
         self.topic = RESULTS_PREFIX + client.id
@@ -93,6 +112,7 @@ class Dispatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._pump_scheduled = False
         self._resync: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
         self.closing = False
         self.received = 0  # requests ever queued: lets callers see arrivals in order
         self.membership_version = 0  # the plugin's count of worker events seen so far
@@ -103,29 +123,32 @@ class Dispatcher:
     async def start(self) -> None:
         self.client.subscribe_topic(self.topic, self._on_reply)
         self.client.subscribe_topic(WORKERS_TOPIC, self._on_worker_event)
+        self.client.subscribe_topic(STATE_TOPIC, self._on_state)
         await self._fast_streams(force=True)
         await self.sync_workers()
         self._resync = asyncio.create_task(self._resync_loop())
+        self._watch = asyncio.create_task(self._watch_loop())
 
     async def close(self, timeout: float = 30.0) -> None:
         """Stop taking requests, answer everything queued and in flight, then stop."""
         self.closing = True
         deadline = time.monotonic() + timeout
-        while (len(self.queue) or self.in_flight) and time.monotonic() < deadline and self.slots:
+        while (len(self.queue) or self.in_flight) and time.monotonic() < deadline and self.views:
             self._reap_failed()
             await asyncio.sleep(0.05)
         for p in self.queue.drain():
             self._fail(p, Unavailable("server is shutting down"))
         for batch in list(self.in_flight.values()):
             self._abandon(batch, Unavailable("server is shutting down"))
-        if self._resync:
-            self._resync.cancel()
+        for task in (self._resync, self._watch):
+            if task:
+                task.cancel()
         if self._timer:
             self._timer.cancel()
 
     @property
     def ready(self) -> bool:
-        return bool(self.slots) and not self.closing
+        return bool(self.views) and not self.closing
 
     # -- requests ----------------------------------------------------------------------
 
@@ -175,18 +198,19 @@ class Dispatcher:
             self.stats.rejected["timeout"] += 1
             p.payload.item = None  # its bytes need not wait for the entry to reach the head
             self._fail(p, DeadlineExceeded("request timeout expired while queued"))
-        slots = list(self.slots.values())
+        views = list(self.views.values())
+        max_batch = self.queue.max_batch_size
         while self.queue.ready(now):
-            slot = least_loaded(slots)
-            if slot is None:
+            if isinstance(self.policy, DaskDefault):
+                placement = self.policy.place_unrestricted(views, self.unrestricted, self.queue.rows, max_batch)
+            else:
+                placement = self.policy.place(views, self.queue.rows, max_batch, now)
+            if placement is None:
                 break
-            # Split what is queued across the free slots instead of handing it all to
-            # one worker while another idles (closed-loop clients arrive in waves).
-            free = sum(max(0, s.window - s.in_flight) for s in slots)
-            items = self.queue.take(now, max_rows=-(-self.queue.rows // free))
+            items = self.queue.take(now, max_rows=placement.rows)
             if not items:
                 break
-            self._send(slot, items)
+            self._send(placement.view, items, now)
         self._arm_timer(now)
 
     def _arm_timer(self, now: float) -> None:
@@ -201,35 +225,50 @@ class Dispatcher:
         self._timer = None
         self._pump()
 
-    def _send(self, slot: Slot, items: list[Pending]) -> None:
+    def _send(self, view: WorkerView | None, items: list[Pending], now: float) -> None:
         batch_id = f"{self._prefix}-{next(self._ids)}"
         now_ns = time.perf_counter_ns()
         for p in items:
             p.payload.dispatched_ns = now_ns
         spec = {"id": batch_id, "topic": self.topic, "items": [p.payload.item for p in items]}
+        where = {"workers": [view.address], "allow_other_workers": False} if view else {}
         try:
-            future = self.client.submit(
-                run_batch, spec, key=batch_id, workers=[slot.address], allow_other_workers=False, pure=False
-            )
+            future = self.client.submit(run_batch, spec, key=batch_id, pure=False, **where)
         except Exception as e:  # e.g. the client lost the scheduler: answer, never drop
             logger.error("could not submit batch %s: %s", batch_id, e)
             for p in items:
                 self._fail(p, Unavailable(f"cannot reach the scheduler: {e}"))
             return
-        batch = Batch(batch_id, slot, items, future, time.time())
+        batch = Batch(batch_id, view, items, future, time.time(), now)
         self.in_flight[batch_id] = batch
-        slot.in_flight += 1
+        if view is None:
+            self.unrestricted += 1
+            batch.due = now + self.overdue_min * self.overdue_factor
+            return
+        views = list(self.views.values())
+        cost = expected(view, batch.rows, views, now, self.policy_tuning)
+        ahead = view.remaining(now)
+        batch.alone = not view.flights
+        batch.due = now + max(self.overdue_min, self.overdue_factor * (ahead + view.overhead + cost))
+        view.flights[batch_id] = (now, cost)
+        view.in_flight += 1
+        view.rows_in_flight += batch.rows
 
     # -- replies ----------------------------------------------------------------------
 
     def _on_reply(self, event) -> None:
         _, msg = event
         batch = self.in_flight.pop(msg["id"], None)
-        if batch is None:
-            return  # already answered (re-dispatched or abandoned)
+        if batch is None:  # already answered (re-sent or abandoned); its worker lives, though
+            late = self.views.get(msg.get("worker", ""))
+            if late is not None and not late.responsive:
+                late.responsive = True
+                self._pump()
+            return
         reply = msgpack.unpackb(msg["blob"], raw=False)
-        self._finish(batch)
         t = reply["timings"]
+        view = batch.view or self.views.get(reply["worker"])
+        self._finish(batch, view, t, any(r.get("status") == 500 for r in reply["results"]))
         rows = t.get("rows", 0)
         if "started" in t and logger.isEnabledFor(logging.DEBUG):
             to, on, back = t["started"] - batch.sent, t["finished"] - t["started"], time.time() - t["finished"]
@@ -237,13 +276,14 @@ class Dispatcher:
         if rows:
             self.stats.batch_done(rows, t["input_ns"], t["infer_ns"], t["output_ns"])
         done_ns = time.perf_counter_ns()
+        name = view.name if view and view.name else reply["worker"]
         for p, result in zip(batch.items, reply["results"]):
             ticket: Ticket = p.payload
             queue_ns = ticket.dispatched_ns - ticket.arrival_ns
             ok = "error" not in result
-            self.stats.request_done(ok, done_ns - ticket.arrival_ns, queue_ns)
             if not ticket.future.done():
-                ticket.future.set_result(Reply(result, batch.slot.name or reply["worker"], rows, queue_ns))
+                self.stats.request_done(ok, done_ns - ticket.arrival_ns, queue_ns)
+                ticket.future.set_result(Reply(result, name, rows, queue_ns))
         self._pump()
 
     def _reap_failed(self) -> None:
@@ -253,26 +293,87 @@ class Dispatcher:
         done-callback (a thread hop each)."""
         failed = [b for b in self.in_flight.values() if b.future.status in ("error", "cancelled")]
         for batch in failed:
-            self._abandon(batch, RuntimeError(f"batch failed on {batch.slot.address}: {batch.future.status}"))
+            where = batch.view.address if batch.view else "a worker"
+            self._abandon(batch, RuntimeError(f"batch failed on {where}: {batch.future.status}"))
         if failed:
             self._pump()
 
-    def _finish(self, batch: Batch) -> None:
-        batch.slot.in_flight = max(0, batch.slot.in_flight - 1)
-        batch.slot.batches += 1
-        batch.slot.rows += sum(p.rows for p in batch.items)
+    def _release(self, batch: Batch) -> None:
+        """Forget a batch's bookkeeping on its worker (answered, failed or re-sent)."""
+        if batch.view is None:
+            self.unrestricted = max(0, self.unrestricted - 1)
+        elif batch.view.flights.pop(batch.id, None) is not None:
+            batch.view.in_flight = max(0, batch.view.in_flight - 1)
+            batch.view.rows_in_flight = max(0, batch.view.rows_in_flight - batch.rows)
         batch.future.release()
+
+    def _finish(self, batch: Batch, view: WorkerView | None, timings: dict, failed: bool) -> None:
+        """Learn from a reply: the worker is alive, and how long the batch really took."""
+        self._release(batch)
+        if view is None:
+            return
+        now = self.loop.time()
+        view.responsive = True
+        view.batches += 1
+        view.rows += batch.rows
+        if failed:
+            view.errors.append(now)
+        service = timings.get("service_s")
+        if service is None and "started" in timings:
+            service = timings["finished"] - timings["started"]
+        if service is not None and timings.get("rows"):
+            view.service.observe(timings["rows"], service)
+            if batch.alone:  # nothing queued ahead of it: the rest of the round trip is overhead
+                extra = max(0.0, now - batch.sent_at - service)
+                view.overhead += 0.3 * (extra - view.overhead)
 
     def _abandon(self, batch: Batch, error: Exception) -> None:
         self.in_flight.pop(batch.id, None)
-        self._finish(batch)
+        self._release(batch)
         for p in batch.items:
-            self.stats.request_done(False, time.perf_counter_ns() - p.payload.arrival_ns, 0)
+            if not p.payload.future.done():
+                self.stats.request_done(False, time.perf_counter_ns() - p.payload.arrival_ns, 0)
             self._fail(p, error)
 
     def _fail(self, p: Pending, error: Exception) -> None:
         if not p.payload.future.done():
             p.payload.future.set_exception(error)
+
+    # -- stuck workers and in-flight deadlines --------------------------------------
+
+    def _check_overdue(self) -> None:
+        """A worker that holds a batch far past its expected time gets no new batches,
+        and its batches go to the others; whichever answer comes first is used. A
+        request whose deadline passes while in flight is answered 504 at once."""
+        now = self.loop.time()
+        stuck = {b.view for b in self.in_flight.values() if b.view is not None and now > b.due}
+        for view in stuck:
+            view.responsive = False
+            batches = [b for b in self.in_flight.values() if b.view is view]
+            logger.warning(
+                "worker %s is overdue on %d batches; sending them elsewhere and giving it no new batches until it answers",
+                view.address,
+                len(batches),
+            )
+            for batch in batches:
+                self._resend(batch)
+        for batch in list(self.in_flight.values()):
+            for p in batch.items:
+                if p.deadline is not None and now >= p.deadline and not p.payload.future.done():
+                    self.stats.rejected["timeout"] += 1
+                    self._fail(p, DeadlineExceeded("request timeout expired while in flight"))
+        if stuck:
+            self._pump()
+
+    def _resend(self, batch: Batch) -> None:
+        self.in_flight.pop(batch.id, None)
+        self._release(batch)
+        self.queue.requeue([p for p in batch.items if not p.payload.future.done()])
+
+    async def _watch_loop(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(0.1)
+            self._check_overdue()
 
     # -- workers ----------------------------------------------------------------------
 
@@ -280,31 +381,53 @@ class Dispatcher:
         _, msg = event
         self.membership_version = max(self.membership_version, msg.get("version", 0))
         if msg["action"] == "add":
-            self._add_slot(msg["worker"])
+            self._add_view(msg["worker"])
         else:
-            self._remove_slot(msg["worker"]["address"])
+            self._remove_view(msg["worker"]["address"])
         self._pump()
 
-    def _add_slot(self, info: dict) -> None:
+    def _on_state(self, event) -> None:
+        """The plugin's periodic digest of every worker's heartbeat metrics."""
+        _, msg = event
+        for address, state in msg.get("workers", {}).items():
+            view = self.views.get(address)
+            if view is None:
+                continue
+            view.gpu = state.get("gpu")
+            view.simulated = bool(state.get("simulated"))
+            view.metrics_error = state.get("error")
+            stats = state.get("stats") or {}
+            if not view.responsive and stats.get("batches", 0) > view.reported.get("batches", 0):
+                view.responsive = True  # it finished something since: not stuck after all
+                logger.info("worker %s answers again", address)
+            view.reported = stats
+            view.service.merge(stats.get("service") or {})
+        self._pump()
+
+    def _add_view(self, info: dict) -> None:
         if info["sha256"] != self.model["sha256"]:
             return
-        slot = self.slots.get(info["address"])
-        if slot is None:
-            self.slots[info["address"]] = Slot(info["address"], info.get("name", ""), self.window, info)
+        view = self.views.get(info["address"])
+        if view is None:
+            self.views[info["address"]] = WorkerView(info["address"], info.get("name", ""), self.window, info)
             logger.info("worker %s joined (%s, %s)", info["address"], info.get("device"), info.get("providers"))
         else:
-            slot.info = info
+            view.info = info
 
-    def _remove_slot(self, address: str) -> None:
-        slot = self.slots.pop(address, None)
-        if slot is None:
+    def _remove_view(self, address: str) -> None:
+        view = self.views.pop(address, None)
+        if view is None:
             return
-        lost = [b for b in self.in_flight.values() if b.slot is slot]
+        lost = [b for b in self.in_flight.values() if b.view is view]
         logger.warning("worker %s left with %d batches in flight; re-queueing them", address, len(lost))
         for batch in lost:
-            self.in_flight.pop(batch.id, None)
-            batch.future.release()
-            self.queue.requeue([p for p in batch.items if not p.payload.future.done()])
+            self._resend(batch)
+
+    def weights(self) -> dict[str, float]:
+        """Each worker's current share of capacity, as the policy sees it (for display)."""
+        views = list(self.views.values())
+        n = max(1, min(self.queue.max_batch_size, round(sum(v.rows for v in views) / max(1, sum(v.batches for v in views)))))
+        return weights(views, n, self.loop.time(), self.policy_tuning)
 
     async def sync_workers(self) -> None:
         snapshot = await self.client.scheduler.batch_router_workers()
@@ -313,11 +436,10 @@ class Dispatcher:
         self.membership_version = snapshot["version"]
         workers = snapshot["workers"]
         for info in workers.values():
-            self._add_slot(info)
-        for address in set(self.slots) - set(workers):
-            self._remove_slot(address)
+            self._add_view(info)
+        for address in set(self.views) - set(workers):
+            self._remove_view(address)
         self._pump()
-
     async def _fast_streams(self, force: bool = False) -> None:
         """Dask coalesces client<->scheduler messages for 2-10 ms; we want none. Redone
         after a reconnect, which creates new streams with Dask's defaults."""

@@ -109,7 +109,7 @@ class Workers(JSONHandler):
     def get(self) -> None:
         d = self.router.dispatcher
         queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received}
-        self.write_json({"workers": self.router.workers(), "queue": queue})
+        self.write_json({"policy": d.policy.name, "workers": self.router.workers(), "queue": queue})
 
 
 @web.stream_request_body

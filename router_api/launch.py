@@ -77,11 +77,13 @@ async def serve_until_signal(client: Client, host: str, port: int) -> None:
     await server.close_all_connections()
 
 
-def spawn_worker(address: str, name: str, threads: int, device: str) -> subprocess.Popen:
+def spawn_worker(address: str, name: str, threads: int, device: str, slowdown: float | None = None) -> subprocess.Popen:
     env = dict(os.environ, DASK_INTERNAL_INHERIT_CONFIG=dask.config.serialize(dask.config.global_config))
     cmd = [sys.executable, "-m", "router_api.cli", "worker", address, "--name", name, "--device", device]
     if threads:
         cmd += ["--threads", str(threads)]
+    if slowdown is not None:
+        cmd += ["--slowdown", str(slowdown)]
     # Own session: a terminal's Ctrl-C reaches only `up`, which then drains the queue and
     # stops the workers itself. Orphaned workers exit when their scheduler goes away.
     return subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -100,8 +102,20 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None
             p.wait()
 
 
-async def up(model: str | None, workers: int, host: str, port: int, scheduler_port: int, dashboard: str, threads: int, device: str) -> None:
-    """Everything on one machine: scheduler + dashboard + front end here, N workers as processes."""
+async def up(
+    model: str | None,
+    workers: int,
+    host: str,
+    port: int,
+    scheduler_port: int,
+    dashboard: str,
+    threads: int,
+    device: str,
+    slowdown: list[float] | None = None,
+) -> None:
+    """Everything on one machine: scheduler + dashboard + front end here, N workers as
+    processes; ``slowdown[i]`` (a benchmark knob) stretches worker i's batches."""
+    slowdown = list(slowdown or [])
     refuse_public_plaintext(host, "HTTP front end")
     refuse_public_plaintext(dashboard.rsplit(":", 1)[0], "Dask dashboard")
     path = model_path(model)
@@ -116,7 +130,10 @@ async def up(model: str | None, workers: int, host: str, port: int, scheduler_po
             plugins=[BatchRouterPlugin(path)],
         ) as scheduler:
             inproc, tcp = scheduler.listeners[0].contact_address, scheduler.listeners[1].contact_address
-            procs = [spawn_worker(tcp, f"local-{i}", threads, device) for i in range(workers)]
+            procs = [
+                spawn_worker(tcp, f"local-{i}", threads, device, slowdown[i] if i < len(slowdown) else None)
+                for i in range(workers)
+            ]
             try:
                 async with Client(inproc, asynchronous=True) as client:
                     print(f"batch-router: scheduler {tcp}, dashboard http://{dashboard}/status", flush=True)

@@ -1,4 +1,5 @@
-"""The scheduler side of batch-router: model registry, worker view, fast streams.
+"""The scheduler side of batch-router: model registry, live worker state, placement of
+Python-API tasks, fast streams.
 
 Shaped like ``distributed/semaphore.py``: state, RPC handlers, and a few plugin hooks.
 It runs inside the Dask scheduler, either added by ``batch-router scheduler`` or by
@@ -13,11 +14,14 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from router_api import config
 from scheduler_plugins.model_store import ModelFile
+from scheduler_plugins.policies import Tuning, WorkerView, make_policy, weights
 
 logger = logging.getLogger("scheduler_plugins.plugin")
 
 EXTENSION = "batch-router"
 WORKERS_TOPIC = "batch-router-workers"
+# Every metrics-interval: each model worker's latest heartbeat metrics, for front ends.
+STATE_TOPIC = "batch-router-state"
 RESULTS_PREFIX = "batch-router-results-"
 # Task prefixes of the Python API (worker_setup.api): they need a worker with the model.
 API_PREFIXES = {"classify", "classify_files", "infer"}
@@ -52,6 +56,15 @@ class BatchRouterPlugin(SchedulerPlugin):
         # Bumped on every membership event, so a front end can tell a snapshot that
         # left before an event from one taken after it.
         self.version = 0
+        self.views: dict[str, WorkerView] = {}  # for placing Python-API tasks
+        tuning = Tuning(
+            throttle_penalty=float(config.get("placement.throttle-penalty")),
+            memory_headroom=float(config.get("placement.memory-headroom")),
+            error_window=config.seconds("placement.error-penalty-window"),
+        )
+        self.tuning = tuning
+        self.policy = make_policy(config.get("placement.policy"), tuning)
+        self._publisher = None
 
     async def start(self, scheduler) -> None:
         import asyncio
@@ -67,7 +80,48 @@ class BatchRouterPlugin(SchedulerPlugin):
             }
         )
         scheduler.extensions[EXTENSION] = self
+        from tornado.ioloop import PeriodicCallback
+
+        period_ms = 1e3 * (config.seconds("worker.metrics-interval") or 0.5)
+        self._publisher = PeriodicCallback(self.publish_state, period_ms)
+        self._publisher.start()
         logger.info("serving model %s sha256=%s", self.model.path, self.model.sha256[:12])
+
+    async def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.stop()
+
+    # -- live worker state ----------------------------------------------------------
+
+    def publish_state(self) -> None:
+        """Digest each model worker's heartbeat metrics into one event for front ends.
+
+        O(workers) per tick, whatever the request rate. Heartbeats replace
+        ``ws.metrics`` wholesale (dask-internals §1), so this always sees the latest.
+        """
+        if self.scheduler is None or self.model is None:
+            return
+        digest = {}
+        for address in self.workers_info():
+            ws = self.scheduler.workers[address]
+            metrics = ws.metrics.get(EXTENSION)
+            state = dict(metrics) if isinstance(metrics, dict) else {"error": "no batch-router metrics in heartbeat"}
+            digest[address] = state
+            view = self.views.get(address) or self.views.setdefault(address, WorkerView(address, str(ws.name)))
+            view.gpu = state.get("gpu")
+            view.simulated = bool(state.get("simulated"))
+            view.metrics_error = state.get("error")
+            view.reported = state.get("stats") or {}
+            view.service.points.clear()
+            view.service.merge(view.reported.get("service") or {})
+            view.in_flight = len(ws.processing)
+        for address in set(self.views) - set(digest):
+            del self.views[address]
+        w = weights(list(self.views.values()), 1, 0.0, self.tuning)
+        for address, view in self.views.items():
+            view.weight = w.get(address, 0.0)
+        if digest:
+            self.scheduler.log_event(STATE_TOPIC, {"workers": digest})
 
     # -- RPC handlers ------------------------------------------------------------
 
@@ -124,11 +178,13 @@ class BatchRouterPlugin(SchedulerPlugin):
         scheduler.log_event(WORKERS_TOPIC, {"action": "add", "worker": entry, "version": self.version})
 
     def update_graph(self, scheduler, *, tasks, **kwargs) -> None:
-        """Keep Python-API tasks (``client.submit(classify, ...)``) on model workers.
+        """Place Python-API tasks (``client.submit(classify, ...)``) by the same policy
+        as the front end's batches, on model workers only.
 
         Runs before the new tasks leave ``released`` (dask-internals §2), so the
-        restriction holds from their first placement. Placement among those workers
-        is Dask's until the GPU-aware policy lands.
+        restriction holds from their first placement. The chosen worker is a loose
+        restriction: should it die first, Dask runs the task elsewhere. Under
+        ``dask-default`` the tasks may run on any model worker, Dask's choice.
         """
         # Runs for every batch the front end submits: look at workers only when an
         # API task is actually present (front-end batches are already pinned).
@@ -141,9 +197,22 @@ class BatchRouterPlugin(SchedulerPlugin):
             and not ts.worker_restrictions
         ]
         eligible = set(self.workers_info()) if api else set()
-        for ts in api if eligible else ():
-            ts.worker_restrictions = set(eligible)
-            ts.loose_restrictions = False
+        if not eligible:
+            return
+        import time
+
+        views = [self.views.get(a) or WorkerView(a, str(scheduler.workers[a].name)) for a in eligible]
+        for view in views:
+            view.in_flight = len(scheduler.workers[view.address].processing)
+        for ts in api:
+            view = self.policy.pick(views, time.monotonic())
+            if view is None:
+                ts.worker_restrictions = set(eligible)
+                ts.loose_restrictions = False
+            else:
+                view.in_flight += 1  # so the next task of the same graph sees it
+                ts.worker_restrictions = {view.address}
+                ts.loose_restrictions = True
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
         self.version += 1

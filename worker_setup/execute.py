@@ -112,6 +112,24 @@ def pack_reply(batch_id: str, worker: str, results: list[dict], timings: dict) -
     return msgpack.packb({"id": batch_id, "worker": worker, "results": results, "timings": timings}, use_bin_type=True)
 
 
+def planned_rows(items: list[dict]) -> int:
+    """Rows a batch will occupy, as sent (an image is one row); counted before decoding
+    so rows in flight (and the simulated GPU's memory) rise when the batch starts."""
+    n = 0
+    for item in items:
+        rows = item.get("rows", 1)
+        n += rows if isinstance(rows, int) and rows > 0 else 1
+    return n
+
+
+def stretch(model: WorkerModel, t0: float) -> None:
+    """The ``slowdown`` benchmark knob: a batch whose real work took t seconds sleeps
+    (slowdown - 1) * t more, so this worker behaves like a device that many times slower.
+    Sleeping, not spinning: it must not steal CPU from the other workers on the host."""
+    if model.slowdown > 1:
+        time.sleep((model.slowdown - 1) * (time.perf_counter() - t0))
+
+
 def run_batch(spec: dict) -> int:
     """The task: one per batch. Replies on ``spec["topic"]``; returns only a row count."""
     from distributed import get_worker
@@ -125,16 +143,21 @@ def run_batch(spec: dict) -> int:
     except Exception as e:
         results, timings, model = [{"error": str(e), "status": 500}] * len(items), {}, None
     else:
-        model.stats.started()
+        planned = planned_rows(items)
+        model.stats.started(planned)
         try:
             results, timings = execute_items(model, items)
         except Exception as e:  # an ORT failure fails this batch's items, visibly
             logger.exception("batch %s failed", spec["id"])
             results = [{"error": f"inference failed on {worker.address}: {e}", "status": 500}] * len(items)
             timings = {}
+        stretch(model, t0)
         errors = sum(1 for r in results if "error" in r)
-        model.stats.finished(timings.get("rows", 0), time.perf_counter() - t0, errors)
+        model.stats.finished(timings.get("rows", 0), time.perf_counter() - t0, errors, planned)
+    # The true time this batch held the worker, slowdown included: the front end learns
+    # each worker's service time from it without waiting for a heartbeat.
+    timings["service_s"] = time.perf_counter() - t0
     # Wall-clock stamps let the front end split latency into transfer and compute.
     timings["started"], timings["finished"] = started, time.time()
-    worker.log_event(spec["topic"], {"id": spec["id"], "blob": pack_reply(spec["id"], worker.address, results, timings)})
+    worker.log_event(spec["topic"], {"id": spec["id"], "worker": worker.address, "blob": pack_reply(spec["id"], worker.address, results, timings)})
     return timings.get("rows", 0)

@@ -11,12 +11,16 @@ import asyncio
 import logging
 
 from router_api import config
+from worker_setup.gpu import open_source
+from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
 from worker_setup.model_cache import ensure_model
 from worker_setup.preprocess import ImageLayout
 from worker_setup.runtime import EXTENSION, WorkerModel
 from worker_setup.session import ModelSession
 
 logger = logging.getLogger("worker_setup.preload")
+
+SAMPLER_EXTENSION = "batch-router-gpu"  # has close() and no heartbeat(): no scheduler half needed
 
 
 def image_layout(session: ModelSession) -> ImageLayout | None:
@@ -44,8 +48,43 @@ async def dask_setup(worker) -> None:
     session = await asyncio.to_thread(
         ModelSession.load, str(path), config.get("worker.device"), int(config.get("worker.intra-op-threads") or 0)
     )
-    model = WorkerModel(session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session))
+    slowdown = float(config.get("worker.slowdown") or 1)
+    if slowdown < 1:
+        raise ValueError(f"batch-router.worker.slowdown must be >= 1, got {slowdown}")
+    model = WorkerModel(
+        session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session), slowdown=slowdown
+    )
     worker.extensions[EXTENSION] = model
+    await start_metrics(worker, model)
     worker.startup_information[EXTENSION] = lambda w: model.describe()
-    worker.metrics[EXTENSION] = lambda w: model.stats.snapshot()
     logger.info("batch-router worker ready: %s", model.describe())
+
+
+async def start_metrics(worker, model: WorkerModel) -> None:
+    """Open the GPU source the config asks for, take a first sample before the worker
+    registers (so registration already carries one), then sample on a thread. NVML
+    calls, opening included, stay off the event loop."""
+    errors = ErrorLog()
+    source = await asyncio.to_thread(
+        open_source,
+        config.get("worker.gpu-metrics"),
+        config.get("worker.gpu-index"),
+        model.stats.busy_seconds,
+        model.stats.current_rows,
+    )
+    sampler = None
+    if source is not None:
+        model.gpu = dict(source.info)
+        sampler = GpuSampler(
+            source,
+            config.seconds("worker.metrics-interval"),
+            errors,
+            on_sample=lambda s: model.stats.observe_memory(s.get("memory_used")),
+        )
+        await asyncio.to_thread(sampler.sample_once)
+        sampler.start()
+        # Worker.close() calls close() on every extension: the sampler stops with the worker.
+        worker.extensions[SAMPLER_EXTENSION] = sampler
+        if model.simulated:
+            logger.warning("GPU metrics are SIMULATED from this worker's busy time: %s", source.info["name"])
+    worker.metrics[EXTENSION] = worker_metric(model, sampler, errors)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from worker_setup.preprocess import ImageLayout
@@ -17,40 +18,110 @@ class NoModelError(RuntimeError):
     """A batch-router task landed on a worker that was not started by batch-router."""
 
 
+def bucket(rows: int) -> int:
+    """The batch-size bucket of a batch: its rows rounded up to a power of two."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
 @dataclass
 class InferenceStats:
-    """Counters the scheduler sees through the worker's heartbeat metrics."""
+    """Counters the scheduler sees through the worker's heartbeat metrics.
+
+    Updated from Dask's task threads and read from the event loop (metrics) and the GPU
+    sampler thread, hence one lock. Times are monotonic seconds and include the
+    ``slowdown`` stretch, so a stretched worker looks slow to everyone who reads them.
+    """
 
     batches: int = 0
     rows: int = 0
     errors: int = 0
     in_flight: int = 0
+    rows_in_flight: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=64))  # (rows, seconds)
+    service: dict[int, float] = field(default_factory=dict)  # bucket -> EWMA seconds per batch
+    service_alpha: float = 0.3
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    _busy: float = 0.0  # closed busy intervals
+    _busy_since: float | None = None  # start of the open interval, while a batch runs
+    _max_rows_in_flight: int = 0
+    _memory_base: int | None = None  # GPU memory used at the first sample, after warm-up
+    _memory_peak: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def started(self) -> None:
+    def started(self, rows: int = 0) -> None:
+        """A batch of ``rows`` rows (as sent; some may fail to decode) starts running."""
         with self._lock:
+            if self.in_flight == 0:
+                self._busy_since = self.clock()
             self.in_flight += 1
+            self.rows_in_flight += rows
+            self._max_rows_in_flight = max(self._max_rows_in_flight, self.rows_in_flight)
 
-    def finished(self, rows: int, seconds: float, errors: int) -> None:
+    def finished(self, rows: int, seconds: float, errors: int, started_rows: int = 0) -> None:
+        """The batch ``started(started_rows)`` announced ran ``rows`` rows in ``seconds``."""
         with self._lock:
             self.in_flight -= 1
+            self.rows_in_flight -= started_rows
+            if self.in_flight == 0 and self._busy_since is not None:
+                self._busy += self.clock() - self._busy_since
+                self._busy_since = None
             self.batches += 1
             self.rows += rows
             self.errors += errors
             self.recent.append((rows, seconds))
+            if rows > 0:
+                b = bucket(rows)
+                old = self.service.get(b)
+                self.service[b] = seconds if old is None else old + self.service_alpha * (seconds - old)
+
+    def busy_seconds(self) -> float:
+        """Wall time during which at least one batch was running, the open interval
+        included: what a GPU's utilisation counter measures, so the simulated GPU uses it."""
+        with self._lock:
+            open_s = self.clock() - self._busy_since if self._busy_since is not None else 0.0
+            return self._busy + open_s
+
+    def current_rows(self) -> int:
+        with self._lock:
+            return self.rows_in_flight
+
+    def observe_memory(self, used: int | None) -> None:
+        """A GPU memory reading from the sampler. The first is the warm baseline."""
+        if used is None:
+            return
+        with self._lock:
+            if self._memory_base is None:
+                self._memory_base = used
+            self._memory_peak = used if self._memory_peak is None else max(self._memory_peak, used)
+
+    def memory_per_row(self) -> int | None:
+        """GPU bytes a row needs: peak growth over the warm baseline divided by the most
+        rows ever in flight. Allocators keep what they grew to, so the peak reflects the
+        largest load seen; concurrent batches make this an over- not an under-estimate."""
+        with self._lock:
+            if self._memory_base is None or self._memory_peak is None or self._max_rows_in_flight == 0:
+                return None
+            grown = self._memory_peak - self._memory_base
+            return int(grown / self._max_rows_in_flight) if grown > 0 else None
 
     def snapshot(self) -> dict:
+        per_row = self.memory_per_row()
+        busy = self.busy_seconds()
         with self._lock:
             recent = list(self.recent)
-        busy = sum(s for _, s in recent)
-        return {
-            "batches": self.batches,
-            "rows": self.rows,
-            "errors": self.errors,
-            "in_flight": self.in_flight,
-            "rows_per_s": (sum(r for r, _ in recent) / busy) if busy else None,
-        }
+            out = {
+                "batches": self.batches,
+                "rows": self.rows,
+                "errors": self.errors,
+                "in_flight": self.in_flight,
+                "rows_in_flight": self.rows_in_flight,
+                "busy_s": busy,
+                "service": {str(b): s for b, s in sorted(self.service.items())},
+            }
+        seconds = sum(s for _, s in recent)
+        out["rows_per_s"] = (sum(r for r, _ in recent) / seconds) if seconds else None
+        out["memory_per_row"] = per_row
+        return out
 
 
 @dataclass
@@ -63,6 +134,8 @@ class WorkerModel:
     layout: ImageLayout | None  # None when the model's input is not an image
     loaded_at: float = field(default_factory=time.time)
     stats: InferenceStats = field(default_factory=InferenceStats)
+    slowdown: float = 1.0  # benchmark knob, read once at preload: batches take this many times longer
+    gpu: dict | None = None  # static GPU info (source, index, name, uuid), None without a GPU source
 
     def describe(self) -> dict:
         """Startup information for the scheduler (msgpack-friendly)."""
@@ -75,7 +148,14 @@ class WorkerModel:
             "requested_providers": s.requested,
             "cuda_fallback": s.cuda_fallback,
             "threads": s.threads,
+            "gpu": dict(self.gpu) if self.gpu is not None else None,
+            "simulated": self.simulated,
+            "slowdown": self.slowdown,
         }
+
+    @property
+    def simulated(self) -> bool:
+        return self.gpu is not None and self.gpu.get("source") == "simulated"
 
 
 def current_model() -> WorkerModel:

@@ -1,0 +1,330 @@
+"""Placement policies: which worker gets the next batch, and how many rows.
+
+Pure functions over ``WorkerView`` snapshots, so every rule is unit-tested without Dask.
+The front end calls ``place`` each time it could send a batch (late binding: only
+workers with room are ever handed a batch); the scheduler plugin calls ``pick`` for
+Python-API tasks, which arrive one task at a time with no batch size of their own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from scheduler_plugins.service import ServiceCurve
+
+POLICIES = ("gpu-aware", "round-robin", "least-loaded", "dask-default", "seed-score")
+
+
+@dataclass(eq=False)
+class WorkerView:
+    """Everything placement knows about one worker: live GPU sample, measured service
+    times, and what is in flight on it right now."""
+
+    address: str
+    name: str = ""
+    window: int = 2
+    info: dict = field(default_factory=dict)  # startup information (device, providers...)
+    in_flight: int = 0
+    rows_in_flight: int = 0
+    batches: int = 0
+    rows: int = 0
+    service: ServiceCurve = field(default_factory=ServiceCurve)
+    overhead: float = 0.0  # EWMA seconds a batch spends outside compute: hops, transfer
+    flights: dict = field(default_factory=dict)  # batch id -> (sent_at, expected seconds)
+    gpu: dict | None = None  # latest metrics sample, None without a GPU
+    simulated: bool = False
+    metrics_error: str | None = None
+    reported: dict = field(default_factory=dict)  # the worker's own stats snapshot
+    errors: deque = field(default_factory=lambda: deque(maxlen=64))  # times of failed batches
+    responsive: bool = True
+    weight: float = 0.0  # share of capacity, for display; set by ``weights``
+
+    @property
+    def has_room(self) -> bool:
+        return self.in_flight < self.window
+
+    def remaining(self, now: float) -> float:
+        """Expected seconds until the batches already sent to it are done: a worker runs
+        its batches one after another, the oldest since about when it was sent."""
+        if not self.flights:
+            return 0.0
+        first = min(sent for sent, _ in self.flights.values())
+        return max(0.0, sum(exp for _, exp in self.flights.values()) - (now - first))
+
+
+@dataclass(frozen=True)
+class Tuning:
+    throttle_penalty: float = 0.7  # speed multiplier for a throttling GPU
+    memory_headroom: float = 0.1  # fraction of GPU memory never planned for
+    error_window: float = 30.0  # seconds a failed batch keeps lowering a worker's weight
+
+
+def throttling(gpu: dict | None) -> bool:
+    """NVML says clocks are held down, or the GPU is past its slowdown temperature."""
+    if not gpu:
+        return False
+    if gpu.get("throttle_reasons"):
+        return True
+    temp, limit = gpu.get("temperature"), gpu.get("temperature_slowdown")
+    return temp is not None and limit is not None and temp >= limit
+
+
+def slowness(view: WorkerView, now: float, tuning: Tuning) -> float:
+    """Multiplier >= 1 on expected service time for signs of trouble that measured
+    times have not caught up with yet."""
+    factor = 1.0
+    if throttling(view.gpu):
+        factor /= tuning.throttle_penalty
+    recent = sum(1 for t in view.errors if now - t <= tuning.error_window)
+    return factor * (1 + recent)
+
+
+def rows_that_fit(view: WorkerView, tuning: Tuning) -> int | None:
+    """Rows a batch may have before it would not fit in free GPU memory; None = no limit
+    known. Sizes the worker already ran are free (its allocator keeps that memory)."""
+    gpu, per_row = view.gpu, view.reported.get("memory_per_row")
+    if not gpu or not per_row or not gpu.get("memory_total") or gpu.get("memory_used") is None:
+        return None
+    usable = gpu["memory_total"] * (1 - tuning.memory_headroom) - gpu["memory_used"]
+    ran = max(view.service.points, default=0)
+    return max(0, ran + int(max(0.0, usable) // per_row))
+
+
+def expected(view: WorkerView, rows: int, views: list[WorkerView], now: float, tuning: Tuning) -> float:
+    """Seconds a batch of ``rows`` takes on this worker. Unmeasured workers borrow the
+    fastest known estimate: they get work at once and are measured by it."""
+    t = view.service.estimate(rows)
+    if t is None:
+        known = [e for v in views if (e := v.service.estimate(rows)) is not None]
+        t = min(known) if known else 0.0
+    return t * slowness(view, now, tuning)
+
+
+def weights(views: list[WorkerView], rows: int, now: float, tuning: Tuning) -> dict[str, float]:
+    """Each worker's share of total capacity at this batch size (sums to 1)."""
+    speed = {}
+    for v in views:
+        t = expected(v, rows, views, now, tuning)
+        speed[v.address] = (rows / t if t > 0 else 1.0) if v.responsive else 0.0
+    total = sum(speed.values())
+    return {a: (s / total if total else 0.0) for a, s in speed.items()}
+
+
+@dataclass(frozen=True)
+class Placement:
+    view: WorkerView | None  # None: no restriction, Dask decides
+    rows: int
+
+
+class Policy(Protocol):
+    name: str
+
+    def place(self, views: list[WorkerView], queued_rows: int, max_batch: int, now: float) -> Placement | None:
+        """The next batch to send now, or None to keep the queue waiting."""
+
+    def pick(self, views: list[WorkerView], now: float) -> WorkerView | None:
+        """A worker for one Python-API task (None: leave it to Dask)."""
+
+
+def _usable(views: list[WorkerView], tuning: Tuning) -> list[WorkerView]:
+    return [v for v in views if v.responsive and rows_that_fit(v, tuning) != 0]
+
+
+def _even_split(views: list[WorkerView], queued_rows: int, max_batch: int) -> int:
+    """Split what is queued across the free slots instead of handing it all to one
+    worker while another idles (closed-loop clients arrive in waves)."""
+    free = sum(max(0, v.window - v.in_flight) for v in views)
+    return max(1, min(max_batch, -(-queued_rows // max(1, free))))
+
+
+def _cap(view: WorkerView, rows: int, tuning: Tuning) -> int:
+    fit = rows_that_fit(view, tuning)
+    return rows if fit is None else max(1, min(rows, fit))
+
+
+def share_out(starts: list[float], per_row: list[float], rows: int, chunks_per_worker: int = 8) -> list[int]:
+    """Rows each worker should take so that all ``rows`` finish as early as possible,
+    given when each worker could start and its seconds per row.
+
+    List scheduling in small chunks: each chunk goes to the worker that would finish it
+    first, counting what it was already given. A slow or busy worker gets nothing
+    unless that makes the queue finish sooner; one row alone goes to its earliest finisher.
+    """
+    load = list(starts)
+    alloc = [0] * len(starts)
+    chunk = max(1, -(-rows // (chunks_per_worker * max(1, len(starts)))))
+    left = rows
+    while left > 0:
+        k = min(chunk, left)
+        i = min(range(len(load)), key=lambda j: load[j] + k * per_row[j])
+        load[i] += k * per_row[i]
+        alloc[i] += k
+        left -= k
+    return alloc
+
+
+@dataclass
+class GpuAware:
+    """Queued rows are shared so that they all finish as early as possible, from each
+    worker's measured speed at this batch size and the work it already has in flight
+    (a throttling, memory-full, failing or stuck worker counts as slower or absent).
+
+    A worker with room gets its share now; a share that belongs to a busy worker
+    stays queued for it (late binding), so a batch never runs late on a slow worker
+    when a faster one would have finished it sooner.
+    """
+
+    tuning: Tuning = field(default_factory=Tuning)
+    name: str = "gpu-aware"
+
+    def place(self, views, queued_rows, max_batch, now):
+        usable = _usable(views, self.tuning)
+        if not usable or queued_rows <= 0:
+            return None
+        n = min(queued_rows, max_batch)
+        starts, per_row = [], []
+        for v in usable:
+            t = expected(v, n, usable, now, self.tuning)
+            starts.append(v.remaining(now) + v.overhead)
+            per_row.append(max(t / n, 1e-9))
+        shares = share_out(starts, per_row, queued_rows)
+        ranked = sorted(range(len(usable)), key=lambda i: (-shares[i], usable[i].in_flight, usable[i].batches))
+        for i in ranked:
+            v = usable[i]
+            if v.has_room and shares[i] >= 1:
+                return Placement(v, _cap(v, min(shares[i], max_batch), self.tuning))
+        return None  # every share belongs to a busy worker: the queue waits for it
+
+    def pick(self, views, now):
+        usable = _usable(views, self.tuning)
+        if not usable:
+            return None
+        return min(usable, key=lambda v: ((v.in_flight + 1) * expected(v, 1, usable, now, self.tuning), v.in_flight))
+
+
+@dataclass
+class RoundRobin:
+    name: str = "round-robin"
+    _turn: itertools.count = field(default_factory=itertools.count)
+
+    def _next(self, views: list[WorkerView]) -> WorkerView | None:
+        ordered = sorted(views, key=lambda v: v.address)
+        for _ in range(len(ordered)):
+            v = ordered[next(self._turn) % len(ordered)]
+            if v.has_room and v.responsive:
+                return v
+        return None
+
+    def place(self, views, queued_rows, max_batch, now):
+        v = self._next(views) if views else None
+        return Placement(v, _even_split(views, queued_rows, max_batch)) if v else None
+
+    def pick(self, views, now):
+        ordered = sorted((v for v in views if v.responsive), key=lambda v: v.address)
+        return ordered[next(self._turn) % len(ordered)] if ordered else None
+
+
+@dataclass
+class LeastLoaded:
+    """Fewest batches in flight; ties go to the one that has served fewest, so idle
+    workers share work instead of one taking all."""
+
+    name: str = "least-loaded"
+
+    def _best(self, views: list[WorkerView], need_room: bool) -> WorkerView | None:
+        ok = [v for v in views if v.responsive and (v.has_room or not need_room)]
+        return min(ok, key=lambda v: (v.in_flight, v.batches), default=None)
+
+    def place(self, views, queued_rows, max_batch, now):
+        v = self._best(views, need_room=True)
+        return Placement(v, _even_split(views, queued_rows, max_batch)) if v else None
+
+    def pick(self, views, now):
+        return self._best(views, need_room=False)
+
+
+@dataclass
+class DaskDefault:
+    """No restriction: Dask's scheduler decides where each batch runs. The front end
+    still holds the queue back to the cluster's total window, so batches still form."""
+
+    name: str = "dask-default"
+
+    def place(self, views, queued_rows, max_batch, now):
+        # In-flight batches of this policy are counted on a pseudo view by the caller.
+        return None
+
+    def place_unrestricted(self, views: list[WorkerView], in_flight: int, queued_rows: int, max_batch: int) -> Placement | None:
+        room = sum(v.window for v in views if v.responsive) - in_flight
+        if room <= 0 or queued_rows <= 0:
+            return None
+        return Placement(None, max(1, min(max_batch, -(-queued_rows // room))))
+
+    def pick(self, views, now):
+        return None
+
+
+def seed_score(view: WorkerView) -> float:
+    """The old Go router's score (shared/research/old-system.md §2), on live numbers:
+    free-VRAM percent, minus queue/10, latency ms/10, utilisation/2, and 50 if hot."""
+    if not view.responsive:
+        return -1000.0
+    g = view.gpu or {}
+    score = 0.0
+    if g.get("memory_total"):
+        score += (g["memory_total"] - (g.get("memory_used") or 0)) / g["memory_total"] * 100
+    score -= view.in_flight / 10
+    latency = view.service.estimate(max(1, view.rows // max(1, view.batches))) or 0.0
+    score -= latency * 1e3 / 10
+    score -= (g.get("utilization_gpu") or 0) / 100 * 50
+    if (g.get("temperature") or 0) > 80:
+        score -= 50
+    return score
+
+
+@dataclass
+class SeedScore:
+    """The old system's weighted random choice among the top 3 scores, for comparison."""
+
+    name: str = "seed-score"
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def _choose(self, views: list[WorkerView]) -> WorkerView | None:
+        if not views:
+            return None
+        top = sorted(views, key=seed_score, reverse=True)[:3]
+        low = min(seed_score(v) for v in top)
+        w = [seed_score(v) - low + 1 for v in top]
+        x = self.rng.random() * sum(w)
+        for v, wi in zip(top, w):
+            x -= wi
+            if x <= 0:
+                return v
+        return top[0]
+
+    def place(self, views, queued_rows, max_batch, now):
+        v = self._choose([v for v in views if v.has_room and v.responsive])
+        return Placement(v, _even_split(views, queued_rows, max_batch)) if v else None
+
+    def pick(self, views, now):
+        return self._choose([v for v in views if v.responsive])
+
+
+def make_policy(name: str, tuning: Tuning | None = None) -> Policy:
+    tuning = tuning or Tuning()
+    if name == "gpu-aware":
+        return GpuAware(tuning)
+    if name == "round-robin":
+        return RoundRobin()
+    if name == "least-loaded":
+        return LeastLoaded()
+    if name == "dask-default":
+        return DaskDefault()
+    if name == "seed-score":
+        return SeedScore()
+    raise ValueError(f"unknown placement policy {name!r}: use one of {', '.join(POLICIES)}")

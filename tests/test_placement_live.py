@@ -1,0 +1,114 @@
+"""Placement against real worker processes: a slowed worker gets less, a stuck worker's
+batches finish elsewhere, and a deadline holds even while a request is on a stuck
+worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from tests.cluster import Cluster
+from tests.conftest import ARTIFACTS, make_image
+from tests.http import classify, request
+from tests.test_serving import reference_top
+
+pytestmark = pytest.mark.integration
+
+
+def worker_pids(c: Cluster) -> dict[str, int]:
+    """local-N name -> pid of that worker process."""
+    out = {}
+    for p in psutil.Process(c.proc.pid).children():
+        cmd = p.cmdline()
+        out[cmd[cmd.index("--name") + 1]] = p.pid
+    return out
+
+
+def by_name(c: Cluster) -> dict[str, dict]:
+    return {w["name"]: w for w in c.get("/v1/workers")["workers"]}
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def test_slowed_worker_gets_a_smaller_share():
+    ARTIFACTS.mkdir(exist_ok=True)
+    c = Cluster(
+        workers=2,
+        args=["--threads", "1", "--worker-slowdown", "1,4", "--max-batch-size", "4"],
+        log=ARTIFACTS / "placement-share.log",
+    ).start()
+    try:
+        images = [make_image(s) for s in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(lambda i: classify(c.url, images[i % 8]), range(96)))
+        assert {r.status for r in responses} == {200}
+        workers = by_name(c)
+        fast, slow = workers["local-0"], workers["local-1"]
+        assert fast["rows"] + slow["rows"] == 96
+        assert fast["rows"] > 2 * slow["rows"], (fast["rows"], slow["rows"])
+        # It knows why: measured service times and weights say local-1 is slower.
+        assert fast["weight"] > slow["weight"]
+        assert c.get("/v1/workers")["policy"] == "gpu-aware"
+        assert fast["service_s"] and slow["service_s"]
+        assert fast["gpu"] is None and fast["simulated"] is False  # no GPU here, and it says so
+    finally:
+        c.stop()
+
+
+def test_stuck_worker_batches_finish_elsewhere_and_it_returns(session):
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "placement-stuck.log"
+    c = Cluster(
+        workers=2,
+        args=["--threads", "1", "--max-batch-size", "2"],
+        env={"DASK_BATCH_ROUTER__PLACEMENT__OVERDUE_MIN": "1s"},
+        log=log,
+    ).start()
+    pids = worker_pids(c)
+    try:
+        images = [make_image(s) for s in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(classify, c.url, image) for image in images]
+            wait_until(lambda: by_name(c)["local-0"]["in_flight"], what="a batch on local-0")
+            os.kill(pids["local-0"], signal.SIGSTOP)  # alive, connected, silent
+            responses = [f.result() for f in futures]
+        assert [r.status for r in responses] == [200] * 12
+        for image, r in zip(images, responses):  # right answers, none twice, none mixed
+            assert [p["index"] for p in r.json()["predictions"]] == reference_top(session, image)[0]
+        assert by_name(c)["local-0"]["responsive"] is False
+        assert "overdue" in log.read_text()
+        os.kill(pids["local-0"], signal.SIGCONT)
+        wait_until(lambda: by_name(c)["local-0"]["responsive"], what="local-0 to answer again")
+    finally:
+        os.kill(pids["local-0"], signal.SIGCONT)
+        c.stop()
+
+
+def test_deadline_holds_while_the_request_sits_on_a_stuck_worker():
+    c = Cluster(
+        workers=1,
+        args=["--threads", "1"],
+        env={"DASK_BATCH_ROUTER__PLACEMENT__OVERDUE_MIN": "60s"},  # only the deadline can answer
+    ).start()
+    pid = worker_pids(c)["local-0"]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        # 1.5 s deadline; the client gives up after 20 s, far before the worker would
+        # be declared overdue (60 s) or removed by Dask (minutes).
+        r = request(c.url, "POST", "/v1/classify?timeout=1500000", make_image(1), {"Content-Type": "image/jpeg"}, timeout=20)
+        assert r.status == 504
+        assert "in flight" in r.json()["error"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        c.stop()
