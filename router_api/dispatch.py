@@ -26,7 +26,8 @@ from router_api import config
 from router_api.batching import BatchQueue, Pending, QueueFull, resolve_priority, resolve_timeout
 from router_api.stats import ModelStats
 from scheduler_plugins.plugin import RESULTS_PREFIX, STATE_TOPIC, WORKERS_TOPIC
-from scheduler_plugins.policies import DaskDefault, Tuning, WorkerView, expected, make_policy, weights
+from router_api.views import apply_state, current_weights, learn_from_reply
+from scheduler_plugins.policies import DaskDefault, Tuning, WorkerView, expected, make_policy
 from worker_setup.execute import run_batch
 
 logger = logging.getLogger("router_api.dispatch")
@@ -308,24 +309,9 @@ class Dispatcher:
         batch.future.release()
 
     def _finish(self, batch: Batch, view: WorkerView | None, timings: dict, failed: bool) -> None:
-        """Learn from a reply: the worker is alive, and how long the batch really took."""
         self._release(batch)
-        if view is None:
-            return
-        now = self.loop.time()
-        view.responsive = True
-        view.batches += 1
-        view.rows += batch.rows
-        if failed:
-            view.errors.append(now)
-        service = timings.get("service_s")
-        if service is None and "started" in timings:
-            service = timings["finished"] - timings["started"]
-        if service is not None and timings.get("rows"):
-            view.service.observe(timings["rows"], service)
-            if batch.alone:  # nothing queued ahead of it: the rest of the round trip is overhead
-                extra = max(0.0, now - batch.sent_at - service)
-                view.overhead += 0.3 * (extra - view.overhead)
+        if view is not None:
+            learn_from_reply(view, batch.rows, timings, failed, self.loop.time() - batch.sent_at, batch.alone, self.loop.time())
 
     def _abandon(self, batch: Batch, error: Exception) -> None:
         self.in_flight.pop(batch.id, None)
@@ -387,21 +373,8 @@ class Dispatcher:
         self._pump()
 
     def _on_state(self, event) -> None:
-        """The plugin's periodic digest of every worker's heartbeat metrics."""
         _, msg = event
-        for address, state in msg.get("workers", {}).items():
-            view = self.views.get(address)
-            if view is None:
-                continue
-            view.gpu = state.get("gpu")
-            view.simulated = bool(state.get("simulated"))
-            view.metrics_error = state.get("error")
-            stats = state.get("stats") or {}
-            if not view.responsive and stats.get("batches", 0) > view.reported.get("batches", 0):
-                view.responsive = True  # it finished something since: not stuck after all
-                logger.info("worker %s answers again", address)
-            view.reported = stats
-            view.service.merge(stats.get("service") or {})
+        apply_state(self.views, msg)
         self._pump()
 
     def _add_view(self, info: dict) -> None:
@@ -424,10 +397,7 @@ class Dispatcher:
             self._resend(batch)
 
     def weights(self) -> dict[str, float]:
-        """Each worker's current share of capacity, as the policy sees it (for display)."""
-        views = list(self.views.values())
-        n = max(1, min(self.queue.max_batch_size, round(sum(v.rows for v in views) / max(1, sum(v.batches for v in views)))))
-        return weights(views, n, self.loop.time(), self.policy_tuning)
+        return current_weights(list(self.views.values()), self.queue.max_batch_size, self.loop.time(), self.policy_tuning)
 
     async def sync_workers(self) -> None:
         snapshot = await self.client.scheduler.batch_router_workers()

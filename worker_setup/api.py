@@ -15,11 +15,12 @@ plugin keeps these tasks on workers that hold the model.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from worker_setup.execute import top_k
+from worker_setup.execute import stretch, top_k
 from worker_setup.labels import load_labels
 from worker_setup.preprocess import image_to_row
 from worker_setup.runtime import current_model
@@ -35,12 +36,25 @@ def _read(image: Image) -> bytes:
 
 
 def infer(batch: np.ndarray) -> np.ndarray:
-    """Run the model on a ready batch (first input only); returns the first output."""
+    """Run the model on a ready batch (first input only); returns the first output.
+
+    Counted like a front-end batch (service time, busy time, the slowdown knob), so
+    placement sees the load that Dask users put on a worker too.
+    """
     model = current_model()
     session = model.session
     t = session.inputs[0]
     batch = np.ascontiguousarray(batch, dtype=t.dtype)
-    return session.run({t.name: batch})[0]
+    rows, t0 = len(batch), time.perf_counter()
+    model.stats.started(rows)
+    failed = 1
+    try:
+        out = session.run({t.name: batch})[0]
+        failed = 0
+        return out
+    finally:
+        stretch(model, t0)
+        model.stats.finished(rows if not failed else 0, time.perf_counter() - t0, failed, rows)
 
 
 def classify(images: Iterable[Image], top: int = 5, labels: str | None = None) -> list[list[dict]]:

@@ -1,0 +1,54 @@
+"""How the front end keeps its view of each worker current: from every reply (service
+time, liveness, errors) and from the scheduler plugin's periodic digest of heartbeat
+metrics (GPU state, the worker's own counters)."""
+
+from __future__ import annotations
+
+import logging
+
+from scheduler_plugins.policies import Tuning, WorkerView, weights
+
+logger = logging.getLogger("router_api.dispatch")
+
+
+def learn_from_reply(
+    view: WorkerView, rows: int, timings: dict, failed: bool, round_trip: float, alone: bool, now: float
+) -> None:
+    """A reply proves the worker alive and says how long the batch really took; the
+    rest of a round trip with nothing queued ahead of it is per-batch overhead."""
+    view.responsive = True
+    view.batches += 1
+    view.rows += rows
+    if failed:
+        view.errors.append(now)
+    service = timings.get("service_s")
+    if service is None and "started" in timings:
+        service = timings["finished"] - timings["started"]
+    if service is None or not timings.get("rows"):
+        return
+    view.service.observe(timings["rows"], service)
+    if alone:
+        view.overhead += 0.3 * (max(0.0, round_trip - service) - view.overhead)
+
+
+def apply_state(views: dict[str, WorkerView], msg: dict) -> None:
+    """The plugin's digest: ``{"workers": {address: ws.metrics["batch-router"]}}``."""
+    for address, state in msg.get("workers", {}).items():
+        view = views.get(address)
+        if view is None:
+            continue
+        view.gpu = state.get("gpu")
+        view.simulated = bool(state.get("simulated"))
+        view.metrics_error = state.get("error") or "; ".join(state.get("errors") or ()) or None
+        stats = state.get("stats") or {}
+        if not view.responsive and stats.get("batches", 0) > view.reported.get("batches", 0):
+            view.responsive = True  # it finished something since: not stuck after all
+            logger.info("worker %s answers again", address)
+        view.reported = stats
+        view.service.merge(stats.get("service") or {})
+
+
+def current_weights(views: list[WorkerView], max_batch: int, now: float, tuning: Tuning) -> dict[str, float]:
+    """Each worker's share of capacity at the mean batch size served so far (display)."""
+    served = sum(v.rows for v in views) / max(1, sum(v.batches for v in views))
+    return weights(views, max(1, min(max_batch, round(served))), now, tuning)

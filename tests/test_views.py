@@ -1,0 +1,41 @@
+"""The front end's worker view, kept current from replies and the plugin's digests."""
+
+import pytest
+
+from router_api.views import apply_state, learn_from_reply
+from scheduler_plugins.policies import WorkerView
+
+
+def test_reply_teaches_service_time_and_overhead():
+    v = WorkerView("w")
+    learn_from_reply(v, 4, {"rows": 4, "service_s": 0.040}, False, round_trip=0.050, alone=True, now=1.0)
+    assert v.service.estimate(4) == pytest.approx(0.040)
+    assert v.overhead == pytest.approx(0.3 * 0.010)
+    # Queued behind another batch: the wait is not overhead.
+    learn_from_reply(v, 4, {"rows": 4, "service_s": 0.040}, False, round_trip=0.500, alone=False, now=2.0)
+    assert v.overhead == pytest.approx(0.3 * 0.010)
+    assert (v.batches, v.rows) == (2, 8)
+
+
+def test_failed_batch_is_remembered_and_a_reply_revives_a_stuck_worker():
+    v = WorkerView("w", responsive=False)
+    learn_from_reply(v, 1, {}, True, round_trip=0.1, alone=True, now=5.0)
+    assert v.responsive and list(v.errors) == [5.0]
+
+
+def test_digest_brings_gpu_state_and_revives_a_worker_that_finished_work():
+    v = WorkerView("w", responsive=False, reported={"batches": 3})
+    gpu = {"source": "simulated", "utilization_gpu": 40.0}
+    apply_state({"w": v}, {"workers": {"w": {"gpu": gpu, "simulated": True, "stats": {"batches": 3, "service": {"8": 0.1}}}}})
+    assert v.gpu == gpu and v.simulated and not v.responsive  # nothing finished since
+    assert v.service.estimate(8) == pytest.approx(0.1)
+    apply_state({"w": v}, {"workers": {"w": {"gpu": gpu, "stats": {"batches": 4}}}})
+    assert v.responsive
+
+
+def test_a_failing_metric_shows_instead_of_vanishing():
+    v = WorkerView("w")
+    apply_state({"w": v}, {"workers": {"w": {"error": "batch-router metric failed: KeyError: 'x'"}}})
+    assert "KeyError" in v.metrics_error
+    apply_state({"w": v}, {"workers": {"w": {"gpu": None, "errors": ["gpu sample failed: NVMLError"], "stats": {}}}})
+    assert "NVMLError" in v.metrics_error
