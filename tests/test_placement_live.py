@@ -112,3 +112,37 @@ def test_deadline_holds_while_the_request_sits_on_a_stuck_worker():
     finally:
         os.kill(pid, signal.SIGCONT)
         c.stop()
+
+
+def test_python_api_tasks_are_placed_by_the_same_policy():
+    """`client.map(infer, ...)` from a plain Dask client: once heartbeats have carried
+    each worker's measured speed to the plugin, the 4x slower worker gets fewer tasks."""
+    import numpy as np
+    from distributed import Client, get_task_stream
+
+    from worker_setup import infer
+
+    c = Cluster(workers=2, args=["--threads", "1", "--worker-slowdown", "1,4"]).start()
+    try:
+        with Client(c.scheduler, timeout=30) as client:
+            batch = np.zeros((1, 3, 224, 224), np.float32)
+            addresses = {a: info["name"] for a, info in client.scheduler_info()["workers"].items()}
+            # Warm-up: each worker measures its own speed and reports it by heartbeat.
+            for name in addresses.values():
+                client.submit(infer, batch, workers=[name], pure=False).result(timeout=60)
+            wait_until(
+                lambda: all(
+                    (m or {}).get("stats", {}).get("service")
+                    for m in client.run_on_scheduler(
+                        lambda dask_scheduler: [ws.metrics.get("batch-router") for ws in dask_scheduler.workers.values()]
+                    )
+                ),
+                what="service times in heartbeats",
+            )
+            time.sleep(1.0)  # one publish tick: the plugin's view takes them in
+            with get_task_stream(client) as ts:
+                client.gather(client.map(infer, [batch] * 20, pure=False))
+            ran = [addresses[t["worker"]] for t in ts.data]
+            assert ran.count("local-0") > 2 * ran.count("local-1"), ran
+    finally:
+        c.stop()
