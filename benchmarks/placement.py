@@ -1,0 +1,725 @@
+"""Placement benchmark: every policy against the same offered load on unequal workers.
+
+    python -m benchmarks.placement [--slowdown 1,4] [--mode classify|infer]
+        [--policies gpu-aware,round-robin,...] [--duration 30s] [--deadline 2s]
+        [--rounds N] [--no-kill-run] [--json P] [--plot P.png] [--quick]
+
+For each policy a fresh `batch-router up --worker-slowdown 1,4 --policy P` is started on
+free ports and warmed up (so every worker has measured service times). The first policy's
+router (gpu-aware by default) also measures the aggregate capacity C once, in a closed loop
+that saturates it; every policy then faces the same open-loop Poisson windows at 70 % and
+95 % of that C, with the same arrival sequence. Goodput counts the 2xx answers that came
+within --deadline of their *scheduled* arrival, per second of window. Policies run in the
+order given, and with --rounds N the whole set repeats N times (the machine's speed drifts
+by minutes) and the medians per policy are quoted.
+
+The kill run starts gpu-aware with one extra fast worker (default 1,1,4), measures that
+cluster's capacity, offers 60 % of it, SIGKILLs the fast worker local-0 mid-window and
+records every completion's time: the requests lost, and how long until completions per
+0.5 s are back to 90 % of what the survivors can serve.
+
+The figures and targets are computed by the pure functions at the top of this module
+(tests drive them on synthetic data); httpload makes the load, servers.py starts and stops
+the routers, plot.py draws the PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Optional
+from urllib.parse import urlsplit
+
+from benchmarks.httpload import Connection, closed_loop, open_loop, summarize
+from benchmarks.loadtest import parse_duration
+from benchmarks.payloads import payload
+from benchmarks.report import machine, write_json
+from benchmarks.servers import ROOT, spawn_router, stop
+from benchmarks.windows import get_json
+
+POLICIES = ("gpu-aware", "round-robin", "least-loaded", "dask-default", "seed-score")
+LOADS = (0.70, 0.95)
+BIN_S = 0.5  # kill run: completions are counted per bin of this width
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# -- figures, pure ---------------------------------------------------------------------
+
+
+def load_key(load: float) -> str:
+    """0.7 -> "0.70": the key a load's figures are stored under."""
+    return f"{load:.2f}"
+
+
+def goodput(latencies_s: Iterable[float], deadline_s: float, duration_s: float) -> float:
+    """Answers (2xx, scheduled inside the window) within the deadline, per window second."""
+    return sum(1 for x in latencies_s if x <= deadline_s) / duration_s if duration_s > 0 \
+        else 0.0
+
+
+def worker_deltas(before: Optional[dict], after: Optional[dict]) -> dict[str, dict]:
+    """Per worker name, from two GET /v1/workers snapshots: rows and batches served in
+    between, its share of all those rows, its mean batch, its service-time curve at the
+    end. A worker that joined in between counts from zero; one gone by the end (killed) is
+    left out, its rows unknown."""
+    def by_name(snap: Optional[dict]) -> dict[str, dict]:
+        return {w.get("name") or w["address"]: w for w in (snap or {}).get("workers", [])}
+
+    b, out = by_name(before), {}
+    for name, w in sorted(by_name(after).items()):
+        w0 = b.get(name, {})
+        rows = max(0, int(w.get("rows", 0)) - int(w0.get("rows", 0)))
+        batches = max(0, int(w.get("batches", 0)) - int(w0.get("batches", 0)))
+        out[name] = {"rows": rows, "batches": batches,
+                     "mean_batch": round(rows / batches, 3) if batches else None,
+                     "service_s": w.get("service_s") or {}, "weight": w.get("weight")}
+    total = sum(d["rows"] for d in out.values())
+    for d in out.values():
+        d["share"] = round(d["rows"] / total, 4) if total else None
+    return out
+
+
+def curve_estimate(service_s: dict, rows: float) -> Optional[float]:
+    """Seconds per batch of `rows` from a /v1/workers `service_s` curve ({"1": s, "4": s},
+    keyed by batch size): linear between measured sizes, the smallest's time below them,
+    the largest's per-row time above them. None when nothing was measured."""
+    pts = sorted((int(k), float(v)) for k, v in (service_s or {}).items())
+    if not pts:
+        return None
+    if rows <= pts[0][0]:
+        return pts[0][1]
+    if rows >= pts[-1][0]:
+        return pts[-1][1] * rows / pts[-1][0]
+    for (lo, tlo), (hi, thi) in zip(pts, pts[1:]):
+        if lo <= rows <= hi:
+            return tlo + (thi - tlo) * (rows - lo) / (hi - lo)
+    return None  # unreachable
+
+
+def latency_bound(worker: str, delta: Optional[dict], max_queue_delay_s: float,
+                  factor: float = 1.5) -> dict:
+    """The 70 % target's bound: factor x (the worker's batch latency + max_queue_delay),
+    its batch latency being its service-time curve (at the window's end) read at the mean
+    batch it ran in the window (rows delta / batches delta)."""
+    if not delta or not delta.get("batches"):
+        return {"worker": worker, "bound_ms": None,
+                "how": f"{worker} ran no batches in the window: no bound"}
+    mean = delta["rows"] / delta["batches"]
+    est = curve_estimate(delta["service_s"], mean)
+    if est is None:
+        return {"worker": worker, "bound_ms": None, "mean_batch": round(mean, 3),
+                "how": f"{worker} has no service_s curve: no bound"}
+    bound = factor * (est + max_queue_delay_s)
+    curve = ", ".join(f"{k}: {float(v) * 1e3:.1f}" for k, v in
+                      sorted(delta["service_s"].items(), key=lambda kv: int(kv[0])))
+    how = (f"{worker} ran {delta['rows']} rows in {delta['batches']} batches (mean "
+           f"{mean:.2f}); its service_s curve at the window's end (ms per batch by size) "
+           f"{{{curve}}} gives {est * 1e3:.1f} ms at {mean:.2f} rows; "
+           f"{factor:g} x ({est * 1e3:.1f} + max_queue_delay {max_queue_delay_s * 1e3:g}) "
+           f"= {bound * 1e3:.1f} ms")
+    return {"worker": worker, "mean_batch": round(mean, 3), "batch_latency_ms":
+            round(est * 1e3, 3), "bound_ms": round(bound * 1e3, 3), "how": how}
+
+
+def is_lost(kind: str) -> bool:
+    """Outcome kinds (an HTTP status, or an error name) that mean the request is lost: a
+    5xx, or no answer at all (connection error, client timeout, still unanswered when the
+    drain ended: "unfinished", "CancelledError"). 2xx is answered, 4xx rejected."""
+    return not (kind.isdigit() and int(kind) < 500)
+
+
+def lost_requests(outcomes: dict[str, int]) -> dict:
+    """Lost and rejected (4xx) counts from outcome kind -> count."""
+    lost = {k: v for k, v in outcomes.items() if is_lost(k)}
+    return {"lost": sum(lost.values()), "lost_by_kind": lost,
+            "rejected_4xx": sum(v for k, v in outcomes.items()
+                                if k.isdigit() and 400 <= int(k) < 500)}
+
+
+def throughput_bins(done_at: Iterable[float], t_kill: float, start: float, end: float,
+                    width: float = BIN_S) -> list[tuple[float, float]]:
+    """Completions per second in bins of `width` covering [start, end), aligned so that a
+    bin edge falls on t_kill: (bin start relative to the kill, rate). Only bins wholly
+    inside [start, end) are returned."""
+    k0, k1 = math.ceil((start - t_kill) / width - 1e-9), math.floor((end - t_kill) / width)
+    counts = [0] * max(0, k1 - k0)
+    for t in done_at:
+        k = math.floor((t - t_kill) / width) - k0
+        if 0 <= k < len(counts):
+            counts[k] += 1
+    return [(round((k0 + i) * width, 6), c / width) for i, c in enumerate(counts)]
+
+
+def recovery_time(bins: list[tuple[float, float]], threshold: float,
+                  sustain: int = 2) -> Optional[float]:
+    """Seconds from the kill to the start of the first bin after it that is >= threshold
+    and starts a stretch of `sustain` bins whose mean is too (one lucky bin is not enough;
+    a backlog burst after an empty bin does not hide it). 0.0: no visible dip; resolution
+    one bin. None if the window ended first."""
+    post = [(t, r) for t, r in bins if t >= 0]
+    for i in range(len(post) - sustain + 1):
+        if post[i][1] >= threshold and \
+                statistics.fmean(r for _, r in post[i:i + sustain]) >= threshold:
+            return post[i][0]
+    return None
+
+
+def survivor_fraction(slowdowns: list[float], killed: int) -> float:
+    """The survivors' share of capacity if worker i serves in proportion to 1/slowdown_i."""
+    speeds = [1 / s for s in slowdowns]
+    return (sum(speeds) - speeds[killed]) / sum(speeds)
+
+
+HEADLINE = ("offered_req_per_s", "completed_req_per_s", "goodput_req_per_s",
+            "goodput_over_capacity", "goodput_over_offered", "mean_batch")
+
+
+def median_summary(windows: list[dict]) -> dict:
+    """One policy at one load over its rounds: the median of each figure (rounds where it
+    is missing left out), error counts summed, per-worker shares as medians."""
+    def med(xs: list) -> Optional[float]:
+        xs = [x for x in xs if x is not None]
+        return round(statistics.median(xs), 4) if xs else None
+
+    out: dict[str, Any] = {"rounds": len(windows)}
+    for k in HEADLINE:
+        out[k] = med([w.get(k) for w in windows])
+    out["latency_ms"] = {q: med([w["latency_ms"].get(q) for w in windows])
+                         for q in ("p50", "p95", "p99", "max")}
+    errors: dict[str, int] = {}
+    for w in windows:
+        for k, v in w["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    out["errors"] = errors
+    names = sorted({n for w in windows for n in w["workers"]})
+    out["share"] = {n: med([w["workers"].get(n, {}).get("share") for w in windows])
+                    for n in names}
+    bounds = [w.get("latency_bound") or {} for w in windows]
+    out["latency_bound_ms"] = med([b.get("bound_ms") for b in bounds])
+    out["latency_bound_how"] = [
+        f"{'round ' + str(w['round']) + ': ' if len(windows) > 1 and 'round' in w else ''}"
+        f"{b['how']}" for w, b in zip(windows, bounds) if b.get("how")]
+    return out
+
+
+def _check(name: str, measured: Optional[float], op: str, threshold: Optional[float],
+           unit: str, how: str) -> dict:
+    met = None
+    if measured is not None and threshold is not None:
+        met = measured >= threshold if op == ">=" else measured <= threshold
+    return {"target": name, "measured": measured, "op": op, "threshold": threshold,
+            "unit": unit, "met": met, "how": how}
+
+
+def check_targets(summary: dict[str, dict[str, dict]], capacity: Optional[float]) -> list[dict]:
+    """The issue's targets from the per-policy summaries (summary[policy][load_key]);
+    met is None where a figure was not measured."""
+    lo, hi = load_key(LOADS[0]), load_key(LOADS[1])
+    ga = summary.get("gpu-aware", {})
+    out = []
+    g = ga.get(hi, {}).get("goodput_req_per_s")
+    offered = ga.get(hi, {}).get("offered_req_per_s")
+    out.append(_check(
+        "gpu-aware goodput at 95 % load >= 0.95 x aggregate capacity",
+        None if g is None or not capacity else round(g / capacity, 4), ">=", 0.95, "x C",
+        f"goodput {g} req/s / capacity {capacity} req/s; the window's Poisson arrivals "
+        f"offered {offered} req/s, and goodput cannot exceed that"))
+    s = ga.get(lo, {})
+    p99, bound = s.get("latency_ms", {}).get("p99"), s.get("latency_bound_ms")
+    out.append(_check(
+        "gpu-aware p99 at 70 % load <= 1.5 x (fastest worker's batch latency + "
+        "max_queue_delay)", p99, "<=", bound, "ms",
+        " | ".join(s.get("latency_bound_how") or ["gpu-aware not measured at 70 %"])))
+    for other in ("round-robin", "seed-score"):
+        for key in (lo, hi):
+            mine = ga.get(key, {}).get("latency_ms", {}).get("p99")
+            theirs = summary.get(other, {}).get(key, {}).get("latency_ms", {}).get("p99")
+            ratio = round(theirs / mine, 3) if mine and theirs is not None else None
+            out.append(_check(
+                f"gpu-aware p99 >= 2x better than {other} at {float(key):.0%} load", ratio,
+                ">=", 2.0, "x", f"{other} p99 {theirs} ms / gpu-aware p99 {mine} ms"))
+    return out
+
+
+def kill_target(k: dict) -> dict:
+    """The kill run's target: throughput back within 5 s (the requests lost are in `how`)."""
+    return _check(
+        "kill run: throughput back to >= 90 % of the survivors' expected rate within 5 s",
+        k.get("recovery_s"), "<=", 5.0, "s",
+        f"first {k['bin_s']:g} s bin after the kill that, and the mean of it and the next "
+        f"bin, is >= {k['threshold_req_per_s']} req/s (0.9 x min(offered {k['rate']}, "
+        f"kill-run capacity {k['capacity']['req_per_s']} x survivors' speed share "
+        f"{k['survivor_fraction']})); requests lost: {k['lost']}")
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+def worker_pids(parent: int) -> dict[str, int]:
+    """The worker processes `batch-router up` started, by --name, read from /proc."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "pid (comm) state ppid ...": comm may hold spaces, so split after ")"
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if "--name" in argv and argv.index("--name") + 1 < len(argv):
+            out[argv[argv.index("--name") + 1]] = int(entry)
+    return out
+
+
+def is_dead(pid: int) -> bool:
+    """Gone, or a zombie its parent has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def git_dirty() -> Optional[bool]:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Router:
+    """One `batch-router up` for one policy, with its load's request and addresses."""
+
+    def __init__(self, args: argparse.Namespace, policy: str, slowdown: list[float]) -> None:
+        flags = ["--workers", str(len(slowdown)), "--threads", str(args.threads),
+                 "--worker-slowdown", ",".join(f"{s:g}" for s in slowdown),
+                 "--policy", policy, "--max-queue-delay", args.max_queue_delay]
+        if args.window:
+            flags += ["--window", str(args.window)]
+        spawn = argparse.Namespace(model_path=args.model_path, model=args.model,
+                                   spawn_args=shlex.join(flags) + " " + args.spawn_args)
+        self.policy, self.slowdown = policy, slowdown
+        self.proc, url = spawn_router(spawn)
+        try:
+            self.log = os.readlink(f"/proc/{self.proc.pid}/fd/1")  # servers.py's log file
+        except OSError:
+            self.log = None
+        u = urlsplit(url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
+        try:
+            meta = asyncio.run(get_json(self.host, self.port, f"/v2/models/{args.model}"))
+            self.path, self.headers, self.body, self.rows = payload(args, meta)
+        except BaseException:
+            self.close()
+            raise
+
+    async def send(self, conn: Connection):
+        return await conn.request("POST", self.path, self.headers, self.body)
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+# -- measurements ----------------------------------------------------------------------
+
+
+def warm_up(r: Router, args: argparse.Namespace) -> None:
+    """A short closed loop, so every worker has run batches and has a service-time curve."""
+    asyncio.run(closed_loop(r.host, r.port, r.send, args.warmup_concurrency, warmup=0.0,
+                            duration=args.warmup, drain_cap=args.drain_cap,
+                            timeout=args.timeout, progress=False))
+
+
+def measure_capacity(r: Router, args: argparse.Namespace) -> dict:
+    """Completed req/s of a closed loop with enough connections to keep every worker busy."""
+    rec = asyncio.run(closed_loop(r.host, r.port, r.send, args.capacity_concurrency,
+                                  warmup=1.0, duration=args.capacity_duration,
+                                  drain_cap=args.drain_cap, timeout=args.timeout,
+                                  progress=not args.quiet))
+    s = summarize(rec.latencies, dict(rec.errors), rec.completed_ok, args.capacity_duration)
+    print(f"capacity ({r.policy}, {len(r.slowdown)} workers at {r.slowdown}, "
+          f"{args.capacity_concurrency} connections, {args.capacity_duration:g} s): "
+          f"{s['req_per_s']:.2f} req/s, p50 {s['latency_ms']['p50']} ms, "
+          f"errors {s['errors'] or 'none'}", flush=True)
+    return {"req_per_s": s["req_per_s"], "policy": r.policy, "slowdown": r.slowdown,
+            "concurrency": args.capacity_concurrency, "duration_s": args.capacity_duration,
+            "errors": s["errors"], "latency_ms": s["latency_ms"]}
+
+
+async def _open_window(r: Router, args: argparse.Namespace, rate: float, duration: float,
+                       seed: int, kill: Optional[tuple[float, int]] = None,
+                       done_log: Optional[list] = None):
+    """One open-loop window; /v1/workers read as the measured part starts and after the
+    drain. `kill` = (seconds into the measured part, pid): SIGKILL it then; `done_log`
+    collects (monotonic time, status or error kind) of every answer."""
+    send = r.send
+    if done_log is not None:
+        async def send(conn: Connection):  # noqa: F811 - the same send, timed
+            try:
+                resp = await r.send(conn)
+            except BaseException as e:
+                done_log.append((time.monotonic(), type(e).__name__))
+                raise
+            done_log.append((time.monotonic(), str(resp[0])))
+            return resp
+
+    killed: dict[str, Any] = {}
+
+    async def at_start() -> Optional[dict]:
+        await asyncio.sleep(args.window_warmup)
+        snap = await get_json(r.host, r.port, "/v1/workers")
+        if kill is not None:
+            await asyncio.sleep(kill[0])
+            killed["snap"] = await get_json(r.host, r.port, "/v1/workers")
+            os.kill(kill[1], signal.SIGKILL)
+            killed["t"] = time.monotonic()
+            print(f"\nkilled pid {kill[1]} at {kill[0]:g} s into the window", flush=True)
+        return snap
+
+    before = asyncio.ensure_future(at_start())
+    rec = await open_loop(r.host, r.port, send, rate, warmup=args.window_warmup,
+                          duration=duration, seed=seed, max_connections=args.max_connections,
+                          drain_cap=args.drain_cap, timeout=args.timeout,
+                          progress=not args.quiet)
+    snap0 = await before
+    snap1 = await get_json(r.host, r.port, "/v1/workers")
+    return rec, snap0, snap1, killed
+
+
+def window_figures(rec: Any, snap0: Optional[dict], snap1: Optional[dict], rate: float,
+                   duration: float, capacity: float, deadline: float) -> dict:
+    """A window's figures from its Recorder and the /v1/workers snapshots around it."""
+    s = summarize(rec.latencies, dict(rec.errors), rec.completed_ok, duration)
+    sent = s["ok"] + s["error_count"]  # scheduled inside the window
+    good = goodput(rec.latencies, deadline, duration)
+    workers = worker_deltas(snap0, snap1)
+    rows = sum(w["rows"] for w in workers.values())
+    batches = sum(w["batches"] for w in workers.values())
+    return {"rate": round(rate, 3), "offered_req_per_s": round(sent / duration, 3),
+            "sent": sent, "ok": s["ok"],
+            "completed_req_per_s": s["req_per_s"], "goodput_req_per_s": round(good, 3),
+            "within_deadline": round(good * duration),
+            "goodput_over_capacity": round(good / capacity, 4) if capacity else None,
+            "goodput_over_offered": round(good * duration / sent, 4) if sent else None,
+            "latency_ms": s["latency_ms"], "errors": s["errors"],
+            "error_samples": dict(rec.samples), "workers": workers,
+            "mean_batch": round(rows / batches, 3) if batches else None}
+
+
+def fastest(slowdown: list[float]) -> str:
+    return f"local-{min(range(len(slowdown)), key=lambda i: slowdown[i])}"
+
+
+def run_policy(args: argparse.Namespace, policy: str, rnd: int,
+               capacity: Optional[dict]) -> tuple[Optional[dict], list[dict]]:
+    """Start a router with this policy, warm it, (measure capacity if not yet known), then
+    one open-loop window per load. Returns (capacity, windows)."""
+    r = Router(args, policy, args.slowdown)
+    windows = []
+    try:
+        print(f"[round {rnd}] {policy}: warming up {args.warmup:g} s  (log {r.log})",
+              flush=True)
+        warm_up(r, args)
+        if capacity is None:
+            capacity = measure_capacity(r, args)
+        c = capacity["req_per_s"]
+        for i, load in enumerate(LOADS):
+            rate = load * c
+            rec, s0, s1, _ = asyncio.run(_open_window(r, args, rate, args.duration,
+                                                      args.seed + i))
+            w = window_figures(rec, s0, s1, rate, args.duration, c, args.deadline)
+            w.update(policy=policy, load=load, round=rnd)
+            name = fastest(args.slowdown)
+            w["latency_bound"] = latency_bound(name, w["workers"].get(name),
+                                               args.max_queue_delay_s)
+            windows.append(w)
+            print(window_line(w), flush=True)
+    finally:
+        r.close()
+    return capacity, windows
+
+
+def kill_run(args: argparse.Namespace) -> dict:
+    """gpu-aware with one more fast worker; SIGKILL local-0 mid-window; every completion's
+    time kept for the throughput timeline."""
+    slowdown = args.kill_slowdown or [min(args.slowdown)] + args.slowdown
+    r = Router(args, "gpu-aware", slowdown)
+    try:
+        print(f"kill run: gpu-aware, {len(slowdown)} workers at {slowdown}  (log {r.log})",
+              flush=True)
+        warm_up(r, args)
+        cap = measure_capacity(r, args)
+        victim = fastest(slowdown)
+        pid = worker_pids(r.proc.pid).get(victim)
+        if pid is None:
+            raise RuntimeError(f"no worker process named {victim} under the router")
+        rate = args.kill_load * cap["req_per_s"]
+        log: list[tuple[float, str]] = []
+        t0 = time.monotonic()
+        rec, s0, s1, killed = asyncio.run(_open_window(
+            r, args, rate, args.kill_duration, args.seed + 7, kill=(args.kill_at, pid),
+            done_log=log))
+        dead = is_dead(pid)
+    finally:
+        r.close()
+    start = rec.start
+    t_kill = killed.get("t", start + args.kill_at)
+    frac = survivor_fraction(slowdown, int(victim.rsplit("-", 1)[1]))
+    expected = min(rate, cap["req_per_s"] * frac)
+    threshold = 0.9 * expected
+    ok_times = [t for t, kind in log if kind.isdigit() and 200 <= int(kind) < 300]
+    bins = throughput_bins(ok_times, t_kill, start, rec.end)
+    pre = [x for t, x in bins if t < 0]
+    s = summarize(rec.latencies, dict(rec.errors), rec.completed_ok, args.kill_duration)
+    out = {"slowdown": slowdown, "capacity": cap, "load": args.kill_load,
+           "rate": round(rate, 3), "killed": victim, "pid": pid, "pid_dead_after": dead,
+           "kill_at_s": round(t_kill - start, 3), "duration_s": args.kill_duration,
+           "sent": s["ok"] + s["error_count"], "ok": s["ok"], "errors": s["errors"],
+           "error_samples": dict(rec.samples), "sent_whole_run": len(log),
+           **lost_requests(dict(Counter(kind for _, kind in log))),
+           "latency_ms": s["latency_ms"], "survivor_fraction": round(frac, 4),
+           "expected_req_per_s": round(expected, 3), "threshold_req_per_s": round(threshold, 3),
+           "pre_kill_req_per_s": round(statistics.fmean(pre), 3) if pre else None,
+           "recovery_s": recovery_time(bins, threshold), "bin_s": BIN_S,
+           "bins": [{"t": t, "req_per_s": x} for t, x in bins],
+           "load_start_s": round(start - t0, 3),
+           "workers_before_kill": worker_deltas(s0, killed.get("snap")),
+           "workers_after_kill": worker_deltas(killed.get("snap"), s1), "log": r.log}
+    print(kill_lines(out), flush=True)
+    return out
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def _f(x: Any, fmt: str = "{:.1f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _shares(share: dict) -> str:
+    return " ".join(f"{n} {_f(v, '{:.2f}')}" for n, v in sorted(share.items()))
+
+
+def _share_of(workers: dict) -> dict:
+    return {n: d["share"] for n, d in workers.items()}
+
+
+def window_line(w: dict) -> str:
+    lat = w["latency_ms"]
+    errs = ", ".join(f"{k} x{v}" for k, v in w["errors"].items()) or "none"
+    return (f"  {w['policy']} {w['load']:.0%}: offered {w['offered_req_per_s']:.2f} req/s, "
+            f"done {w['completed_req_per_s']:.2f}, goodput {w['goodput_req_per_s']:.2f} "
+            f"({_f(w['goodput_over_capacity'], '{:.3f}')} C), p50 {_f(lat['p50'])} p95 "
+            f"{_f(lat['p95'])} p99 {_f(lat['p99'])} max {_f(lat['max'])} ms, errors {errs}, "
+            f"shares {_shares(_share_of(w['workers']))}, mean batch "
+            f"{_f(w['mean_batch'], '{:.2f}')}")
+
+
+def print_table(summary: dict[str, dict[str, dict]], capacity: float, rounds: int) -> None:
+    cols = ("policy", "load", "offered/s", "done/s", "goodput/s", "good/C", "p50 ms",
+            "p99 ms", "errors", "batch", "share per worker")
+    rows = []
+    for policy, loads in summary.items():
+        for key, s in loads.items():
+            lat = s["latency_ms"]
+            rows.append((policy, f"{float(key):.0%}", _f(s["offered_req_per_s"], "{:.2f}"),
+                         _f(s["completed_req_per_s"], "{:.2f}"),
+                         _f(s["goodput_req_per_s"], "{:.2f}"),
+                         _f(s["goodput_over_capacity"], "{:.3f}"), _f(lat["p50"]),
+                         _f(lat["p99"]), str(sum(s["errors"].values())),
+                         _f(s["mean_batch"], "{:.2f}"), _shares(s["share"])))
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+              for i, c in enumerate(cols)]
+    print(f"\naggregate capacity C = {capacity:.2f} req/s; "
+          f"{'medians over ' + str(rounds) + ' rounds' if rounds > 1 else 'one round'}")
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def print_targets(targets: list[dict]) -> None:
+    print("\ntargets:")
+    for t in targets:
+        status = {True: "met", False: "NOT MET", None: "not measured"}[t["met"]]
+        print(f"  [{status}] {t['target']}: {_f(t['measured'], '{:g}')} {t['unit']} "
+              f"(needs {t['op']} {_f(t['threshold'], '{:g}')})\n      {t['how']}")
+
+
+def kill_lines(k: dict) -> str:
+    rec = k["recovery_s"]
+    return (f"kill run: offered {k['rate']:.2f} req/s ({k['load']:.0%} of "
+            f"{k['capacity']['req_per_s']:.2f}), killed {k['killed']} (pid {k['pid']}, dead "
+            f"after: {k['pid_dead_after']}) at {k['kill_at_s']:.1f} s\n"
+            f"  in the window: sent {k['sent']}, ok {k['ok']}, errors {k['errors'] or 'none'}"
+            f", p99 {_f(k['latency_ms']['p99'])} ms; whole run (warm-up, drain): sent "
+            f"{k['sent_whole_run']}, lost {k['lost']} {k['lost_by_kind'] or ''}, 4xx "
+            f"{k['rejected_4xx']}\n"
+            f"  shares before the kill {_shares(_share_of(k['workers_before_kill']))}; after "
+            f"{_shares(_share_of(k['workers_after_kill']))}\n"
+            f"  throughput before the kill {_f(k['pre_kill_req_per_s'], '{:.2f}')} req/s; "
+            f"survivors' expected {k['expected_req_per_s']:.2f} req/s (min(offered, C x "
+            f"{k['survivor_fraction']:.3f})), 90 % = {k['threshold_req_per_s']:.2f}\n"
+            f"  back to >= 90 % (a {k['bin_s']:g} s bin, and its mean with the next) after: "
+            f"{'never, within the window' if rec is None else f'{rec:.1f} s'} "
+            f"(target <= 5 s: {'met' if rec is not None and rec <= 5 else 'NOT MET'})")
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def _slowdowns(text: str) -> list[float]:
+    try:
+        xs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected factors like 1,4: {text!r}") from None
+    if not xs or min(xs) < 1:
+        raise argparse.ArgumentTypeError("slowdown factors must be >= 1")
+    return xs
+
+
+def _path(text: str) -> Optional[Path]:
+    return Path(text) if text else None
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.placement",
+                                description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--slowdown", type=_slowdowns, default=[1.0, 4.0],
+      help="per worker, 2-4 factors (--worker-slowdown); default 1,4")
+    a("--threads", type=int, default=1, help="ONNX Runtime threads per worker")
+    a("--mode", choices=("classify", "infer"), default="classify")
+    a("--model", default="resnet50", help="model name in /v2/models/<model>")
+    a("--model-path", type=Path, help="ONNX file (default: the built-in ResNet-50)")
+    a("--batch-rows", type=int, default=1, help="infer mode: rows per request")
+    a("--policies", help=f"comma-separated, in run order (default: all, {','.join(POLICIES)})")
+    a("--max-queue-delay", default="0ms", help="batch-router up --max-queue-delay")
+    a("--window", type=int, help="batch-router up --window (default: its own)")
+    a("--spawn-args", default="", help="more arguments for batch-router up")
+    a("--warmup", type=parse_duration, default=3.0, help="per router, closed loop")
+    a("--warmup-concurrency", type=int, default=8)
+    a("--capacity", type=float, help="skip the capacity measurement: use this req/s")
+    a("--capacity-duration", type=parse_duration, default=10.0)
+    a("--capacity-concurrency", type=int, default=24)
+    a("--duration", type=parse_duration, default=30.0, help="each open-loop window")
+    a("--window-warmup", type=parse_duration, default=2.0,
+      help="open-loop arrivals before each measured window (same rate)")
+    a("--deadline", type=parse_duration, default=2.0, help="goodput: answered within this")
+    a("--rounds", type=int, default=1, help="repeat every policy; medians are quoted")
+    a("--kill-run", action=argparse.BooleanOptionalAction, default=True,
+      help="gpu-aware with one more fast worker, SIGKILL local-0 mid-window")
+    a("--kill-slowdown", type=_slowdowns,
+      help="kill run's workers (default: the fastest factor, then --slowdown)")
+    a("--kill-load", type=float, default=0.6, help="of the kill cluster's capacity")
+    a("--kill-duration", type=parse_duration, default=20.0)
+    a("--kill-at", type=parse_duration, help="into the window (default 40 %% of it)")
+    a("--max-connections", type=int, default=256)
+    a("--timeout", type=parse_duration, default=60.0, help="per request (client side)")
+    a("--drain-cap", type=parse_duration, default=30.0, help="max wait for in-flight at end")
+    a("--seed", type=int, default=0)
+    a("--json", type=_path, default=RESULTS / "placement.json", help="'' for none")
+    a("--plot", type=_path, default=RESULTS / "placement.png",
+      help="PNG (needs the bench extra: matplotlib); '' for none")
+    a("--quick", action="store_true",
+      help="smoke test: 2 policies, windows of seconds, short kill run")
+    a("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if not 2 <= len(args.slowdown) <= 4:
+        p.error("--slowdown takes 2 to 4 factors (one per worker)")
+    if args.quick:
+        given = set(argv or [])
+        quick = {"--capacity-duration": ("capacity_duration", 2.0),
+                 "--duration": ("duration", 3.0), "--warmup": ("warmup", 1.0),
+                 "--window-warmup": ("window_warmup", 0.5),
+                 "--kill-duration": ("kill_duration", 4.0), "--drain-cap": ("drain_cap", 10.0)}
+        for flag, (attr, value) in quick.items():
+            if flag not in given and not any(g.startswith(flag + "=") for g in given):
+                setattr(args, attr, value)
+        if args.policies is None:
+            args.policies = "gpu-aware,round-robin"
+    args.policies = [x.strip() for x in (args.policies or ",".join(POLICIES)).split(",")
+                     if x.strip()]
+    bad = [x for x in args.policies if x not in POLICIES]
+    if bad or not args.policies:
+        p.error(f"unknown policies {bad}; choose from {','.join(POLICIES)}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    try:
+        args.max_queue_delay_s = parse_duration(args.max_queue_delay)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    if args.kill_at is None:
+        args.kill_at = 0.4 * args.kill_duration
+    if not 0 < args.kill_at < args.kill_duration:
+        p.error("--kill-at must fall inside --kill-duration")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    record: dict[str, Any] = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {**machine(), "git_dirty": git_dirty()}}
+    capacity: Optional[dict] = None
+    if args.capacity:
+        capacity = {"req_per_s": args.capacity, "policy": None, "given": True}
+    windows: list[dict] = []
+    failures: list[dict] = []
+    for rnd in range(1, args.rounds + 1):
+        for policy in args.policies:
+            try:
+                capacity, ws = run_policy(args, policy, rnd, capacity)
+                windows += ws
+            except (Exception, SystemExit) as e:  # one broken policy must not end the run
+                print(f"[round {rnd}] {policy} failed: {e!r}", file=sys.stderr, flush=True)
+                failures.append({"policy": policy, "round": rnd, "error": repr(e)})
+    record["capacity"] = capacity
+    if args.kill_run:
+        try:
+            record["kill_run"] = kill_run(args)
+        except (Exception, SystemExit) as e:
+            print(f"kill run failed: {e!r}", file=sys.stderr, flush=True)
+            failures.append({"policy": "kill-run", "error": repr(e)})
+    c = capacity["req_per_s"] if capacity else None
+    summary: dict[str, dict[str, dict]] = {}
+    for policy in args.policies:
+        for load in LOADS:
+            ws = [w for w in windows if w["policy"] == policy and w["load"] == load]
+            if ws:
+                summary.setdefault(policy, {})[load_key(load)] = median_summary(ws)
+    record.update(windows=windows, summary=summary, failures=failures)
+    if c:
+        print_table(summary, c, args.rounds)
+    targets = check_targets(summary, c)
+    if "kill_run" in record:
+        targets.append(kill_target(record["kill_run"]))
+    record["targets"] = targets
+    print_targets(targets)
+    if args.json:
+        write_json(args.json, record)
+    if args.plot:
+        from benchmarks.plot import plot_placement
+
+        plot_placement(record, args.plot)
+    return 1 if failures or not windows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
