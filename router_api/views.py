@@ -26,7 +26,7 @@ def learn_from_reply(
         service = timings["finished"] - timings["started"]
     if service is None or not timings.get("rows"):
         return
-    view.service.observe(timings["rows"], service)
+    view.service.observe(timings["rows"], service, now)
     if alone:
         view.overhead += 0.3 * (max(0.0, round_trip - service) - view.overhead)
 

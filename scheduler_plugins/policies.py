@@ -98,9 +98,9 @@ def rows_that_fit(view: WorkerView, tuning: Tuning) -> int | None:
 def expected(view: WorkerView, rows: int, views: list[WorkerView], now: float, tuning: Tuning) -> float:
     """Seconds a batch of ``rows`` takes on this worker. Unmeasured workers borrow the
     fastest known estimate: they get work at once and are measured by it."""
-    t = view.service.estimate(rows)
+    t = view.service.estimate(rows, now)
     if t is None:
-        known = [e for v in views if (e := v.service.estimate(rows)) is not None]
+        known = [e for v in views if (e := v.service.estimate(rows, now)) is not None]
         t = min(known) if known else 0.0
     return t * slowness(view, now, tuning)
 

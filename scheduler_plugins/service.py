@@ -17,24 +17,44 @@ def bucket(rows: int) -> int:
 
 @dataclass
 class ServiceCurve:
-    """EWMA seconds per batch, per batch-size bucket."""
+    """EWMA seconds per batch, per batch-size bucket, trusted less as it ages.
+
+    A worker that gets no batches is never re-measured, so a pessimistic estimate
+    (taken under contention, or while it was throttled) would keep it idle for good.
+    Past ``fresh_for`` seconds without a batch the estimate shrinks, halving its excess
+    over ``floor`` every ``half_life``, until the worker looks worth a batch again; that
+    batch's measurement then replaces the stale figure rather than averaging with it.
+    """
 
     alpha: float = 0.3
+    fresh_for: float = 2.0
+    half_life: float = 3.0
+    floor: float = 0.25
     points: dict[int, float] = field(default_factory=dict)
+    updated: float | None = None  # clock of the last observation
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def confidence(self, now: float | None) -> float:
+        if now is None or self.updated is None:
+            return 1.0
+        age = now - self.updated - self.fresh_for
+        return 1.0 if age <= 0 else 0.5 ** (age / self.half_life)
+
+    def observe(self, rows: int, seconds: float, now: float | None = None) -> None:
         if rows <= 0 or seconds < 0:
             return
         b = bucket(rows)
         # Scale to the bucket's size so a 5-row batch informs the 8-row estimate.
         scaled = seconds * b / rows if rows < b else seconds
+        alpha = 1 - (1 - self.alpha) * self.confidence(now)
+        if now is not None:
+            self.updated = now
         old = self.points.get(b)
         if old is None or old <= 0:
             self.points[b] = scaled
             return
         # A device that got slower (throttling, another tenant) is slower at every batch
         # size: move the sizes not run lately by the same relative step.
-        step = 1 + self.alpha * (scaled / old - 1)
+        step = 1 + alpha * (scaled / old - 1)
         for k in self.points:
             self.points[k] *= step
 
@@ -51,28 +71,31 @@ class ServiceCurve:
     def known(self) -> bool:
         return bool(self.points)
 
-    def estimate(self, rows: int) -> float | None:
+    def estimate(self, rows: int, now: float | None = None) -> float | None:
         """Seconds for a batch of ``rows``; None when nothing was measured yet.
 
-        Between measured sizes: linear. Above the largest: the largest's per-row time
-        (pessimistic on a GPU, right on a CPU). Below the smallest: the smallest's time
-        (a smaller batch is rarely slower).
+        Between measured sizes: linear. Outside them: the nearest size's per-row time.
+        Below the smallest that is optimistic on a GPU (fixed costs dominate small
+        batches) and right on a CPU; optimism is what corrects itself, since a worker
+        that looks fast gets work and is measured, while one that looks too slow never
+        gets the batch that would prove otherwise.
         """
         if not self.points:
             return None
+        trust = self.floor + (1 - self.floor) * self.confidence(now)
         sizes = sorted(self.points)
         if rows <= sizes[0]:
-            return self.points[sizes[0]]
+            return trust * self.points[sizes[0]] * rows / sizes[0]
         if rows >= sizes[-1]:
-            return self.points[sizes[-1]] * rows / sizes[-1]
+            return trust * self.points[sizes[-1]] * rows / sizes[-1]
         for lo, hi in zip(sizes, sizes[1:]):
             if lo <= rows <= hi:
                 f = (rows - lo) / (hi - lo)
-                return self.points[lo] + f * (self.points[hi] - self.points[lo])
+                return trust * (self.points[lo] + f * (self.points[hi] - self.points[lo]))
         return None  # unreachable
 
-    def rows_per_second(self, rows: int) -> float | None:
-        t = self.estimate(rows)
+    def rows_per_second(self, rows: int, now: float | None = None) -> float | None:
+        t = self.estimate(rows, now)
         return rows / t if t else None
 
     def as_dict(self) -> dict[str, float]:

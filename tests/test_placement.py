@@ -58,6 +58,14 @@ def test_curve_interpolates_and_extrapolates_per_row():
     assert c.estimate(16) == pytest.approx(0.040)  # past the largest: its per-row time
 
 
+def test_unmeasured_small_sizes_are_guessed_optimistically():
+    c = ServiceCurve()
+    c.observe(8, 0.080)  # only ever ran full batches
+    # 10 ms per row: a GPU would be slower than this at one row, and is measured as soon
+    # as it gets one; a guess too slow would keep it idle and never be corrected.
+    assert c.estimate(1) == pytest.approx(0.010)
+
+
 def test_curve_follows_a_change_within_a_few_batches():
     c = ServiceCurve()
     for _ in range(5):
@@ -75,6 +83,27 @@ def test_a_slowdown_seen_at_one_size_moves_every_size():
         c.observe(32, 0.200)  # twice as slow now, seen only at batch 32
     assert c.estimate(32) == pytest.approx(0.200, rel=0.05)
     assert c.estimate(1) == pytest.approx(0.020, rel=0.05)
+
+
+def test_an_idle_workers_estimate_grows_optimistic_then_a_batch_resets_it():
+    c = ServiceCurve(fresh_for=2.0, half_life=3.0, floor=0.25)
+    c.observe(1, 0.800, now=0.0)  # measured while the machine was contended
+    assert c.estimate(1, now=1.0) == pytest.approx(0.800)  # fresh: trusted
+    assert c.estimate(1, now=5.0) == pytest.approx(0.800 * (0.25 + 0.75 * 0.5))
+    assert c.estimate(1, now=60.0) == pytest.approx(0.200, rel=0.01)  # never below the floor
+    c.observe(1, 0.320, now=60.0)  # the batch that staleness earned it: believed at once
+    assert c.estimate(1, now=60.0) == pytest.approx(0.320, rel=0.01)
+
+
+def test_stale_slow_worker_is_given_a_batch_again_when_the_fast_one_is_busy():
+    fast, slow = view("fast", 0.080), view("slow", 0.800)
+    fast.service.updated = slow.service.updated = 0.0
+    send(fast, 3, now=0.0)  # 240 ms of work ahead on the fast worker
+    assert GpuAware().place([fast, slow], 1, 32, now=0.0).view is fast
+    fast.service.updated = 20.0  # the fast one keeps being measured; the slow one not
+    fast.flights.clear()
+    send(fast, 3, now=20.0)
+    assert GpuAware().place([fast, slow], 1, 32, now=20.0).view is slow
 
 
 def test_partial_batches_inform_their_bucket_by_rows():
