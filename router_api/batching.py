@@ -131,12 +131,27 @@ class BatchQueue:
                 times.append(oldest.arrival + self.max_queue_delay)
         return min(times) if times else None
 
-    def take(self, now: float, max_rows: int | None = None) -> list[Pending]:
+    def take(self, now: float, max_rows: int | None = None, skip: int = 0) -> list[Pending]:
         """Form one batch of at most ``max_batch_size`` rows, in serving order.
 
         ``max_rows`` caps it lower (the dispatcher's fair share per free worker slot);
         the first request always fits, so a batch is never empty while work waits.
+        ``skip`` leaves about that many rows at the head, in place, for a worker that
+        will finish them sooner; the batch comes from behind them.
         """
+        held: list[Pending] = []
+        while skip > 0 and (part := self._take(now, skip)):
+            held += part
+            skip -= sum(p.rows for p in part)
+        batch = self._take(now, max_rows)
+        for item in reversed(held):  # back where they were; their deadlines never left
+            item.state = QUEUED
+            self._levels[item.priority - 1].appendleft(item)
+            self.count += 1
+            self.rows += item.rows
+        return batch
+
+    def _take(self, now: float, max_rows: int | None) -> list[Pending]:
         limit = min(self.max_batch_size, max_rows or self.max_batch_size)
         batch: list[Pending] = []
         rows = 0

@@ -208,7 +208,7 @@ class Dispatcher:
                 placement = self.policy.place(views, self.queue.rows, max_batch, now)
             if placement is None:
                 break
-            items = self.queue.take(now, max_rows=placement.rows)
+            items = self.queue.take(now, max_rows=placement.rows, skip=placement.skip)
             if not items:
                 break
             self._send(placement.view, items, now)

@@ -119,6 +119,7 @@ def weights(views: list[WorkerView], rows: int, now: float, tuning: Tuning) -> d
 class Placement:
     view: WorkerView | None  # None: no restriction, Dask decides
     rows: int
+    skip: int = 0  # queued rows to leave for workers that will finish them sooner
 
 
 class Policy(Protocol):
@@ -147,25 +148,31 @@ def _cap(view: WorkerView, rows: int, tuning: Tuning) -> int:
     return rows if fit is None else max(1, min(rows, fit))
 
 
-def share_out(starts: list[float], per_row: list[float], rows: int, chunks_per_worker: int = 8) -> list[int]:
+def share_out(starts: list[float], per_row: list[float], rows: int, chunks_per_worker: int = 8) -> tuple[list[int], list[int]]:
     """Rows each worker should take so that all ``rows`` finish as early as possible,
-    given when each worker could start and its seconds per row.
+    given when each worker could start and its seconds per row; and, per worker, how
+    many queued rows come before its first one.
 
-    List scheduling in small chunks: each chunk goes to the worker that would finish it
-    first, counting what it was already given. A slow or busy worker gets nothing
-    unless that makes the queue finish sooner; one row alone goes to its earliest finisher.
+    List scheduling in small chunks, in queue order: each chunk goes to the worker that
+    would finish it first, counting what it was already given. A slow or busy worker
+    gets nothing unless that makes the queue finish sooner; one row alone goes to its
+    earliest finisher. The oldest rows land on the earliest finishers, so a slow worker's
+    rows come from behind the ones a faster worker will finish sooner.
     """
     load = list(starts)
     alloc = [0] * len(starts)
+    first = [rows] * len(starts)
     chunk = max(1, -(-rows // (chunks_per_worker * max(1, len(starts)))))
-    left = rows
-    while left > 0:
-        k = min(chunk, left)
+    done = 0
+    while done < rows:
+        k = min(chunk, rows - done)
         i = min(range(len(load)), key=lambda j: load[j] + k * per_row[j])
         load[i] += k * per_row[i]
+        if not alloc[i]:
+            first[i] = done
         alloc[i] += k
-        left -= k
-    return alloc
+        done += k
+    return alloc, first
 
 
 @dataclass
@@ -192,12 +199,12 @@ class GpuAware:
             t = expected(v, n, usable, now, self.tuning)
             starts.append(v.remaining(now) + v.overhead)
             per_row.append(max(t / n, 1e-9))
-        shares = share_out(starts, per_row, queued_rows)
-        ranked = sorted(range(len(usable)), key=lambda i: (-shares[i], usable[i].in_flight, usable[i].batches))
+        shares, first = share_out(starts, per_row, queued_rows)
+        ranked = sorted(range(len(usable)), key=lambda i: (first[i], -shares[i], usable[i].in_flight))
         for i in ranked:
             v = usable[i]
             if v.has_room and shares[i] >= 1:
-                return Placement(v, _cap(v, min(shares[i], max_batch), self.tuning))
+                return Placement(v, _cap(v, min(shares[i], max_batch), self.tuning), skip=first[i])
         return None  # every share belongs to a busy worker: the queue waits for it
 
     def pick(self, views, now):

@@ -167,3 +167,24 @@ def test_take_can_be_capped_to_share_work_but_never_returns_nothing():
     q2.push(req(rows=6, name="big"))
     q2.push(req(name="small"))
     assert names(q2.take(0.0, max_rows=2)) == ["big"]  # over the share, still served
+
+
+def test_take_can_leave_the_head_for_a_faster_worker():
+    """A slow worker's batch comes from behind the rows a faster one will finish first;
+    those stay at the head, in order, and still expire on time."""
+    q = BatchQueue(max_batch_size=8, priority_levels=2)
+    a, b = req(name="a", deadline=5.0), req(name="b", priority=2)
+    c, d = req(name="c", priority=2), req(name="d", priority=2)
+    for p in (b, a, c, d):
+        q.push(p)
+    assert names(q.take(0.0, max_rows=1, skip=2)) == ["c"]  # serving order: a, b, c, d
+    assert len(q) == 3 and q.rows == 3
+    assert names(q.expire(now=6.0)) == ["a"]
+    assert names(q.take(6.0)) == ["b", "d"]
+
+
+def test_skipping_everything_takes_nothing():
+    q = BatchQueue(max_batch_size=8)
+    q.push(req(name="a"))
+    assert q.take(0.0, skip=1) == []
+    assert names(q.take(0.0)) == ["a"]

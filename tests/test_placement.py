@@ -283,7 +283,18 @@ def test_policies_are_chosen_by_name():
 
 def test_share_out_gives_a_slow_worker_rows_only_when_it_helps():
     # One row: the earliest finisher (busy fast at 30 ms beats idle slow at 40 ms).
-    assert share_out([0.020, 0.0], [0.010, 0.040], 1) == [1, 0]
+    assert share_out([0.020, 0.0], [0.010, 0.040], 1) == ([1, 0], [0, 1])
     # A long queue: both work, about 4:1, and finish together.
-    fast, slow = share_out([0.0, 0.0], [0.010, 0.040], 100)
+    (fast, slow), (fast_first, slow_first) = share_out([0.0, 0.0], [0.010, 0.040], 100)
     assert fast + slow == 100 and 75 <= fast <= 85
+    # The oldest rows go to the fast worker: the slow one's start behind them.
+    assert fast_first == 0 and slow_first > 0
+
+
+def test_slow_worker_takes_rows_from_behind_those_the_busy_fast_one_will_finish_first():
+    fast, slow = view("fast", 0.010, window=1), view("slow", 0.040)
+    send(fast, 1, now=0.0)  # no room for 10 ms
+    p = GpuAware().place([fast, slow], queued_rows=10, max_batch=32, now=0.0)
+    # The head rows wait for the fast worker (done by ~40 ms); the slow one takes a
+    # row from behind them, which it also finishes by ~40 ms.
+    assert p.view is slow and p.skip >= 2 and p.rows >= 1

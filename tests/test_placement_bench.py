@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import placement as pl
+from benchmarks import placement_figures as fig
 
 
 def snap(*workers: tuple[str, int, int], curve: dict | None = None) -> dict:
@@ -26,53 +27,53 @@ def snap(*workers: tuple[str, int, int], curve: dict | None = None) -> dict:
 
 def test_goodput_counts_answers_within_the_deadline_per_window_second() -> None:
     lat = [0.1, 0.5, 1.99, 2.0, 2.01, 7.0]
-    assert pl.goodput(lat, 2.0, 2.0) == 2.0  # 4 in time over 2 s
-    assert pl.goodput([], 2.0, 10.0) == 0.0 and pl.goodput(lat, 2.0, 0.0) == 0.0
+    assert fig.goodput(lat, 2.0, 2.0) == 2.0  # 4 in time over 2 s
+    assert fig.goodput([], 2.0, 10.0) == 0.0 and fig.goodput(lat, 2.0, 0.0) == 0.0
 
 
 def test_worker_deltas_shares_sum_to_one_and_handle_joins_and_deaths() -> None:
     before = snap(("local-0", 100, 50), ("local-1", 10, 10), ("local-2", 5, 5))
     after = snap(("local-0", 400, 150), ("local-1", 110, 60), ("local-3", 50, 25),
                  curve={"1": 0.01})
-    d = pl.worker_deltas(before, after)
+    d = fig.worker_deltas(before, after)
     assert set(d) == {"local-0", "local-1", "local-3"}  # local-2 died: its rows unknown
     assert [d[n]["rows"] for n in sorted(d)] == [300, 100, 50]
     assert d["local-0"]["share"] == pytest.approx(300 / 450, abs=1e-4)
     assert sum(w["share"] for w in d.values()) == pytest.approx(1.0, abs=1e-3)
     assert d["local-0"]["mean_batch"] == 3.0 and d["local-1"]["mean_batch"] == 2.0
     assert d["local-3"]["service_s"] == {"1": 0.01}
-    idle = pl.worker_deltas(before, before)
+    idle = fig.worker_deltas(before, before)
     assert idle["local-0"]["share"] is None and idle["local-0"]["mean_batch"] is None
-    assert pl.worker_deltas(None, None) == {}
+    assert fig.worker_deltas(None, None) == {}
 
 
 def test_curve_estimate_interpolates_like_the_service_curve() -> None:
     c = {"1": 0.010, "4": 0.025, "8": 0.040}
-    assert pl.curve_estimate({}, 3) is None
-    assert pl.curve_estimate(c, 0.5) == 0.010 and pl.curve_estimate(c, 1) == 0.010
-    assert pl.curve_estimate(c, 2.5) == pytest.approx(0.0175)
-    assert pl.curve_estimate(c, 6) == pytest.approx(0.0325)
-    assert pl.curve_estimate(c, 16) == pytest.approx(0.080)  # above: per-row time of 8
+    assert fig.curve_estimate({}, 3) is None
+    assert fig.curve_estimate(c, 0.5) == 0.010 and fig.curve_estimate(c, 1) == 0.010
+    assert fig.curve_estimate(c, 2.5) == pytest.approx(0.0175)
+    assert fig.curve_estimate(c, 6) == pytest.approx(0.0325)
+    assert fig.curve_estimate(c, 16) == pytest.approx(0.080)  # above: per-row time of 8
 
 
 def test_latency_bound_uses_the_mean_batch_it_ran_and_says_how() -> None:
     delta = {"rows": 250, "batches": 100, "service_s": {"2": 0.020, "4": 0.030}}
-    b = pl.latency_bound("local-0", delta, max_queue_delay_s=0.005)
+    b = fig.latency_bound("local-0", delta, max_queue_delay_s=0.005)
     assert b["mean_batch"] == 2.5 and b["batch_latency_ms"] == pytest.approx(22.5)
     assert b["bound_ms"] == pytest.approx(1.5 * (22.5 + 5))
     assert "local-0 ran 250 rows in 100 batches" in b["how"] and "41.2 ms" in b["how"]
-    assert pl.latency_bound("local-0", None, 0)["bound_ms"] is None
-    assert pl.latency_bound("local-0", {"rows": 3, "batches": 3, "service_s": {}},
+    assert fig.latency_bound("local-0", None, 0)["bound_ms"] is None
+    assert fig.latency_bound("local-0", {"rows": 3, "batches": 3, "service_s": {}},
                             0)["bound_ms"] is None
 
 
 def test_lost_requests_are_5xx_and_unanswered_not_4xx() -> None:
-    out = pl.lost_requests({"200": 90, "503": 2, "500": 1, "400": 4, "unfinished": 3,
+    out = fig.lost_requests({"200": 90, "503": 2, "500": 1, "400": 4, "unfinished": 3,
                             "ServerDisconnected": 1, "TimeoutError": 2})
     assert out["lost"] == 9 and out["rejected_4xx"] == 4
     assert out["lost_by_kind"] == {"503": 2, "500": 1, "unfinished": 3,
                                    "ServerDisconnected": 1, "TimeoutError": 2}
-    assert pl.lost_requests({"200": 5}) == {"lost": 0, "lost_by_kind": {}, "rejected_4xx": 0}
+    assert fig.lost_requests({"200": 5}) == {"lost": 0, "lost_by_kind": {}, "rejected_4xx": 0}
 
 
 def _steady(rate: float, t0: float, t1: float) -> list[float]:
@@ -82,7 +83,7 @@ def _steady(rate: float, t0: float, t1: float) -> list[float]:
 
 def test_bins_are_aligned_on_the_kill_and_cover_whole_bins_only() -> None:
     done = _steady(10, 100.0, 110.0)
-    bins = pl.throughput_bins(done, t_kill=104.2, start=100.0, end=110.0)
+    bins = fig.throughput_bins(done, t_kill=104.2, start=100.0, end=110.0)
     assert bins[0][0] == pytest.approx(-4.0) and bins[-1][0] == pytest.approx(5.0)
     assert all(r == pytest.approx(10.0) for _, r in bins[1:-1])
     assert [t for t, _ in bins].count(0.0) == 1
@@ -91,16 +92,16 @@ def test_bins_are_aligned_on_the_kill_and_cover_whole_bins_only() -> None:
 def test_recovery_time_after_a_dip_and_without_one() -> None:
     # 20 req/s, nothing for 1.5 s after the kill, then a backlog burst, then 12 req/s.
     done = _steady(20, 0, 10) + _steady(40, 11.5, 12.0) + _steady(12, 12.0, 20)
-    bins = pl.throughput_bins(done, t_kill=10.0, start=0.0, end=20.0)
-    assert pl.recovery_time(bins, threshold=10.0) == pytest.approx(1.5)
-    assert pl.recovery_time(bins, threshold=10.0, sustain=1) == pytest.approx(1.5)
-    assert pl.recovery_time(bins, threshold=30.0) is None  # a burst alone is not "back"
+    bins = fig.throughput_bins(done, t_kill=10.0, start=0.0, end=20.0)
+    assert fig.recovery_time(bins, threshold=10.0) == pytest.approx(1.5)
+    assert fig.recovery_time(bins, threshold=10.0, sustain=1) == pytest.approx(1.5)
+    assert fig.recovery_time(bins, threshold=30.0) is None  # a burst alone is not "back"
     lucky = [(-0.5, 20.0), (0.0, 0.0), (0.5, 12.0), (1.0, 2.0), (1.5, 11.0), (2.0, 10.0)]
-    assert pl.recovery_time(lucky, 10.0) == 1.5  # one bin back is not "back"
-    flat = pl.throughput_bins(_steady(20, 0, 20), 10.0, 0.0, 20.0)
-    assert pl.recovery_time(flat, 18.0) == 0.0
-    assert pl.survivor_fraction([1, 1, 4], 0) == pytest.approx(1.25 / 2.25)
-    assert pl.survivor_fraction([1, 4], 1) == pytest.approx(0.8)
+    assert fig.recovery_time(lucky, 10.0) == 1.5  # one bin back is not "back"
+    flat = fig.throughput_bins(_steady(20, 0, 20), 10.0, 0.0, 20.0)
+    assert fig.recovery_time(flat, 18.0) == 0.0
+    assert fig.survivor_fraction([1, 1, 4], 0) == pytest.approx(1.25 / 2.25)
+    assert fig.survivor_fraction([1, 4], 1) == pytest.approx(0.8)
 
 
 def window(policy: str, load: float, p99: float, good: float, share0: float,
@@ -119,7 +120,7 @@ def test_median_summary_over_rounds() -> None:
     ws = [window("gpu-aware", 0.7, 100, 14, 0.8, {"503": 1}, 90),
           window("gpu-aware", 0.7, 300, 13, 0.7, {"503": 2, "504": 1}, 110),
           window("gpu-aware", 0.7, 200, 12, 0.9, None, None)]
-    s = pl.median_summary(ws)
+    s = fig.median_summary(ws)
     assert s["rounds"] == 3 and s["latency_ms"]["p99"] == 200
     assert s["goodput_req_per_s"] == 13 and s["share"] == {"local-0": 0.8, "local-1": 0.2}
     assert s["errors"] == {"503": 3, "504": 1}
@@ -130,7 +131,7 @@ def test_median_summary_over_rounds() -> None:
 def summary_of(*ws: dict) -> dict:
     out: dict = {}
     for w in ws:
-        out.setdefault(w["policy"], {})[pl.load_key(w["load"])] = pl.median_summary([w])
+        out.setdefault(w["policy"], {})[fig.load_key(w["load"])] = fig.median_summary([w])
     return out
 
 
@@ -139,7 +140,7 @@ def test_targets_met_not_met_and_not_measured() -> None:
                    window("gpu-aware", 0.95, 100, 19.2, 0.8),
                    window("round-robin", 0.70, 400, 14.0, 0.5),
                    window("round-robin", 0.95, 150, 15.0, 0.5))
-    t = {x["target"]: x for x in pl.check_targets(s, capacity=20.0)}
+    t = {x["target"]: x for x in fig.check_targets(s, capacity=20.0)}
     assert len(t) == 6
     good = t["gpu-aware goodput at 95 % load >= 0.95 x aggregate capacity"]
     assert good["measured"] == pytest.approx(0.96) and good["met"] is True
@@ -152,16 +153,16 @@ def test_targets_met_not_met_and_not_measured() -> None:
     assert (rr95["measured"], rr95["met"]) == (1.5, False)
     seed = t["gpu-aware p99 >= 2x better than seed-score at 70% load"]
     assert seed["measured"] is None and seed["met"] is None
-    missing = pl.check_targets({}, None)
+    missing = fig.check_targets({}, None)
     assert all(x["met"] is None for x in missing)
 
 
 def test_kill_target() -> None:
     k = {"recovery_s": 1.5, "bin_s": 0.5, "threshold_req_per_s": 9.0, "rate": 12.0,
          "capacity": {"req_per_s": 20.0}, "survivor_fraction": 0.5556, "lost": 0}
-    assert pl.kill_target(k)["met"] is True
-    assert pl.kill_target({**k, "recovery_s": 6.0})["met"] is False
-    assert pl.kill_target({**k, "recovery_s": None})["met"] is None
+    assert fig.kill_target(k)["met"] is True
+    assert fig.kill_target({**k, "recovery_s": 6.0})["met"] is False
+    assert fig.kill_target({**k, "recovery_s": None})["met"] is None
 
 
 def test_worker_pids_finds_children_by_name_and_sees_them_die() -> None:
