@@ -2,8 +2,10 @@
 
 It records which providers ONNX Runtime really uses, raw ONNX Runtime CUDA throughput on
 ResNet-50 at batch 32 and 128, and throughput through the router (one CUDA worker) with
-batches of 32 and 128 rows, side by side in one run. Everything goes to ``--out``
-(``$OUT`` on the device machine), as JSON, plus the router logs.
+batches of 32 and 128 rows, side by side in one run. While the router runs it samples the
+worker's NVML metrics from /v1/workers, idle and then under load (utilisation and power
+must rise with load). Everything goes to ``--out`` (``$OUT`` on the device machine), as
+JSON, plus the router logs.
 
     PYTHONPATH=/tmp/site:. python3 -m benchmarks.gpu_check --out "$OUT"
     .venv/bin/python -m benchmarks.gpu_check --device cpu --quick --out /tmp/gpu-check  # rehearsal
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -42,13 +46,38 @@ def raw_throughput(path: str, device: str, batch: int, seconds: float) -> dict:
             "providers": s.providers, "device": s.device, "cuda_fallback": s.cuda_fallback}
 
 
-def router_throughput(device: str, batch: int, seconds: str, out: Path) -> dict:
+GPU_FIELDS = ("utilization_gpu", "utilization_memory", "memory_used", "temperature", "power", "sm_clock", "throttle_reasons")
+
+
+def sample_gpu(url: str, phase: str, samples: list, stop_at: threading.Event, every: float = 0.5) -> None:
+    """The worker's latest GPU sample as the front end sees it, every ``every`` seconds."""
+    while not stop_at.is_set():
+        try:
+            for w in json.load(urllib.request.urlopen(url + "/v1/workers", timeout=5))["workers"]:
+                g = w.get("gpu") or {}
+                samples.append({"t": round(time.time(), 3), "phase": phase, "worker": w["name"], "source": g.get("source"),
+                                "simulated": w.get("simulated"), **{k: g.get(k) for k in GPU_FIELDS}})
+        except OSError:
+            pass
+        stop_at.wait(every)
+
+
+def gpu_rise(samples: list) -> dict:
+    """Mean utilisation and power, idle vs under load."""
+    out = {}
+    for key in ("utilization_gpu", "power", "memory_used", "temperature", "sm_clock"):
+        by = {ph: [s[key] for s in samples if s["phase"] == ph and s.get(key) is not None] for ph in ("idle", "load")}
+        out[key] = {ph: (round(statistics.fmean(v), 1) if v else None) for ph, v in by.items()}
+    return out
+
+
+def router_throughput(device: str, batch: int, seconds: str, out: Path, gpu_metrics: str = "auto") -> dict:
     """One worker behind the router; clients send requests of up to 32 rows that the
     router batches up to ``batch`` rows."""
     port = _free_port()
     log = open(out / f"router-b{batch}.log", "w")
     cmd = [sys.executable, "-m", "router_api.cli", "up", "--workers", "1", "--device", device,
-           "--max-batch-size", str(batch), "--port", str(port),
+           "--max-batch-size", str(batch), "--port", str(port), "--gpu-metrics", gpu_metrics,
            "--scheduler-port", str(_free_port()), "--dashboard-port", str(_free_port())]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -58,11 +87,26 @@ def router_throughput(device: str, batch: int, seconds: str, out: Path) -> dict:
         rows = min(32, batch)
         clients = max(2, 2 * batch // rows)
         result = out / f"router-b{batch}.json"
-        subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--url", url, "--mode", "infer", "--batch-rows",
-                        str(rows), "--concurrency", str(clients), "--duration", seconds, "--quiet",
-                        "--json", str(result)], cwd=ROOT, check=True)
+        samples: list = []
+        idle = threading.Event()
+        sample_gpu_thread = threading.Thread(target=sample_gpu, args=(url, "idle", samples, idle))
+        sample_gpu_thread.start()
+        time.sleep(3)
+        idle.set()
+        sample_gpu_thread.join()
+        busy = threading.Event()
+        sample_gpu_thread = threading.Thread(target=sample_gpu, args=(url, "load", samples, busy))
+        sample_gpu_thread.start()
+        try:
+            subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--url", url, "--mode", "infer", "--batch-rows",
+                            str(rows), "--concurrency", str(clients), "--duration", seconds, "--quiet",
+                            "--json", str(result)], cwd=ROOT, check=True)
+        finally:
+            busy.set()
+            sample_gpu_thread.join()
         router = json.loads(result.read_text())["router"]
-        return {"batch": batch, "clients": clients, "rows_per_request": rows, "workers": workers, "router": router}
+        return {"batch": batch, "clients": clients, "rows_per_request": rows, "workers": workers, "router": router,
+                "gpu_rise": gpu_rise(samples), "gpu_samples": samples}
     finally:
         stop(proc)
         log.close()
@@ -73,6 +117,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--quick", action="store_true", help="short windows and batch 4/8 (a CPU rehearsal)")
+    p.add_argument("--gpu-metrics", default="auto", help="auto (NVML); 'simulated' only to rehearse on a CPU")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from worker_setup.resnet50 import ensure_default_model
@@ -89,12 +134,12 @@ def main() -> None:
     path = str(ensure_default_model())
     report["raw"] = [raw_throughput(path, args.device, b, raw_s) for b in batches]
     print(json.dumps(report["raw"], indent=1), flush=True)
-    report["through_router"] = [router_throughput(args.device, b, load, args.out) for b in batches]
+    report["through_router"] = [router_throughput(args.device, b, load, args.out, args.gpu_metrics) for b in batches]
     for raw, routed in zip(report["raw"], report["through_router"]):
         img_s = routed["router"]["img_per_s"]
         routed["ratio_vs_raw"] = round(img_s / raw["img_per_s"], 3) if img_s else None
         print(f"batch {raw['batch']}: raw {raw['img_per_s']} img/s on {raw['providers'][0]}; "
-              f"router {img_s} img/s; ratio {routed['ratio_vs_raw']}", flush=True)
+              f"router {img_s} img/s; ratio {routed['ratio_vs_raw']}; GPU idle->load {routed['gpu_rise']}", flush=True)
     (args.out / "gpu-check.json").write_text(json.dumps(report, indent=1))
 
 

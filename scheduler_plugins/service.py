@@ -22,14 +22,16 @@ class ServiceCurve:
     A worker that gets no batches is never re-measured, so a pessimistic estimate
     (taken under contention, or while it was throttled) would keep it idle for good.
     Past ``fresh_for`` seconds without a batch the estimate shrinks, halving its excess
-    over ``floor`` every ``half_life``, until the worker looks worth a batch again; that
-    batch's measurement then replaces the stale figure rather than averaging with it.
+    over ``floor`` (at most 2x optimism) every ``half_life``, until the worker looks
+    worth a batch again; that batch's measurement then replaces the stale figure rather
+    than averaging with it. Bounded, because each such probe costs one batch the slow
+    worker's latency.
     """
 
     alpha: float = 0.3
-    fresh_for: float = 2.0
-    half_life: float = 3.0
-    floor: float = 0.25
+    fresh_for: float = 5.0
+    half_life: float = 5.0
+    floor: float = 0.5
     points: dict[int, float] = field(default_factory=dict)
     updated: float | None = None  # clock of the last observation
 

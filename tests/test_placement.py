@@ -86,7 +86,7 @@ def test_a_slowdown_seen_at_one_size_moves_every_size():
 
 
 def test_an_idle_workers_estimate_grows_optimistic_then_a_batch_resets_it():
-    c = ServiceCurve(fresh_for=2.0, half_life=3.0, floor=0.25)
+    c = ServiceCurve(fresh_for=2.0, half_life=3.0, floor=0.25)  # not the defaults: easy numbers
     c.observe(1, 0.800, now=0.0)  # measured while the machine was contended
     assert c.estimate(1, now=1.0) == pytest.approx(0.800)  # fresh: trusted
     assert c.estimate(1, now=5.0) == pytest.approx(0.800 * (0.25 + 0.75 * 0.5))
@@ -96,14 +96,15 @@ def test_an_idle_workers_estimate_grows_optimistic_then_a_batch_resets_it():
 
 
 def test_stale_slow_worker_is_given_a_batch_again_when_the_fast_one_is_busy():
-    fast, slow = view("fast", 0.080), view("slow", 0.800)
+    # The slow worker was measured at 640 ms under contention; it really takes 320.
+    fast, slow = view("fast", 0.080), view("slow", 0.640)
     fast.service.updated = slow.service.updated = 0.0
-    send(fast, 3, now=0.0)  # 240 ms of work ahead on the fast worker
+    send(fast, 5, now=0.0)  # 400 ms ahead: 480 ms on the fast one beats a fresh 640
     assert GpuAware().place([fast, slow], 1, 32, now=0.0).view is fast
     fast.service.updated = 20.0  # the fast one keeps being measured; the slow one not
     fast.flights.clear()
-    send(fast, 3, now=20.0)
-    assert GpuAware().place([fast, slow], 1, 32, now=20.0).view is slow
+    send(fast, 5, now=20.0)
+    assert GpuAware().place([fast, slow], 1, 32, now=20.0).view is slow  # 640 ms, trusted less: ~360
 
 
 def test_partial_batches_inform_their_bucket_by_rows():
