@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 import dask.config
 
@@ -89,9 +90,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dashboard-port", type=int, default=None)
     s.add_argument("--model")
     s.add_argument("--model-name")
+    s.add_argument(
+        "--public-address",
+        help="HOST:PORT workers dial (e.g. bore.pub:41234), or 'bore' to start `bore local` and use the "
+        "address it announces: listen with mutual TLS only and print JOIN_TOKEN=",
+    )
+    s.add_argument("--rotate-ca", action="store_true", help="new cluster CA: every earlier join token stops working")
 
     w = sub.add_parser("worker", help="a Dask worker that loads the cluster's model")
-    w.add_argument("scheduler_address")
+    w.add_argument("scheduler_address", nargs="?", help="tcp://127.0.0.1:8786 (loopback; remote ones need --join)")
+    w.add_argument("--join", metavar="TOKEN", default=os.environ.get("BATCH_ROUTER_JOIN_TOKEN"),
+                   help="the scheduler's JOIN_TOKEN (or env BATCH_ROUTER_JOIN_TOKEN): address and TLS credentials")
     w.add_argument("--name", default=None)
     w.add_argument("--slowdown", type=float, default=None, help="benchmark knob: stretch each batch by this factor")
     workers(w)
@@ -125,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.role == "scheduler":
         shost = args.host or config.get("scheduler.host")
         sport = args.port if args.port is not None else config.get("scheduler.port")
-        coro = launch.run_scheduler(args.model, shost, sport, dashboard)
+        public = args.public_address or config.get("scheduler.public-address")
+        coro = launch.run_scheduler(args.model, shost, sport, dashboard, public, args.rotate_ca)
     elif args.role == "worker":
-        coro = launch.run_worker(args.scheduler_address, args.name)
+        coro = launch.run_worker(args.scheduler_address, args.name, args.join)
     else:
         coro = launch.serve(args.scheduler, host, port)
     try:

@@ -142,26 +142,84 @@ async def up(
                 await asyncio.to_thread(stop_processes, procs)
 
 
-async def run_scheduler(model: str | None, host: str, port: int, dashboard: str) -> None:
-    refuse_public_plaintext(host, "Dask scheduler")
+def tls_dir() -> Path:
+    configured = config.get("tls.dir")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CONFIG_HOME", "~/.config")).expanduser() / "gpu-batch-router" / "tls"
+
+
+async def run_scheduler(
+    model: str | None, host: str, port: int, dashboard: str, public_address: str | None = None, rotate_ca: bool = False
+) -> None:
+    """A scheduler for this machine only (plain TCP on loopback), or, with a public
+    address, one that speaks only mutual TLS and prints a worker join token."""
     refuse_public_plaintext(dashboard.rsplit(":", 1)[0], "Dask dashboard")
+    bore = None
+    if public_address == "bore":  # start the tunnel ourselves and use what it announces
+        from router_api.bore import start_bore
+
+        bore, public_address = start_bore(port, config.get("scheduler.bore-server"))
+        print(f"batch-router: bore tunnel {public_address} -> 127.0.0.1:{port}", flush=True)
+    if not public_address:
+        refuse_public_plaintext(host, "Dask scheduler")
+        security, protocol = None, "tcp"
+    else:
+        from router_api.tls import ClusterCA
+
+        public_host = public_address.rsplit(":", 1)[0]
+        ca = ClusterCA.ensure(tls_dir(), hosts=[public_host, host], rotate=rotate_ca)
+        security, protocol = ca.security("scheduler"), "tls"
     with dask.config.set(DASK_SETTINGS):
         async with Scheduler(
-            host=host, port=port, dashboard=True, dashboard_address=dashboard, plugins=[BatchRouterPlugin(model_path(model))]
+            host=host,
+            port=port,
+            protocol=protocol,
+            security=security,
+            dashboard=True,
+            dashboard_address=dashboard,
+            plugins=[BatchRouterPlugin(model_path(model))],
         ) as scheduler:
             print(f"batch-router: scheduler {scheduler.address}, dashboard http://{dashboard}/status", flush=True)
-            await wait_for_signal()
+            if public_address:
+                from router_api.tls import make_token
+
+                token = make_token(f"tls://{public_address}", ca.credentials("worker"))
+                print(f"batch-router: workers join with `batch-router worker --join TOKEN`; "
+                      f"rotate the CA ({tls_dir()}) with --rotate-ca to revoke every token", flush=True)
+                print(f"JOIN_TOKEN={token}", flush=True)
+            try:
+                await wait_for_signal()
+            finally:
+                if bore is not None:
+                    bore.terminate()
 
 
-async def run_worker(address: str, name: str | None) -> None:
-    # The worker only dials out; nothing it serves (task RPCs run pickled code) may be
-    # reachable from the network. Remote schedulers need mutual TLS (not built yet).
+async def run_worker(address: str | None, name: str | None, token: str | None = None) -> None:
+    """A worker that only dials out: its own listener stays on loopback (task RPCs run
+    pickled code), and its replies ride the connection it opened."""
     from urllib.parse import urlsplit
 
-    refuse_public_plaintext(urlsplit(address).hostname or "", "Dask scheduler connection")
+    security = None
+    if token:
+        from router_api.tls import read_token, security_for
+
+        address, creds = read_token(token)
+        security = security_for("worker", creds)
+    elif address:
+        refuse_public_plaintext(urlsplit(address).hostname or "", "Dask scheduler connection")
+    else:
+        raise SystemExit("give the scheduler's address (loopback) or --join TOKEN")
     dask.config.set(DASK_SETTINGS)
     async with Worker(
-        address, nthreads=1, name=name, preload=["worker_setup.preload"], host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        address,
+        nthreads=1,
+        name=name,
+        preload=["worker_setup.preload"],
+        host="127.0.0.1",
+        protocol="tls" if security else "tcp",
+        security=security,
+        dashboard_address="127.0.0.1:0",
     ) as worker:
         stop = asyncio.ensure_future(wait_for_signal())
         done = asyncio.ensure_future(worker.finished())
@@ -172,7 +230,16 @@ async def run_worker(address: str, name: str | None) -> None:
 
 
 async def serve(scheduler_address: str, host: str, port: int) -> None:
+    """The front end for a running scheduler; a tls:// one is reached with this
+    machine's client certificate from the cluster CA."""
     refuse_public_plaintext(host, "HTTP front end")
+    security = None
+    if scheduler_address.startswith("tls://"):
+        from router_api.tls import ClusterCA
+
+        if not (tls_dir() / "ca.pem").exists():
+            raise SystemExit(f"no cluster CA in {tls_dir()}: start `batch-router scheduler --public-address ...` first")
+        security = ClusterCA(tls_dir()).security("client")
     with dask.config.set(DASK_SETTINGS):
-        async with Client(scheduler_address, asynchronous=True) as client:
+        async with Client(scheduler_address, asynchronous=True, security=security) as client:
             await serve_until_signal(client, host, port)
