@@ -57,3 +57,12 @@ def cache_dir() -> Path:
         return Path(configured).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "gpu-batch-router"
+
+# Over a tunnel (bore.pub, 100-500 ms round trips, Colab runtimes that vanish): notice a
+# silent worker in about a minute, not Dask's default 5-10 (dask-internals §3). Stuck
+# batches are moved sooner by the front end's own overdue check.
+TUNNEL_SETTINGS = {
+    "distributed.scheduler.worker-ttl": "60s",
+    "distributed.comm.timeouts.connect": "60s",
+}
+

@@ -21,7 +21,7 @@ import dask.config
 from distributed import Client, Scheduler, Worker
 
 from router_api import config
-from router_api.config import DASK_SETTINGS
+from router_api.config import DASK_SETTINGS, TUNNEL_SETTINGS
 from scheduler_plugins.plugin import BatchRouterPlugin
 
 logger = logging.getLogger("batch-router")
@@ -170,7 +170,7 @@ async def run_scheduler(
         public_host = public_address.rsplit(":", 1)[0]
         ca = ClusterCA.ensure(tls_dir(), hosts=[public_host, host], rotate=rotate_ca)
         security, protocol = ca.security("scheduler"), "tls"
-    with dask.config.set(DASK_SETTINGS):
+    with dask.config.set({**DASK_SETTINGS, **(TUNNEL_SETTINGS if public_address else {})}):
         async with Scheduler(
             host=host,
             port=port,
@@ -197,7 +197,12 @@ async def run_scheduler(
 
 async def run_worker(address: str | None, name: str | None, token: str | None = None) -> None:
     """A worker that only dials out: its own listener stays on loopback (task RPCs run
-    pickled code), and its replies ride the connection it opened."""
+    pickled code), and its replies ride the connection it opened.
+
+    Dask workers do not reconnect: a worker that loses its scheduler closes. Joined
+    with a token (a remote scheduler, through a tunnel that drops), this rejoins with
+    a fresh Worker until it is told to stop.
+    """
     from urllib.parse import urlsplit
 
     security = None
@@ -206,26 +211,53 @@ async def run_worker(address: str | None, name: str | None, token: str | None = 
 
         address, creds = read_token(token)
         security = security_for("worker", creds)
+        dask.config.set(TUNNEL_SETTINGS)
     elif address:
         refuse_public_plaintext(urlsplit(address).hostname or "", "Dask scheduler connection")
     else:
         raise SystemExit("give the scheduler's address (loopback) or --join TOKEN")
     dask.config.set(DASK_SETTINGS)
-    async with Worker(
-        address,
-        nthreads=1,
-        name=name,
-        preload=["worker_setup.preload"],
-        host="127.0.0.1",
-        protocol="tls" if security else "tcp",
-        security=security,
-        dashboard_address="127.0.0.1:0",
-    ) as worker:
-        stop = asyncio.ensure_future(wait_for_signal())
-        done = asyncio.ensure_future(worker.finished())
-        await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)
-        if stop.done():
-            await worker.close()
+    stop = asyncio.ensure_future(wait_for_signal())
+    backoff = 1.0
+    try:
+        while True:
+            started = asyncio.get_running_loop().time()
+            try:
+                async with Worker(
+                    address,
+                    nthreads=1,
+                    name=name,
+                    preload=["worker_setup.preload"],
+                    host="127.0.0.1",
+                    protocol="tls" if security else "tcp",
+                    security=security,
+                    dashboard_address="127.0.0.1:0",
+                ) as worker:
+                    if "batch-router" not in worker.extensions:  # Dask starts it even when the preload failed
+                        logger.error("worker started without its model (the preload failed; see above); restarting it")
+                        await worker.close()
+                        if not token:
+                            raise SystemExit(1)
+                    else:
+                        done = asyncio.ensure_future(worker.finished())
+                        await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)
+                        if stop.done():
+                            await worker.close()
+                            return
+            except Exception as e:  # could not reach or register with the scheduler
+                if not token:
+                    raise
+                logger.warning("worker could not join %s: %s", address, e)
+            if not token or stop.done():
+                return
+            if asyncio.get_running_loop().time() - started > 60:
+                backoff = 1.0  # it ran a while: a fresh drop, start small again
+            logger.warning("lost the scheduler at %s; rejoining in %.0f s", address, backoff)
+            await asyncio.wait([stop], timeout=backoff)
+            if stop.done():
+                return
+            backoff = min(30.0, backoff * 2)
+    finally:
         stop.cancel()
 
 

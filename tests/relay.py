@@ -1,11 +1,14 @@
 """A user-space TCP relay that behaves like bore from the outside: one public port that
-forwards every connection to a local one, with optional one-way delay and jitter.
+forwards every connection to a local one, with optional one-way delay, jitter, a
+bandwidth cap, and outages.
 
     python -m tests.relay --to 127.0.0.1:8786 [--listen 0] [--delay-ms 75] [--jitter-ms 10]
+                          [--rate-kbps 2000] [--drop-seconds 10]
 
 It prints ``listening at 127.0.0.1:PORT`` like bore does. The kernel here has no netem,
 so latency is added in user space: every chunk is delivered ``delay`` after it arrived,
-in order, in both directions.
+in order, in both directions. SIGUSR1 is an outage: every open connection is cut and
+new ones are refused for ``--drop-seconds``, as when a tunnel goes down.
 """
 
 from __future__ import annotations
@@ -13,18 +16,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import signal
 import time
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float, jitter: float) -> None:
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float, jitter: float, rate: float) -> None:
     queue: asyncio.Queue = asyncio.Queue()
 
     async def deliver() -> None:
-        last = 0.0
+        last = free_at = 0.0
         while True:
             due, chunk = await queue.get()
             if chunk is None:
                 break
+            if rate:  # the link is busy sending earlier bytes until free_at
+                free_at = max(free_at, due - delay) + len(chunk) / rate
+                due = max(due, free_at + delay)
             due = max(due, last)  # jitter never reorders bytes
             last = due
             await asyncio.sleep(max(0.0, due - time.monotonic()))
@@ -44,16 +51,33 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
 
 async def main(args: argparse.Namespace) -> None:
     host, port = args.to.rsplit(":", 1)
-    delay, jitter = args.delay_ms / 1e3, args.jitter_ms / 1e3
+    delay, jitter, rate = args.delay_ms / 1e3, args.jitter_ms / 1e3, args.rate_kbps * 125.0
+    open_writers: set[asyncio.StreamWriter] = set()
+    down_until = 0.0
+
+    def outage() -> None:
+        nonlocal down_until
+        down_until = time.monotonic() + args.drop_seconds
+        print(f"outage: cutting {len(open_writers)} connections, refusing new ones for {args.drop_seconds:g} s", flush=True)
+        for w in list(open_writers):
+            w.transport.abort()
 
     async def handle(r1: asyncio.StreamReader, w1: asyncio.StreamWriter) -> None:
+        if time.monotonic() < down_until:
+            w1.transport.abort()
+            return
         try:
             r2, w2 = await asyncio.open_connection(host, int(port))
         except OSError:
             w1.close()
             return
-        await asyncio.gather(pipe(r1, w2, delay, jitter), pipe(r2, w1, delay, jitter), return_exceptions=True)
+        open_writers.update((w1, w2))
+        try:
+            await asyncio.gather(pipe(r1, w2, delay, jitter, rate), pipe(r2, w1, delay, jitter, rate), return_exceptions=True)
+        finally:
+            open_writers.difference_update((w1, w2))
 
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, outage)
     server = await asyncio.start_server(handle, "127.0.0.1", args.listen)
     print(f"listening at 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
@@ -66,6 +90,8 @@ if __name__ == "__main__":
     p.add_argument("--listen", type=int, default=0)
     p.add_argument("--delay-ms", type=float, default=0.0)
     p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--rate-kbps", type=float, default=0.0, help="bandwidth cap per direction per connection (0 = none)")
+    p.add_argument("--drop-seconds", type=float, default=10.0, help="how long an outage (SIGUSR1) lasts")
     try:
         asyncio.run(main(p.parse_args()))
     except KeyboardInterrupt:

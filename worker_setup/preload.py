@@ -34,16 +34,34 @@ def image_layout(session: ModelSession) -> ImageLayout | None:
         return None
 
 
+async def model_info(worker, patience: float = 600.0) -> dict:
+    """The cluster's model, from the scheduler plugin. Through a tunnel the scheduler may
+    be unreachable for a while (an outage, a restart): keep trying, since Dask logs a
+    failed preload and starts the worker anyway, without a model."""
+    from distributed.comm.core import CommClosedError
+
+    loop = asyncio.get_running_loop()
+    deadline, delay = loop.time() + patience, 0.5
+    while True:
+        try:
+            return await worker.scheduler.batch_router_model()
+        except (OSError, CommClosedError) as e:
+            if loop.time() > deadline:
+                raise RuntimeError(f"cannot reach the scheduler at {worker.scheduler.address}: {e}") from e
+            logger.warning("scheduler at %s unreachable (%s); retrying in %.1f s", worker.scheduler.address, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(10.0, delay * 2)
+        except Exception as e:
+            raise RuntimeError(
+                f"the scheduler at {worker.scheduler.address} does not run the batch-router "
+                f"plugin ({e!r}); start it with `batch-router scheduler`"
+            ) from e
+
+
 async def dask_setup(worker) -> None:
     # Dask's worker->scheduler stream waits 2 ms to coalesce; replies should not.
     worker.batched_stream.interval = config.seconds("batched-send-interval")
-    try:
-        info = await worker.scheduler.batch_router_model()
-    except Exception as e:
-        raise RuntimeError(
-            f"the scheduler at {worker.scheduler.address} does not run the batch-router "
-            f"plugin ({e}); start it with `batch-router scheduler`"
-        ) from e
+    info = await model_info(worker)
     path = await ensure_model(worker.scheduler, info, config.cache_dir())
     session = await asyncio.to_thread(
         ModelSession.load, str(path), config.get("worker.device"), int(config.get("worker.intra-op-threads") or 0)
