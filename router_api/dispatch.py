@@ -26,7 +26,7 @@ from router_api import config
 from router_api.batching import BatchQueue, Pending, QueueFull, resolve_priority, resolve_timeout
 from router_api.stats import ModelStats
 from scheduler_plugins.plugin import RESULTS_PREFIX, STATE_TOPIC, WORKERS_TOPIC
-from router_api.views import apply_state, current_weights, learn_from_reply
+from router_api.views import adaptive_window, apply_state, current_weights, learn_from_reply
 from scheduler_plugins.policies import DaskDefault, Tuning, WorkerView, expected, make_policy
 from worker_setup.execute import run_batch
 
@@ -82,6 +82,7 @@ class Dispatcher:
         self.client = client
         self.model = model
         self.window = int(config.get("window"))
+        self.max_window = max(self.window, int(config.get("max-window")))
         self.levels = int(config.get("priority-levels"))
         self.default_level = int(config.get("default-priority-level"))
         self.default_timeout = config.seconds("default-timeout")
@@ -312,6 +313,7 @@ class Dispatcher:
         self._release(batch)
         if view is not None:
             learn_from_reply(view, batch.rows, timings, failed, self.loop.time() - batch.sent_at, batch.alone, self.loop.time())
+            view.window = adaptive_window(view, self.window, self.max_window, max(1, view.rows // max(1, view.batches)))
 
     def _abandon(self, batch: Batch, error: Exception) -> None:
         self.in_flight.pop(batch.id, None)

@@ -5,6 +5,7 @@ metrics (GPU state, the worker's own counters)."""
 from __future__ import annotations
 
 import logging
+import math
 
 from scheduler_plugins.policies import Tuning, WorkerView, weights
 
@@ -28,7 +29,20 @@ def learn_from_reply(
         return
     view.service.observe(timings["rows"], service, now)
     if alone:
-        view.overhead += 0.3 * (max(0.0, round_trip - service) - view.overhead)
+        extra = max(0.0, round_trip - service)
+        view.overhead = extra if not view.overhead else view.overhead + 0.3 * (extra - view.overhead)
+
+
+def adaptive_window(view: WorkerView, least: int, most: int, rows: int) -> int:
+    """Batches to keep in flight so the worker never idles waiting for the next one:
+    one running, as many as its round-trip overhead lasts (shared/research/dask-latency.md
+    §6: ~9 at 150 ms of tunnel and 20 ms batches), and one spare for jitter when the
+    trip outlasts a batch. On loopback that is ``least``."""
+    service = view.service.estimate(max(1, rows))
+    if not service or view.overhead <= 0:
+        return least
+    spare = 1 if view.overhead >= service else 0
+    return max(least, min(most, 1 + math.ceil(view.overhead / service) + spare))
 
 
 def apply_state(views: dict[str, WorkerView], msg: dict) -> None:

@@ -37,7 +37,7 @@ def tunnelled_cluster(tmp_path, workers: list[str], delay_ms: int = 20):
     env = {"DASK_BATCH_ROUTER__TLS__DIR": str(tmp_path / "tls")}
     ARTIFACTS.mkdir(exist_ok=True)
     relay = subprocess.Popen(
-        [sys.executable, "-m", "tests.relay", "--to", f"127.0.0.1:{sport}", "--listen", str(rport),
+        [sys.executable, "-m", "benchmarks.relay", "--to", f"127.0.0.1:{sport}", "--listen", str(rport),
          "--delay-ms", str(delay_ms), "--drop-seconds", "10"],
         cwd=ROOT, stdout=open(ARTIFACTS / "tunnel-relay.log", "w"), stderr=subprocess.STDOUT,
     )  # fmt: skip

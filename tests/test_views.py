@@ -2,7 +2,7 @@
 
 import pytest
 
-from router_api.views import apply_state, learn_from_reply
+from router_api.views import adaptive_window, apply_state, learn_from_reply
 from scheduler_plugins.policies import WorkerView
 
 
@@ -10,11 +10,13 @@ def test_reply_teaches_service_time_and_overhead():
     v = WorkerView("w")
     learn_from_reply(v, 4, {"rows": 4, "service_s": 0.040}, False, round_trip=0.050, alone=True, now=1.0)
     assert v.service.estimate(4) == pytest.approx(0.040)
-    assert v.overhead == pytest.approx(0.3 * 0.010)
+    assert v.overhead == pytest.approx(0.010)  # the first sample is taken as it is
     # Queued behind another batch: the wait is not overhead.
     learn_from_reply(v, 4, {"rows": 4, "service_s": 0.040}, False, round_trip=0.500, alone=False, now=2.0)
-    assert v.overhead == pytest.approx(0.3 * 0.010)
-    assert (v.batches, v.rows) == (2, 8)
+    assert v.overhead == pytest.approx(0.010)
+    learn_from_reply(v, 4, {"rows": 4, "service_s": 0.040}, False, round_trip=0.070, alone=True, now=3.0)
+    assert v.overhead == pytest.approx(0.010 + 0.3 * 0.020)
+    assert (v.batches, v.rows) == (3, 12)
 
 
 def test_failed_batch_is_remembered_and_a_reply_revives_a_stuck_worker():
@@ -39,3 +41,14 @@ def test_a_failing_metric_shows_instead_of_vanishing():
     assert "KeyError" in v.metrics_error
     apply_state({"w": v}, {"workers": {"w": {"gpu": None, "errors": ["gpu sample failed: NVMLError"], "stats": {}}}})
     assert "NVMLError" in v.metrics_error
+
+
+def test_window_grows_with_the_round_trip_so_a_far_worker_never_idles():
+    near, far = WorkerView("near"), WorkerView("far")
+    for v, overhead in ((near, 0.003), (far, 0.150)):
+        v.service.observe(8, 0.020)
+        v.overhead = overhead
+    assert adaptive_window(near, 2, 32, 8) == 2  # loopback: the configured window
+    assert adaptive_window(far, 2, 32, 8) == 10  # 1 running + 150 ms / 20 ms in transit + 1 spare
+    assert adaptive_window(far, 2, 6, 8) == 6  # capped
+    assert adaptive_window(WorkerView("new"), 2, 32, 8) == 2  # nothing measured yet

@@ -128,6 +128,8 @@ def stretch(model: WorkerModel, t0: float) -> None:
     Sleeping, not spinning: it must not steal CPU from the other workers on the host."""
     if model.slowdown > 1:
         time.sleep((model.slowdown - 1) * (time.perf_counter() - t0))
+    if model.batch_time > 0:  # a device of fixed speed: the tunnel benchmark's setting
+        time.sleep(max(0.0, model.batch_time - (time.perf_counter() - t0)))
 
 
 def run_batch(spec: dict) -> int:

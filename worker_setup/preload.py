@@ -70,7 +70,8 @@ async def dask_setup(worker) -> None:
     if slowdown < 1:
         raise ValueError(f"batch-router.worker.slowdown must be >= 1, got {slowdown}")
     model = WorkerModel(
-        session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session), slowdown=slowdown
+        session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session), slowdown=slowdown,
+        batch_time=config.seconds("worker.batch-time")
     )
     worker.extensions[EXTENSION] = model
     await start_metrics(worker, model)

@@ -135,6 +135,7 @@ class WorkerModel:
     loaded_at: float = field(default_factory=time.time)
     stats: InferenceStats = field(default_factory=InferenceStats)
     slowdown: float = 1.0  # benchmark knob, read once at preload: batches take this many times longer
+    batch_time: float = 0.0  # benchmark knob: every batch takes at least this long (s)
     gpu: dict | None = None  # static GPU info (source, index, name, uuid), None without a GPU source
 
     def describe(self) -> dict:

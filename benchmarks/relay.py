@@ -2,13 +2,15 @@
 forwards every connection to a local one, with optional one-way delay, jitter, a
 bandwidth cap, and outages.
 
-    python -m tests.relay --to 127.0.0.1:8786 [--listen 0] [--delay-ms 75] [--jitter-ms 10]
+    python -m benchmarks.relay --to 127.0.0.1:8786 [--listen 0] [--delay-ms 75] [--jitter-ms 10]
                           [--rate-kbps 2000] [--drop-seconds 10]
 
 It prints ``listening at 127.0.0.1:PORT`` like bore does. The kernel here has no netem,
 so latency is added in user space: every chunk is delivered ``delay`` after it arrived,
 in order, in both directions. SIGUSR1 is an outage: every open connection is cut and
-new ones are refused for ``--drop-seconds``, as when a tunnel goes down.
+new ones are refused for ``--drop-seconds``, as when a tunnel goes down. SIGUSR2 prints
+the bytes carried so far each way (``bytes to-local=N from-local=M``): what crossed the
+"link". The tests and benchmarks/tunnel.py use it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import signal
 import time
 
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float, jitter: float, rate: float) -> None:
+COUNTS = {"to-local": 0, "from-local": 0}
+
+
+async def pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float, jitter: float, rate: float, direction: str
+) -> None:
     queue: asyncio.Queue = asyncio.Queue()
 
     async def deliver() -> None:
@@ -42,6 +49,7 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
     sender = asyncio.ensure_future(deliver())
     try:
         while chunk := await reader.read(65536):
+            COUNTS[direction] += len(chunk)
             queue.put_nowait((time.monotonic() + delay + random.uniform(0, jitter), chunk))
     except ConnectionError:
         pass
@@ -73,11 +81,15 @@ async def main(args: argparse.Namespace) -> None:
             return
         open_writers.update((w1, w2))
         try:
-            await asyncio.gather(pipe(r1, w2, delay, jitter, rate), pipe(r2, w1, delay, jitter, rate), return_exceptions=True)
+            await asyncio.gather(pipe(r1, w2, delay, jitter, rate, "to-local"), pipe(r2, w1, delay, jitter, rate, "from-local"), return_exceptions=True)
         finally:
             open_writers.difference_update((w1, w2))
 
+    def counts() -> None:
+        print(f"bytes to-local={COUNTS['to-local']} from-local={COUNTS['from-local']}", flush=True)
+
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, outage)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, counts)
     server = await asyncio.start_server(handle, "127.0.0.1", args.listen)
     print(f"listening at 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
