@@ -103,6 +103,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the scheduler's JOIN_TOKEN (or env BATCH_ROUTER_JOIN_TOKEN): address and TLS credentials")
     w.add_argument("--name", default=None)
     w.add_argument("--slowdown", type=float, default=None, help="benchmark knob: stretch each batch by this factor")
+    w.add_argument("--contact-address", default=None,
+                   help="the address this worker advertises; behind NAT nothing need reach it (replies ride its own connection)")
     workers(w)
 
     f = sub.add_parser("serve", help="the HTTP front end, for a running scheduler")
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         public = args.public_address or config.get("scheduler.public-address")
         coro = launch.run_scheduler(args.model, shost, sport, dashboard, public, args.rotate_ca)
     elif args.role == "worker":
-        coro = launch.run_worker(args.scheduler_address, args.name, args.join)
+        coro = launch.run_worker(args.scheduler_address, args.name, args.join, args.contact_address)
     else:
         coro = launch.serve(args.scheduler, host, port)
     try:

@@ -195,7 +195,7 @@ async def run_scheduler(
                     bore.terminate()
 
 
-async def run_worker(address: str | None, name: str | None, token: str | None = None) -> None:
+async def run_worker(address: str | None, name: str | None, token: str | None = None, contact: str | None = None) -> None:
     """A worker that only dials out: its own listener stays on loopback (task RPCs run
     pickled code), and its replies ride the connection it opened.
 
@@ -231,6 +231,7 @@ async def run_worker(address: str | None, name: str | None, token: str | None = 
                     host="127.0.0.1",
                     protocol="tls" if security else "tcp",
                     security=security,
+                    contact_address=contact,
                     dashboard_address="127.0.0.1:0",
                 ) as worker:
                     if "batch-router" not in worker.extensions:  # Dask starts it even when the preload failed

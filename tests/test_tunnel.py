@@ -30,7 +30,7 @@ def classify(url: str, image: bytes, query: str = "", timeout: float = 120):
 
 
 @contextmanager
-def tunnelled_cluster(tmp_path, workers: list[str], delay_ms: int = 20):
+def tunnelled_cluster(tmp_path, workers: list[str], delay_ms: int = 20, worker_args: tuple[str, ...] = ()):
     """Scheduler (mutual TLS) <- relay (delay each way) <- workers joined by token;
     the front end talks to the scheduler directly, as on the laptop."""
     sport, dport, hport, rport = free_port(), free_port(), free_port(), free_port()
@@ -47,7 +47,8 @@ def tunnelled_cluster(tmp_path, workers: list[str], delay_ms: int = 20):
                             "--public-address", f"127.0.0.1:{rport}", log="tunnel-scheduler.log", env=env))  # fmt: skip
         token = join_token("tunnel-scheduler.log")
         for name in workers:
-            procs.append(launch("worker", "--join", token, "--name", name, "--threads", "1", log=f"tunnel-{name}.log", env={}))
+            procs.append(launch("worker", "--join", token, "--name", name, "--threads", "1", *worker_args,
+                                log=f"tunnel-{name}.log", env={}))  # fmt: skip
         procs.append(launch("serve", "--scheduler", f"tls://127.0.0.1:{sport}", "--port", str(hport), log="tunnel-serve.log", env=env))
         url = f"http://127.0.0.1:{hport}"
         wait_ready(url, timeout=180)
@@ -117,3 +118,18 @@ def test_worker_killed_mid_batch_behind_the_tunnel(model_path, session, tmp_path
         for image, r in zip(images, responses):
             assert [p["index"] for p in r.json()["predictions"]] == reference_top(session, image)[0]
         assert re.search(r"far-a|re-queueing", (ARTIFACTS / "tunnel-serve.log").read_text())
+
+
+def test_worker_nothing_can_reach_still_serves(model_path, session, tmp_path):
+    """Behind NAT: the worker advertises an address where nothing listens. Batches go
+    out on the connection it opened and replies come back on it, so requests flow."""
+    dead_end = f"tls://127.0.0.1:{free_port()}"
+    with tunnelled_cluster(tmp_path, ["natted"], worker_args=("--contact-address", dead_end)) as (url, _, _):
+        workers = request(url, "GET", "/v1/workers").json()["workers"]
+        assert [w["address"] for w in workers] == [dead_end]
+        images = [make_image(70 + i) for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda img: classify(url, img, timeout=60), images))
+        assert [r.status for r in responses] == [200] * 4
+        for image, r in zip(images, responses):
+            assert [p["index"] for p in r.json()["predictions"]] == reference_top(session, image)[0]
