@@ -70,6 +70,8 @@ class Batch:
     sent: float = 0.0  # wall clock, to compare with the worker's stamps
     sent_at: float = 0.0  # loop clock
     due: float = 0.0  # loop clock: past this the worker is presumed stuck
+    hedge_at: float = float("inf")  # loop clock: past this a copy may go to another worker
+    hedged: bool = False  # a copy was sent (or this is the copy): never hedge twice
     alone: bool = False  # its worker had nothing else in flight: the round trip is clean
 
     @property
@@ -105,6 +107,11 @@ class Dispatcher:
         self.policy = make_policy(config.get("placement.policy"), self.policy_tuning)
         self.overdue_factor = float(config.get("placement.overdue-factor"))
         self.overdue_min = config.seconds("placement.overdue-min")
+        self.hedge_factor = float(config.get("placement.hedge-factor"))
+        self.hedge_min = config.seconds("placement.hedge-min")
+        self.hedge_budget = float(config.get("placement.hedge-budget"))
+        self.sent = 0  # batches sent, the hedging budget's base
+        self.hedges = 0
         self.unrestricted = 0  # dask-default batches in flight
         self.in_flight: dict[str, Batch] = {}
         self.stats = ModelStats(model["name"])
@@ -227,7 +234,7 @@ class Dispatcher:
         self._timer = None
         self._pump()
 
-    def _send(self, view: WorkerView | None, items: list[Pending], now: float) -> None:
+    def _send(self, view: WorkerView | None, items: list[Pending], now: float) -> Batch | None:
         batch_id = f"{self._prefix}-{next(self._ids)}"
         now_ns = time.perf_counter_ns()
         for p in items:
@@ -240,21 +247,26 @@ class Dispatcher:
             logger.error("could not submit batch %s: %s", batch_id, e)
             for p in items:
                 self._fail(p, Unavailable(f"cannot reach the scheduler: {e}"))
-            return
+            return None
         batch = Batch(batch_id, view, items, future, time.time(), now)
         self.in_flight[batch_id] = batch
+        self.sent += 1
         if view is None:
             self.unrestricted += 1
             batch.due = now + self.overdue_min * self.overdue_factor
-            return
+            return batch
         views = list(self.views.values())
         cost = expected(view, batch.rows, views, now, self.policy_tuning)
         ahead = view.remaining(now)
         batch.alone = not view.flights
-        batch.due = now + max(self.overdue_min, self.overdue_factor * (ahead + view.overhead + cost))
+        expected_finish = ahead + view.overhead + cost
+        batch.due = now + max(self.overdue_min, self.overdue_factor * expected_finish)
+        if self.hedge_budget > 0:
+            batch.hedge_at = now + max(self.hedge_min, self.hedge_factor * expected_finish)
         view.flights[batch_id] = (now, cost)
         view.in_flight += 1
         view.rows_in_flight += batch.rows
+        return batch
 
     # -- replies ----------------------------------------------------------------------
 
@@ -334,6 +346,7 @@ class Dispatcher:
         and its batches go to the others; whichever answer comes first is used. A
         request whose deadline passes while in flight is answered 504 at once."""
         now = self.loop.time()
+        self._hedge(now)
         stuck = {b.view for b in self.in_flight.values() if b.view is not None and now > b.due}
         for view in stuck:
             view.responsive = False
@@ -352,6 +365,31 @@ class Dispatcher:
                     self._fail(p, DeadlineExceeded("request timeout expired while in flight"))
         if stuck:
             self._pump()
+
+    def _hedge(self, now: float) -> None:
+        """A batch well past its expected finish (``hedge-factor`` x, at least
+        ``hedge-min``) is also sent to the worker that would finish it first, while at
+        most ``hedge-budget`` of all batches are such copies. The first answer wins; the
+        slow worker is not written off, since it may only be briefly slow."""
+        for batch in list(self.in_flight.values()):
+            if batch.hedged or batch.view is None or now < batch.hedge_at:
+                continue
+            if self.hedges + 1 > self.hedge_budget * self.sent:
+                return
+            live = [p for p in batch.items if not p.payload.future.done()]
+            others = [v for v in self.views.values() if v is not batch.view and v.responsive and v.has_room]
+            if not live or not others:
+                continue
+            views = list(self.views.values())
+            rows = sum(p.rows for p in live)
+            target = min(others, key=lambda v: v.remaining(now) + v.overhead + expected(v, rows, views, now, self.policy_tuning))
+            copy = self._send(target, live, now)
+            if copy is None:
+                continue
+            batch.hedged = copy.hedged = True
+            self.hedges += 1
+            logger.info("hedging batch %s: %.0f ms on %s, past its expected finish; a copy goes to %s",
+                        batch.id, 1e3 * (now - batch.sent_at), batch.view.address, target.address)
 
     def _resend(self, batch: Batch) -> None:
         self.in_flight.pop(batch.id, None)

@@ -108,7 +108,7 @@ class Workers(JSONHandler):
 
     def get(self) -> None:
         d = self.router.dispatcher
-        queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received}
+        queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received, "batches_sent": d.sent, "hedged": d.hedges}
         self.write_json({"policy": d.policy.name, "workers": self.router.workers(), "queue": queue})
 
 

@@ -50,11 +50,14 @@ class WorkerView:
 
     def remaining(self, now: float) -> float:
         """Expected seconds until the batches already sent to it are done: a worker runs
-        its batches one after another, the oldest since about when it was sent."""
+        its batches one after another, the oldest since about when it was sent. Work
+        that overran its estimate is guessed to need as long again as it overran: a
+        stalled worker looks busier by the second, never free."""
         if not self.flights:
             return 0.0
         first = min(sent for sent, _ in self.flights.values())
-        return max(0.0, sum(exp for _, exp in self.flights.values()) - (now - first))
+        left = sum(exp for _, exp in self.flights.values()) - (now - first)
+        return left if left >= 0 else -left
 
 
 @dataclass(frozen=True)

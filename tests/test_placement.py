@@ -136,6 +136,14 @@ def test_waits_for_a_busy_fast_worker_rather_than_run_late_on_a_slow_one():
     assert GpuAware().place([fast, slow], 1, 32, now=0.0) is None
 
 
+def test_a_worker_past_its_expected_finish_looks_busier_not_free():
+    v = view("v", 0.010)
+    send(v, 10, now=0.0)  # expected done at 100 ms
+    assert v.remaining(0.040) == pytest.approx(0.060)
+    assert v.remaining(0.100) == pytest.approx(0.0)
+    assert v.remaining(0.500) == pytest.approx(0.400)  # stalled: ever busier
+
+
 def test_queue_is_shared_in_proportion_to_speed():
     fast, slow = view("fast", 0.010), view("slow", 0.040)
     p = GpuAware().place([fast, slow], queued_rows=10, max_batch=32, now=0.0)

@@ -146,3 +146,34 @@ def test_python_api_tasks_are_placed_by_the_same_policy():
             assert ran.count("local-0") > 2 * ran.count("local-1"), ran
     finally:
         c.stop()
+
+
+def test_slow_batch_is_hedged_to_another_worker_within_budget(session):
+    """local-0 freezes (SIGSTOP) and is sent batches; well before it would be written off
+    (overdue at 60 s here), copies go to local-1 and the clients get their answers."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "placement-hedge.log"
+    env = {
+        "DASK_BATCH_ROUTER__PLACEMENT__OVERDUE_MIN": "60s",
+        "DASK_BATCH_ROUTER__PLACEMENT__HEDGE_MIN": "300ms",
+        "DASK_BATCH_ROUTER__PLACEMENT__HEDGE_BUDGET": "1.0",
+    }
+    c = Cluster(workers=2, args=["--threads", "1", "--max-batch-size", "2"], env=env, log=log).start()
+    pids = worker_pids(c)
+    try:
+        os.kill(pids["local-0"], signal.SIGSTOP)  # it still looks idle and healthy: it gets batches
+        images = [make_image(80 + s) for s in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(request, c.url, "POST", "/v1/classify", img, {"Content-Type": "image/jpeg"}, 20)
+                       for img in images]  # fmt: skip
+            responses = [f.result() for f in futures]
+        assert [r.status for r in responses] == [200] * 8
+        for image, r in zip(images, responses):
+            assert [p["index"] for p in r.json()["predictions"]] == reference_top(session, image)[0]
+        state = c.get("/v1/workers")
+        assert state["queue"]["hedged"] >= 1
+        assert by_name(c)["local-0"]["responsive"] is True  # hedged, not written off
+        assert "hedging batch" in log.read_text()
+    finally:
+        os.kill(pids["local-0"], signal.SIGCONT)
+        c.stop()

@@ -258,12 +258,15 @@ def test_busy_time_counts_overlapping_batches_once():
 def test_slowdown_sleeps_the_extra_time_instead_of_spinning(monkeypatch):
     slept = []
     monkeypatch.setattr(execute.time, "sleep", slept.append)
-    model = SimpleNamespace(slowdown=4.0)
+    model = SimpleNamespace(slowdown=4.0, batch_time=0.0)
     t0 = time.perf_counter() - 0.05  # "the real work took 50 ms"
     execute.stretch(model, t0)
     assert len(slept) == 1 and slept[0] >= 3 * 0.05
-    execute.stretch(SimpleNamespace(slowdown=1.0), t0)
+    execute.stretch(SimpleNamespace(slowdown=1.0, batch_time=0.0), t0)
     assert len(slept) == 1
+    # A device of fixed speed: a 50 ms batch on a 200 ms device sleeps the other ~150.
+    execute.stretch(SimpleNamespace(slowdown=1.0, batch_time=0.2), t0)
+    assert len(slept) == 2 and 0.1 < slept[1] <= 0.15
     assert execute.planned_rows([{"kind": "image"}, {"kind": "tensor", "rows": 5}, {"rows": "x"}]) == 7
 
 
