@@ -9,6 +9,7 @@ It runs inside the Dask scheduler, either added by ``batch-router scheduler`` or
 from __future__ import annotations
 
 import logging
+import time
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -199,8 +200,6 @@ class BatchRouterPlugin(SchedulerPlugin):
         eligible = set(self.workers_info()) if api else set()
         if not eligible:
             return
-        import time
-
         views = [self.views.get(a) or WorkerView(a, str(scheduler.workers[a].name)) for a in eligible]
         for view in views:
             view.in_flight = len(scheduler.workers[view.address].processing)
