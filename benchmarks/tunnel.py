@@ -67,6 +67,29 @@ def relay_bytes(relay: subprocess.Popen, log: Path) -> tuple[int, int]:
     raise SystemExit("the relay did not report its byte counts")
 
 
+def request_for(mode: str, jpeg: bytes) -> tuple[str, dict, bytes]:
+    """classify: the JPEG as sent. infer: the float32 tensor made from that JPEG (602 KB,
+    what a client that preprocesses itself sends), KServe binary."""
+    if mode == "classify":
+        return "/v1/classify", {"Content-Type": "image/jpeg"}, jpeg
+    import json
+
+    import numpy as np
+
+    from worker_setup.preprocess import ImageLayout, image_to_row
+
+    x = image_to_row(jpeg, ImageLayout())[None].astype(np.float32)
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    return (f"/v2/models/{MODEL_NAME}/infer",
+            {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+            header + x.tobytes())
+
+
+MODEL_NAME = "trivial"
+
+
 def run_setting(rtt_ms: float, args: argparse.Namespace, jpeg: bytes, work: Path) -> dict:
     sport, dport, hport = _free_port(), _free_port(), _free_port()
     env = {"DASK_BATCH_ROUTER__TLS__DIR": str(work / f"tls-{rtt_ms:g}")}
@@ -78,7 +101,8 @@ def run_setting(rtt_ms: float, args: argparse.Namespace, jpeg: bytes, work: Path
         procs.append(relay)
         rport = _wait_for(r"listening at 127\.0\.0\.1:(\d+)", logs["relay"], relay).group(1)
         sched = _launch(["-m", "router_api.cli", "scheduler", "--port", str(sport), "--dashboard-port",
-                         str(dport), "--public-address", f"127.0.0.1:{rport}", "--model", str(args.model)],
+                         str(dport), "--public-address", f"127.0.0.1:{rport}", "--model", str(args.model),
+                         "--model-name", MODEL_NAME],
                         logs["scheduler"], env)
         procs.append(sched)
         token = _wait_for(r"^JOIN_TOKEN=(\S+)$", logs["scheduler"], sched).group(1)
@@ -95,8 +119,10 @@ def run_setting(rtt_ms: float, args: argparse.Namespace, jpeg: bytes, work: Path
                 raise SystemExit(f"the worker did not join through the relay; see {work}")
             time.sleep(0.5)
 
+        path, headers, body = request_for(args.mode, jpeg)
+
         async def send(conn: Connection):
-            return await conn.request("POST", "/v1/classify", {"Content-Type": "image/jpeg"}, jpeg)
+            return await conn.request("POST", path, headers, body)
 
         # Warm-up: the front end measures the round trip and grows the window.
         asyncio.run(closed_loop("127.0.0.1", hport, send, args.concurrency, 0.0, args.warmup, progress=False))
@@ -116,7 +142,8 @@ def run_setting(rtt_ms: float, args: argparse.Namespace, jpeg: bytes, work: Path
             "window": w1["window"], "overhead_ms": round(1e3 * w1["overhead_s"], 1),
             "bytes_to_worker_per_image": round((down1 - down0) / images, 1),
             "bytes_from_worker_per_image": round((up1 - up0) / images, 1),
-            "to_worker_over_jpeg": round((down1 - down0) / images / len(jpeg), 4)}
+            "to_worker_over_jpeg": round((down1 - down0) / images / len(jpeg), 4),
+            "to_worker_over_request": round((down1 - down0) / images / len(request_for(args.mode, jpeg)[2]), 4)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -129,6 +156,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warmup", type=parse_duration, default=5.0)
     p.add_argument("--json", type=Path, default=RESULTS / "tunnel.json")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--mode", choices=["classify", "infer"], default="classify",
+                   help="infer: send the 602 KB float32 tensor of the same image (compressed for far workers)")
     p.add_argument("--model", type=Path, default=None, help="ONNX classifier (default: a trivial one-node model)")
     args = p.parse_args(argv)
     jpeg = make_jpeg()
@@ -148,7 +177,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"RTT {rtt:g} ms: {s['img_per_s']:.1f} img/s, p50 {s['latency_ms']['p50']} p99 "
               f"{s['latency_ms']['p99']} ms, errors {s['errors'] or 'none'}, mean batch {r['mean_batch']}, "
               f"window {r['window']} (overhead {r['overhead_ms']} ms); link bytes per image: to worker "
-              f"{r['bytes_to_worker_per_image']:.0f} ({r['to_worker_over_jpeg']:.3f} x JPEG), "
+              f"{r['bytes_to_worker_per_image']:.0f} ({r['to_worker_over_jpeg']:.3f} x JPEG, "
+              f"{r['to_worker_over_request']:.3f} x the request body), "
               f"back {r['bytes_from_worker_per_image']:.0f}", flush=True)
         runs.append(r)
     base = runs[0]["router"]["img_per_s"]
@@ -157,8 +187,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         ratio = r["router"]["img_per_s"] / base if base else None
         targets.append({"name": f"throughput at {r['rtt_ms']:g} ms RTT >= 0.9 x at {runs[0]['rtt_ms']:g} ms",
                         "measured": round(ratio, 3) if ratio else None, "met": bool(ratio and ratio >= 0.9)})
-    worst = max(r["to_worker_over_jpeg"] for r in runs)
-    targets.append({"name": "bytes per image to the worker <= 1.05 x JPEG", "measured": worst, "met": worst <= 1.05})
+    if args.mode == "classify":
+        worst = max(r["to_worker_over_jpeg"] for r in runs)
+        targets.append({"name": "bytes per image to the worker <= 1.05 x JPEG", "measured": worst, "met": worst <= 1.05})
     for t in targets:
         print(f"  [{'met' if t['met'] else 'NOT MET'}] {t['name']}: {t['measured']}", flush=True)
     if args.json:

@@ -24,6 +24,7 @@ import msgpack
 
 from router_api import config
 from router_api.batching import BatchQueue, Pending, QueueFull, resolve_priority, resolve_timeout
+from router_api.codec import pack_item
 from router_api.stats import ModelStats
 from router_api.views import adaptive_window, apply_state, current_weights, learn_from_reply
 from router_api.watchdog import DeadlineExceeded, Watchdog
@@ -45,6 +46,7 @@ class Ticket:
     item: dict | None  # sent to the worker as is; dropped once it never will be
     future: asyncio.Future
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
+    packed: dict | None = None  # ``item`` compressed for far workers, when first needed
     dispatched_ns: int = 0
 
 
@@ -107,6 +109,8 @@ class Dispatcher(Watchdog):
         self.hedge_factor = float(config.get("placement.hedge-factor"))
         self.hedge_min = config.seconds("placement.hedge-min")
         self.hedge_budget = float(config.get("placement.hedge-budget"))
+        beyond = config.get("compress-beyond")
+        self.compress_beyond = None if beyond in (None, False, "off") else config.seconds("compress-beyond")
         self.sent = 0  # batches sent, the hedging budget's base
         self.hedges = 0
         self.unrestricted = 0  # dask-default batches in flight
@@ -236,7 +240,8 @@ class Dispatcher(Watchdog):
         now_ns = time.perf_counter_ns()
         for p in items:
             p.payload.dispatched_ns = now_ns
-        spec = {"id": batch_id, "topic": self.topic, "items": [p.payload.item for p in items]}
+        far = view is not None and self.compress_beyond is not None and view.overhead >= self.compress_beyond
+        spec = {"id": batch_id, "topic": self.topic, "items": [self._packed(p) if far else p.payload.item for p in items]}
         where = {"workers": [view.address], "allow_other_workers": False} if view else {}
         try:
             future = self.client.submit(run_batch, spec, key=batch_id, pure=False, **where)
@@ -264,6 +269,13 @@ class Dispatcher(Watchdog):
         view.in_flight += 1
         view.rows_in_flight += batch.rows
         return batch
+
+    def _packed(self, p: Pending) -> dict:
+        """The request compressed for a far worker, made once per request."""
+        ticket: Ticket = p.payload
+        if ticket.packed is None:
+            ticket.packed = pack_item(ticket.item)
+        return ticket.packed
 
     # -- replies ----------------------------------------------------------------------
 

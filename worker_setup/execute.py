@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from router_api.codec import unpack_input
 from worker_setup.preprocess import ImageError, image_to_row
 from worker_setup.runtime import WorkerModel, current_model
 
@@ -42,7 +43,7 @@ def _item_inputs(model: WorkerModel, item: dict) -> dict[str, np.ndarray]:
     out = {}
     for t in inputs:
         shape = tuple(item["shapes"][t.name])
-        out[t.name] = np.frombuffer(item["inputs"][t.name], dtype=t.dtype).reshape(shape)
+        out[t.name] = np.frombuffer(unpack_input(item, t.name), dtype=t.dtype).reshape(shape)
     return out
 
 
