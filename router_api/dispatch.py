@@ -162,14 +162,17 @@ class Dispatcher(Watchdog):
 
     # -- requests ----------------------------------------------------------------------
 
-    def submit(self, item: dict, rows: int, priority: int = 0, timeout_us: int = 0) -> tuple[Pending, asyncio.Future]:
-        """Queue one request. Raises ValueError (400) or Unavailable (503) at once."""
+    def submit(
+        self, item: dict, rows: int, priority: int = 0, timeout_us: int = 0, packed: dict | None = None
+    ) -> tuple[Pending, asyncio.Future]:
+        """Queue one request. Raises ValueError (400) or Unavailable (503) at once.
+        ``packed``: the item already compressed for far workers (see ``far_workers``)."""
         if self.closing:
             raise Unavailable("server is shutting down")
         level = resolve_priority(priority, self.levels, self.default_level)
         timeout = resolve_timeout(timeout_us / 1e6, self.default_timeout)
         now = self.loop.time()
-        ticket = Ticket(item=item, future=self.loop.create_future())
+        ticket = Ticket(item=item, future=self.loop.create_future(), packed=packed)
         pending = Pending(rows=rows, priority=level, arrival=now, deadline=now + timeout if timeout else None, payload=ticket)
         try:
             self.queue.push(pending)
@@ -269,6 +272,11 @@ class Dispatcher(Watchdog):
         view.in_flight += 1
         view.rows_in_flight += batch.rows
         return batch
+
+    def far_workers(self) -> bool:
+        """Some worker is far enough that its tensors travel compressed: the front end
+        then compresses each tensor request on a thread as it arrives, not on the loop."""
+        return self.compress_beyond is not None and any(v.overhead >= self.compress_beyond for v in self.views.values())
 
     def _packed(self, p: Pending) -> dict:
         """The request compressed for a far worker, made once per request."""

@@ -13,6 +13,7 @@ import numpy as np
 from tornado import httputil, web
 
 from router_api import kserve
+from router_api.codec import pack_item
 from router_api.dispatch import DeadlineExceeded, Reply, Unavailable
 
 
@@ -149,7 +150,9 @@ class BodyHandler(JSONHandler):
         for pending in self.pending:
             self.router.dispatcher.cancel(pending)
 
-    async def run(self, items: list[dict], rows: int, priority: int = 0, timeout_us: int = 0) -> list[Reply] | None:
+    async def run(
+        self, items: list[dict], rows: int, priority: int = 0, timeout_us: int = 0, packed: dict | None = None
+    ) -> list[Reply] | None:
         """Queue items (one per request row group) and wait for all of them.
 
         On failure writes the error in the protocol's format and returns None.
@@ -157,7 +160,7 @@ class BodyHandler(JSONHandler):
         try:
             futures = []
             for item in items:
-                pending, future = self.router.dispatcher.submit(item, rows, priority, timeout_us)
+                pending, future = self.router.dispatcher.submit(item, rows, priority, timeout_us, packed if len(items) == 1 else None)
                 self.pending.append(pending)
                 futures.append(future)
             replies = await asyncio.gather(*futures, return_exceptions=True)
@@ -199,7 +202,10 @@ class Infer(BodyHandler):
             "shapes": {i.name: list(i.shape) for i in req.inputs},
             "outputs": [o.name for o in req.outputs],
         }
-        replies = await self.run([item], req.rows, req.priority, req.timeout_us)
+        packed = None
+        if router.dispatcher.far_workers():  # zlib releases the GIL: off the event loop
+            packed = await asyncio.to_thread(pack_item, item)
+        replies = await self.run([item], req.rows, req.priority, req.timeout_us, packed)
         if replies is None:
             return
         reply = replies[0]
