@@ -76,6 +76,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--dashboard-port", type=int, default=None, help="Dask dashboard port (default 8787)")
     up.add_argument("--model", help="ONNX image classifier (default: ResNet-50, random weights)")
     up.add_argument(
+        "--public-address",
+        help="HOST:PORT remote workers dial (bore.pub:PORT), or 'bore' to start the tunnel: the scheduler port "
+        "then speaks mutual TLS only and JOIN_TOKEN= is printed",
+    )
+    up.add_argument("--rotate-ca", action="store_true", help="new cluster CA: every earlier join token stops working")
+    up.add_argument(
         "--worker-slowdown",
         type=_factors,
         default=None,
@@ -132,7 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         n = args.workers if args.workers is not None else (len(slowdown) or config.get("worker.count"))
         if len(slowdown) > n:
             raise SystemExit(f"--worker-slowdown gives {len(slowdown)} factors for {n} workers")
-        coro = launch.up(args.model, n, host, port, sport, dashboard, args.threads or 0, config.get("worker.device"), slowdown)
+        public = args.public_address or config.get("scheduler.public-address")
+        coro = launch.up(
+            args.model, n, host, port, sport, dashboard, args.threads or 0, config.get("worker.device"), slowdown, public, args.rotate_ca
+        )
     elif args.role == "scheduler":
         shost = args.host or config.get("scheduler.host")
         sport = args.port if args.port is not None else config.get("scheduler.port")

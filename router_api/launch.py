@@ -22,6 +22,7 @@ from distributed import Client, Scheduler, Worker
 
 from router_api import config
 from router_api.config import DASK_SETTINGS, TUNNEL_SETTINGS
+from router_api.public import Public, tls_dir
 from scheduler_plugins.plugin import BatchRouterPlugin
 
 logger = logging.getLogger("batch-router")
@@ -77,9 +78,17 @@ async def serve_until_signal(client: Client, host: str, port: int) -> None:
     await server.close_all_connections()
 
 
-def spawn_worker(address: str, name: str, threads: int, device: str, slowdown: float | None = None) -> subprocess.Popen:
+def spawn_worker(
+    address: str, name: str, threads: int, device: str, slowdown: float | None = None, token: str | None = None
+) -> subprocess.Popen:
+    """A local worker process; with ``token`` it joins a TLS scheduler (the token goes by
+    environment, never on a command line other users can read)."""
     env = dict(os.environ, DASK_INTERNAL_INHERIT_CONFIG=dask.config.serialize(dask.config.global_config))
-    cmd = [sys.executable, "-m", "router_api.cli", "worker", address, "--name", name, "--device", device]
+    cmd = [sys.executable, "-m", "router_api.cli", "worker", "--name", name, "--device", device]
+    if token:
+        env["BATCH_ROUTER_JOIN_TOKEN"] = token
+    else:
+        cmd.insert(4, address)
     if threads:
         cmd += ["--threads", str(threads)]
     if slowdown is not None:
@@ -112,41 +121,48 @@ async def up(
     threads: int,
     device: str,
     slowdown: list[float] | None = None,
+    public_address: str | None = None,
+    rotate_ca: bool = False,
 ) -> None:
     """Everything on one machine: scheduler + dashboard + front end here, N workers as
-    processes; ``slowdown[i]`` (a benchmark knob) stretches worker i's batches."""
+    processes; ``slowdown[i]`` (a benchmark knob) stretches worker i's batches. With a
+    public address the scheduler's port speaks mutual TLS only and a join token is
+    printed for remote workers; the front end still talks to it in-process."""
     slowdown = list(slowdown or [])
     refuse_public_plaintext(host, "HTTP front end")
     refuse_public_plaintext(dashboard.rsplit(":", 1)[0], "Dask dashboard")
     path = model_path(model)
     threads = threads or int(config.get("worker.intra-op-threads") or 0) or max(1, (os.cpu_count() or 1) // max(1, workers))
-    with dask.config.set(DASK_SETTINGS):
-        async with Scheduler(
-            host=[None, "127.0.0.1"],
-            protocol=["inproc", "tcp"],
-            port=[None, scheduler_port],
-            dashboard=True,
-            dashboard_address=dashboard,
-            plugins=[BatchRouterPlugin(path)],
-        ) as scheduler:
-            inproc, tcp = scheduler.listeners[0].contact_address, scheduler.listeners[1].contact_address
-            procs = [
-                spawn_worker(tcp, f"local-{i}", threads, device, slowdown[i] if i < len(slowdown) else None)
-                for i in range(workers)
-            ]
-            try:
-                async with Client(inproc, asynchronous=True) as client:
-                    print(f"batch-router: scheduler {tcp}, dashboard http://{dashboard}/status", flush=True)
-                    await serve_until_signal(client, host, port)
-            finally:
-                await asyncio.to_thread(stop_processes, procs)
-
-
-def tls_dir() -> Path:
-    configured = config.get("tls.dir")
-    if configured:
-        return Path(configured).expanduser()
-    return Path(os.environ.get("XDG_CONFIG_HOME", "~/.config")).expanduser() / "gpu-batch-router" / "tls"
+    public = Public.open(public_address, scheduler_port, "127.0.0.1", rotate_ca) if public_address else None
+    with dask.config.set({**DASK_SETTINGS, **(TUNNEL_SETTINGS if public else {})}):
+        try:
+            async with Scheduler(
+                host=[None, "127.0.0.1"],
+                protocol=["inproc", "tls" if public else "tcp"],
+                port=[None, scheduler_port],
+                security=public.ca.security("scheduler") if public else None,
+                dashboard=True,
+                dashboard_address=dashboard,
+                plugins=[BatchRouterPlugin(path)],
+            ) as scheduler:
+                inproc, local = scheduler.listeners[0].contact_address, scheduler.listeners[1].contact_address
+                local_token = public.token(local.split("://", 1)[1]) if public else None
+                procs = [
+                    spawn_worker(local, f"local-{i}", threads, device, slowdown[i] if i < len(slowdown) else None, local_token)
+                    for i in range(workers)
+                ]
+                try:
+                    security = public.ca.security("client") if public else None
+                    async with Client(inproc, asynchronous=True, security=security) as client:
+                        print(f"batch-router: scheduler {local}, dashboard http://{dashboard}/status", flush=True)
+                        if public:
+                            public.announce()
+                        await serve_until_signal(client, host, port)
+                finally:
+                    await asyncio.to_thread(stop_processes, procs)
+        finally:
+            if public:
+                public.close()
 
 
 async def run_scheduler(
@@ -155,44 +171,27 @@ async def run_scheduler(
     """A scheduler for this machine only (plain TCP on loopback), or, with a public
     address, one that speaks only mutual TLS and prints a worker join token."""
     refuse_public_plaintext(dashboard.rsplit(":", 1)[0], "Dask dashboard")
-    bore = None
-    if public_address == "bore":  # start the tunnel ourselves and use what it announces
-        from router_api.bore import start_bore
-
-        bore, public_address = start_bore(port, config.get("scheduler.bore-server"))
-        print(f"batch-router: bore tunnel {public_address} -> 127.0.0.1:{port}", flush=True)
-    if not public_address:
+    public = Public.open(public_address, port, host, rotate_ca) if public_address else None
+    if public is None:
         refuse_public_plaintext(host, "Dask scheduler")
-        security, protocol = None, "tcp"
-    else:
-        from router_api.tls import ClusterCA
-
-        public_host = public_address.rsplit(":", 1)[0]
-        ca = ClusterCA.ensure(tls_dir(), hosts=[public_host, host], rotate=rotate_ca)
-        security, protocol = ca.security("scheduler"), "tls"
-    with dask.config.set({**DASK_SETTINGS, **(TUNNEL_SETTINGS if public_address else {})}):
-        async with Scheduler(
-            host=host,
-            port=port,
-            protocol=protocol,
-            security=security,
-            dashboard=True,
-            dashboard_address=dashboard,
-            plugins=[BatchRouterPlugin(model_path(model))],
-        ) as scheduler:
-            print(f"batch-router: scheduler {scheduler.address}, dashboard http://{dashboard}/status", flush=True)
-            if public_address:
-                from router_api.tls import make_token
-
-                token = make_token(f"tls://{public_address}", ca.credentials("worker"))
-                print(f"batch-router: workers join with `batch-router worker --join TOKEN`; "
-                      f"rotate the CA ({tls_dir()}) with --rotate-ca to revoke every token", flush=True)
-                print(f"JOIN_TOKEN={token}", flush=True)
-            try:
+    with dask.config.set({**DASK_SETTINGS, **(TUNNEL_SETTINGS if public else {})}):
+        try:
+            async with Scheduler(
+                host=host,
+                port=port,
+                protocol="tls" if public else "tcp",
+                security=public.ca.security("scheduler") if public else None,
+                dashboard=True,
+                dashboard_address=dashboard,
+                plugins=[BatchRouterPlugin(model_path(model))],
+            ) as scheduler:
+                print(f"batch-router: scheduler {scheduler.address}, dashboard http://{dashboard}/status", flush=True)
+                if public:
+                    public.announce()
                 await wait_for_signal()
-            finally:
-                if bore is not None:
-                    bore.terminate()
+        finally:
+            if public:
+                public.close()
 
 
 async def run_worker(address: str | None, name: str | None, token: str | None = None, contact: str | None = None) -> None:

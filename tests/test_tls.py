@@ -174,3 +174,35 @@ def test_public_address_through_a_bore_tunnel_that_adds_latency(model_path, tmp_
             p.terminate()
         for p in procs:
             p.wait(30)
+
+
+@pytest.mark.integration
+def test_up_goes_public_in_one_command(model_path, tmp_path):
+    """`batch-router up --public-address`: local workers and the front end as usual,
+    the scheduler port mutual-TLS only, and a token a remote worker joins with."""
+    from tests.cluster import Cluster
+
+    rport = free_port()
+    c = Cluster(workers=1, args=["--threads", "1", "--public-address", f"127.0.0.1:{rport}"],
+                env={"DASK_BATCH_ROUTER__TLS__DIR": str(tmp_path / "tls")}, log=ARTIFACTS / "tls-up.log")  # fmt: skip
+    relay = None
+    remote = None
+    try:
+        c.start()
+        token = join_token("tls-up.log")
+        relay = subprocess.Popen([sys.executable, "-m", "benchmarks.relay", "--to", f"127.0.0.1:{c.scheduler_port}",
+                                  "--listen", str(rport)], cwd=ROOT, stdout=subprocess.DEVNULL)  # fmt: skip
+        remote = launch("worker", "--join", token, "--name", "remote", "--threads", "1", log="tls-up-remote.log", env={})
+        deadline = time.monotonic() + 120
+        while len(c.get("/v1/workers")["workers"]) < 2:
+            assert time.monotonic() < deadline, "the remote worker did not join"
+            time.sleep(0.25)
+        assert {w["name"] for w in c.get("/v1/workers")["workers"]} == {"local-0", "remote"}
+        assert classify(c.url, make_image(5)).status == 200
+        assert refused(f"tcp://127.0.0.1:{c.scheduler_port}")
+    finally:
+        for p in (remote, relay):
+            if p is not None:
+                p.terminate()
+                p.wait(30)
+        c.stop()
