@@ -80,6 +80,13 @@ def join_token(log: str, timeout: float = 60) -> str:
     raise TimeoutError("no JOIN_TOKEN= line")
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        p.wait(30)
+
+
 def refused(address: str, security=None) -> bool:
     async def attempt() -> bool:
         try:
@@ -114,10 +121,7 @@ def test_worker_joins_with_the_token_and_nothing_else_gets_in(model_path, tmp_pa
         other = ClusterCA.ensure(tmp_path / "other-ca")  # a certificate from another CA: refused
         assert refused(f"tls://127.0.0.1:{sport}", other.security("client"))
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+        stop_all(procs)
 
 
 @pytest.mark.integration
@@ -170,10 +174,7 @@ def test_public_address_through_a_bore_tunnel_that_adds_latency(model_path, tmp_
         r = classify(url, make_image(4))
         assert r.status == 200 and r.json()["worker"] == "far"
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+        stop_all(procs)
 
 
 @pytest.mark.integration
