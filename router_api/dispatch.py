@@ -304,8 +304,11 @@ class Dispatcher(Watchdog):
         if "started" in t and logger.isEnabledFor(logging.DEBUG):
             to, on, back = t["started"] - batch.sent, t["finished"] - t["started"], time.time() - t["finished"]
             logger.debug("batch %s: to worker %.2f ms, on worker %.2f ms, back %.2f ms", batch.id, 1e3 * to, 1e3 * on, 1e3 * back)
-        if rows:
-            self.stats.batch_done(rows, t["input_ns"], t["infer_ns"], t["output_ns"])
+        # Triton's counts are of requests served: a hedged copy that lost the race ran,
+        # but answered nobody, so it is not counted again.
+        answered = sum(p.rows for p in batch.items if not p.payload.future.done())
+        if rows and answered:
+            self.stats.batch_done(answered, t["input_ns"], t["infer_ns"], t["output_ns"])
         done_ns = time.perf_counter_ns()
         name = view.name if view and view.name else reply["worker"]
         for p, result in zip(batch.items, reply["results"]):
