@@ -66,8 +66,8 @@ from benchmarks.placement_report import (
 from benchmarks.report import machine, write_json
 from benchmarks.servers import ROOT, spawn_router, stop
 from benchmarks.windows import get_json
+from scheduler_plugins.policies import POLICIES
 
-POLICIES = ("gpu-aware", "round-robin", "least-loaded", "dask-default", "seed-score")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -13,6 +13,7 @@ import os
 import dask.config
 
 from router_api import config
+from scheduler_plugins.policies import POLICIES
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -33,7 +34,6 @@ def _settings(args: argparse.Namespace) -> dict:
     return {f"batch-router.{key}": getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
 
 
-POLICIES = ["gpu-aware", "round-robin", "least-loaded", "dask-default", "seed-score"]
 
 
 def _factors(text: str) -> list[float]:

@@ -50,6 +50,17 @@ def nbytes(key: str) -> int:
     return int(parse_bytes(value) if isinstance(value, str) else value)
 
 
+def placement_tuning():
+    """The placement policy's knobs, the same for the front end and the scheduler plugin."""
+    from scheduler_plugins.policies import Tuning
+
+    return Tuning(
+        throttle_penalty=float(get("placement.throttle-penalty")),
+        memory_headroom=float(get("placement.memory-headroom")),
+        error_window=seconds("placement.error-penalty-window"),
+    )
+
+
 def cache_dir() -> Path:
     """Where models are built and cached: $XDG_CACHE_HOME/gpu-batch-router by default."""
     configured = get("worker.cache-dir")

@@ -29,7 +29,7 @@ from router_api.stats import ModelStats
 from router_api.views import adaptive_window, apply_state, current_weights, learn_from_reply
 from router_api.watchdog import DeadlineExceeded, Watchdog
 from scheduler_plugins.plugin import RESULTS_PREFIX, STATE_TOPIC, WORKERS_TOPIC
-from scheduler_plugins.policies import DaskDefault, Tuning, WorkerView, expected, make_policy
+from scheduler_plugins.policies import DaskDefault, WorkerView, expected, make_policy
 from worker_setup.execute import run_batch
 
 logger = logging.getLogger("router_api.dispatch")
@@ -98,11 +98,7 @@ class Dispatcher(Watchdog):
             starvation_limit=config.seconds("starvation-limit"),
         )
         self.views: dict[str, WorkerView] = {}
-        self.policy_tuning = Tuning(
-            throttle_penalty=float(config.get("placement.throttle-penalty")),
-            memory_headroom=float(config.get("placement.memory-headroom")),
-            error_window=config.seconds("placement.error-penalty-window"),
-        )
+        self.policy_tuning = config.placement_tuning()
         self.policy = make_policy(config.get("placement.policy"), self.policy_tuning)
         self.overdue_factor = float(config.get("placement.overdue-factor"))
         self.overdue_min = config.seconds("placement.overdue-min")

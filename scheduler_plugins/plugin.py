@@ -15,7 +15,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from router_api import config
 from scheduler_plugins.model_store import ModelFile
-from scheduler_plugins.policies import Tuning, WorkerView, make_policy, weights
+from scheduler_plugins.policies import WorkerView, make_policy, weights
 
 logger = logging.getLogger("scheduler_plugins.plugin")
 
@@ -58,13 +58,8 @@ class BatchRouterPlugin(SchedulerPlugin):
         # left before an event from one taken after it.
         self.version = 0
         self.views: dict[str, WorkerView] = {}  # for placing Python-API tasks
-        tuning = Tuning(
-            throttle_penalty=float(config.get("placement.throttle-penalty")),
-            memory_headroom=float(config.get("placement.memory-headroom")),
-            error_window=config.seconds("placement.error-penalty-window"),
-        )
-        self.tuning = tuning
-        self.policy = make_policy(config.get("placement.policy"), tuning)
+        self.tuning = config.placement_tuning()
+        self.policy = make_policy(config.get("placement.policy"), self.tuning)
         self._publisher = None
 
     async def start(self, scheduler) -> None:

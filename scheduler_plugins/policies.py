@@ -9,7 +9,6 @@ Python-API tasks, which arrive one task at a time with no batch size of their ow
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from collections import deque
 from dataclasses import dataclass, field

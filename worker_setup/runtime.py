@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from scheduler_plugins.service import bucket
 from worker_setup.preprocess import ImageLayout
 from worker_setup.session import ModelSession
 
@@ -16,11 +17,6 @@ EXTENSION = "batch-router"
 
 class NoModelError(RuntimeError):
     """A batch-router task landed on a worker that was not started by batch-router."""
-
-
-def bucket(rows: int) -> int:
-    """The batch-size bucket of a batch: its rows rounded up to a power of two."""
-    return 1 << max(0, rows - 1).bit_length()
 
 
 @dataclass
