@@ -15,8 +15,10 @@ from router_api import config, kserve
 from router_api.dispatch import Dispatcher, Reply
 from router_api.handlers import (
     Classify,
+    Dashboard,
     Infer,
     Live,
+    Metrics,
     ModelConfig,
     ModelMetadata,
     ModelReady,
@@ -56,6 +58,7 @@ class Router:
         self.num_classes = max(1, self.outputs[0].shape[-1])
         self.labels = load_labels(config.get("labels"), self.num_classes)
         self.notes = model.get("metadata", {})
+        self.dashboard: str | None = None  # the Dask dashboard's base URL, when known
 
     def server_metadata(self) -> dict:
         from importlib.metadata import PackageNotFoundError, version
@@ -128,10 +131,24 @@ class Router:
         }
 
 
+class App(web.Application):
+    """Counts every response by status for the dashboard and ``/metrics`` (Tornado
+    calls ``log_request`` once per finished request)."""
+
+    def __init__(self, router: Router, handlers: list, **settings) -> None:
+        super().__init__(handlers, **settings)
+        self.telemetry = router.dispatcher.telemetry
+
+    def log_request(self, handler: web.RequestHandler) -> None:
+        self.telemetry.responses[handler.get_status()] += 1
+        super().log_request(handler)
+
+
 def make_app(router: Router) -> web.Application:
     args = {"router": router}
     model = r"/v2/models/([^/]+)(?:/versions/([^/]+))?"
-    return web.Application(
+    return App(
+        router,
         [
             (r"/v2/health/live", Live, args),
             (r"/v2/health/ready", Ready, args),
@@ -144,6 +161,8 @@ def make_app(router: Router) -> web.Application:
             (model + r"/infer", Infer, args),
             (r"/v1/classify", Classify, args),
             (r"/v1/workers", Workers, args),
+            (r"/v1/dashboard", Dashboard, args),
+            (r"/metrics", Metrics, args),
         ],
         default_handler_class=NotFound,
         default_handler_args=args,
@@ -156,6 +175,10 @@ async def start_front_end(client, host: str, port: int) -> tuple[Router, httpser
     dispatcher = Dispatcher(client, model)
     await dispatcher.start()
     router = Router(dispatcher, model)
+    try:
+        router.dashboard = await client.scheduler.batch_router_dashboard()
+    except Exception as e:  # an older plugin: the service runs, without the link
+        logger.warning("the scheduler did not say where its dashboard is: %s", e)
     server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size)
     server.listen(port, address=host)
     logger.info("HTTP front end on http://%s:%d (model %s)", host, port, router.model_name)

@@ -80,6 +80,7 @@ class BatchQueue:
         self._seq = itertools.count()
         self.count = 0  # live (queued) requests
         self.rows = 0  # live rows
+        self.depths = [0] * priority_levels  # live requests per level (the deques hold dead ones too)
 
     def __len__(self) -> int:
         return self.count
@@ -147,8 +148,7 @@ class BatchQueue:
         for item in reversed(held):  # back where they were; their deadlines never left
             item.state = QUEUED
             self._levels[item.priority - 1].appendleft(item)
-            self.count += 1
-            self.rows += item.rows
+            self._count(item, +1)
         return batch
 
     def _take(self, now: float, max_rows: int | None) -> list[Pending]:
@@ -188,13 +188,16 @@ class BatchQueue:
         level.appendleft(item) if front else level.append(item)
         if item.deadline is not None:
             heapq.heappush(self._deadlines, (item.deadline, item.seq, item))
-        self.count += 1
-        self.rows += item.rows
+        self._count(item, +1)
 
     def _retire(self, item: Pending, state: str) -> None:
         item.state = state
-        self.count -= 1
-        self.rows -= item.rows
+        self._count(item, -1)
+
+    def _count(self, item: Pending, sign: int) -> None:
+        self.count += sign
+        self.rows += sign * item.rows
+        self.depths[item.priority - 1] += sign
 
     def _clean_heads(self) -> None:
         for level in self._levels:

@@ -25,7 +25,9 @@ import msgpack
 from router_api import config
 from router_api.batching import BatchQueue, Pending, QueueFull, resolve_priority, resolve_timeout
 from router_api.codec import pack_item
+from router_api.reporting import report_loop
 from router_api.stats import ModelStats
+from router_api.telemetry import Telemetry
 from router_api.views import adaptive_window, apply_state, current_weights, learn_from_reply
 from router_api.watchdog import DeadlineExceeded, Watchdog
 from scheduler_plugins.plugin import RESULTS_PREFIX, STATE_TOPIC, WORKERS_TOPIC
@@ -112,6 +114,7 @@ class Dispatcher(Watchdog):
         self.unrestricted = 0  # dask-default batches in flight
         self.in_flight: dict[str, Batch] = {}
         self.stats = ModelStats(model["name"])
+        self.telemetry = Telemetry()
         self.topic = RESULTS_PREFIX + client.id
         self._ids = itertools.count()
         self._prefix = f"batch-router-{uuid.uuid4().hex[:8]}"
@@ -119,6 +122,7 @@ class Dispatcher(Watchdog):
         self._pump_scheduled = False
         self._resync: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
+        self._report: asyncio.Task | None = None
         self.closing = False
         self.received = 0  # requests ever queued: lets callers see arrivals in order
         self.membership_version = 0  # the plugin's count of worker events seen so far
@@ -134,6 +138,7 @@ class Dispatcher(Watchdog):
         await self.sync_workers()
         self._resync = asyncio.create_task(self._resync_loop())
         self._watch = asyncio.create_task(self._watch_loop())
+        self._report = asyncio.create_task(report_loop(self))
 
     async def close(self, timeout: float = 30.0) -> None:
         """Stop taking requests, answer everything queued and in flight, then stop."""
@@ -146,7 +151,7 @@ class Dispatcher(Watchdog):
             self._fail(p, Unavailable("server is shutting down"))
         for batch in list(self.in_flight.values()):
             self._abandon(batch, Unavailable("server is shutting down"))
-        for task in (self._resync, self._watch):
+        for task in (self._resync, self._watch, self._report):
             if task:
                 task.cancel()
         if self._timer:
@@ -307,12 +312,17 @@ class Dispatcher(Watchdog):
             self.stats.batch_done(answered, t["input_ns"], t["infer_ns"], t["output_ns"])
         done_ns = time.perf_counter_ns()
         name = view.name if view and view.name else reply["worker"]
+        compute_s = t.get("service_s") or 0.0
         for p, result in zip(batch.items, reply["results"]):
             ticket: Ticket = p.payload
             queue_ns = ticket.dispatched_ns - ticket.arrival_ns
             ok = "error" not in result
             if not ticket.future.done():
                 self.stats.request_done(ok, done_ns - ticket.arrival_ns, queue_ns)
+                if ok:
+                    self.telemetry.request_served(
+                        1e-9 * (done_ns - ticket.arrival_ns), 1e-9 * queue_ns, 1e-9 * (done_ns - ticket.dispatched_ns), compute_s
+                    )
                 ticket.future.set_result(Reply(result, name, rows, queue_ns))
         self._pump()
 

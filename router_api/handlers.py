@@ -12,7 +12,7 @@ import json
 import numpy as np
 from tornado import httputil, web
 
-from router_api import kserve
+from router_api import kserve, prometheus
 from router_api.codec import pack_item
 from router_api.dispatch import DeadlineExceeded, Reply, Unavailable
 
@@ -111,6 +111,30 @@ class Workers(JSONHandler):
         d = self.router.dispatcher
         queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received, "batches_sent": d.sent, "hedged": d.hedges}
         self.write_json({"policy": d.policy.name, "workers": self.router.workers(), "queue": queue})
+
+
+class Metrics(web.RequestHandler):
+    """GET /metrics: Prometheus's text format, Triton's names (router_api/prometheus.py)."""
+
+    def initialize(self, router) -> None:
+        self.router = router
+
+    def get(self) -> None:
+        r = self.router
+        snapshot = r.dispatcher.telemetry.snapshot(r.dispatcher)
+        self.set_header("Content-Type", prometheus.CONTENT_TYPE)
+        self.finish(prometheus.render(snapshot, r.dispatcher.stats, r.workers(), r.version))
+
+
+class Dashboard(JSONHandler):
+    """GET /v1/dashboard: where this service's dashboard pages are."""
+
+    def get(self) -> None:
+        base = self.router.dashboard
+        if base is None:
+            return self.fail(404, "the scheduler did not report a dashboard")
+        pages = {"overview": "gpu-router", "gpu-metrics": "individual-gpu-metrics", "batch-queues": "individual-batch-queues"}
+        self.write_json({"dashboard": base, "pages": {k: f"{base}/{v}" for k, v in pages.items()}})
 
 
 @web.stream_request_body

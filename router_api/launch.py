@@ -23,6 +23,7 @@ from distributed import Client, Scheduler, Worker
 from router_api import config
 from router_api.config import DASK_SETTINGS, TUNNEL_SETTINGS
 from router_api.public import Public, tls_dir
+from scheduler_plugins.dashboard import register as register_pages
 from scheduler_plugins.plugin import BatchRouterPlugin
 
 logger = logging.getLogger("batch-router")
@@ -134,6 +135,7 @@ async def up(
     path = model_path(model)
     threads = threads or int(config.get("worker.intra-op-threads") or 0) or max(1, (os.cpu_count() or 1) // max(1, workers))
     public = Public.open(public_address, scheduler_port, "127.0.0.1", rotate_ca) if public_address else None
+    register_pages()
     with dask.config.set({**DASK_SETTINGS, **(TUNNEL_SETTINGS if public else {})}):
         try:
             async with Scheduler(
@@ -154,7 +156,7 @@ async def up(
                 try:
                     security = public.ca.security("client") if public else None
                     async with Client(inproc, asynchronous=True, security=security) as client:
-                        print(f"batch-router: scheduler {local}, dashboard http://{dashboard}/status", flush=True)
+                        print(f"batch-router: scheduler {local}, dashboard http://{dashboard}/gpu-router", flush=True)
                         if public:
                             public.announce()
                         await serve_until_signal(client, host, port)
@@ -174,6 +176,7 @@ async def run_scheduler(
     public = Public.open(public_address, port, host, rotate_ca) if public_address else None
     if public is None:
         refuse_public_plaintext(host, "Dask scheduler")
+    register_pages()
     with dask.config.set({**DASK_SETTINGS, **(TUNNEL_SETTINGS if public else {})}):
         try:
             async with Scheduler(
@@ -185,7 +188,7 @@ async def run_scheduler(
                 dashboard_address=dashboard,
                 plugins=[BatchRouterPlugin(model_path(model))],
             ) as scheduler:
-                print(f"batch-router: scheduler {scheduler.address}, dashboard http://{dashboard}/status", flush=True)
+                print(f"batch-router: scheduler {scheduler.address}, dashboard http://{dashboard}/gpu-router", flush=True)
                 if public:
                     public.announce()
                 await wait_for_signal()

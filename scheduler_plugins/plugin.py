@@ -14,6 +14,7 @@ import time
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from router_api import config
+from scheduler_plugins.history import History
 from scheduler_plugins.model_store import ModelFile
 from scheduler_plugins.policies import WorkerView, make_policy, weights
 
@@ -61,6 +62,8 @@ class BatchRouterPlugin(SchedulerPlugin):
         self.tuning = config.placement_tuning()
         self.policy = make_policy(config.get("placement.policy"), self.tuning)
         self._publisher = None
+        period = config.seconds("worker.metrics-interval") or 0.5
+        self.history = History(keep=max(10, int(config.seconds("dashboard.history") / period)))
 
     async def start(self, scheduler) -> None:
         import asyncio
@@ -73,9 +76,14 @@ class BatchRouterPlugin(SchedulerPlugin):
                 "batch_router_model_chunk": self.model_chunk,
                 "batch_router_workers": self.membership,
                 "batch_router_hello": self.hello,
+                "batch_router_frontend": self.frontend_stats,
+                "batch_router_dashboard": self.dashboard,
             }
         )
         scheduler.extensions[EXTENSION] = self
+        from scheduler_plugins.dashboard import add_to_navigation
+
+        add_to_navigation(scheduler)
         from tornado.ioloop import PeriodicCallback
 
         period_ms = 1e3 * (config.seconds("worker.metrics-interval") or 0.5)
@@ -98,7 +106,8 @@ class BatchRouterPlugin(SchedulerPlugin):
         if self.scheduler is None or self.model is None:
             return
         digest = {}
-        for address in self.workers_info():
+        workers = self.workers_info()
+        for address in workers:
             ws = self.scheduler.workers[address]
             metrics = ws.metrics.get(EXTENSION)
             state = dict(metrics) if isinstance(metrics, dict) else {"error": "no batch-router metrics in heartbeat"}
@@ -116,6 +125,7 @@ class BatchRouterPlugin(SchedulerPlugin):
         w = weights(list(self.views.values()), 1, 0.0, self.tuning)
         for address, view in self.views.items():
             view.weight = w.get(address, 0.0)
+        self.history.add_workers(time.time(), {a: {"info": workers[a], "state": digest[a]} for a in digest})
         if digest:
             self.scheduler.log_event(STATE_TOPIC, {"workers": digest})
 
@@ -143,6 +153,18 @@ class BatchRouterPlugin(SchedulerPlugin):
 
     def membership(self) -> dict:
         return {"version": self.version, "workers": self.workers_info()}
+
+    def frontend_stats(self, frontend: str, stats: dict) -> None:
+        """A front end's periodic statistics, for the dashboard pages (O(workers))."""
+        self.history.add_frontend(frontend, stats, time.monotonic())
+
+    def dashboard(self) -> str | None:
+        """The dashboard's base URL as this scheduler serves it, for front ends to show."""
+        server = self.scheduler.services.get("dashboard")
+        if server is None or not getattr(server, "port", None):
+            return None
+        host = server.address if server.address not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{host}:{server.port}"
 
     def hello(self, client: str) -> None:
         """A front end's client connected: stop coalescing the stream back to it.

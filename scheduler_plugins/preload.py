@@ -7,7 +7,11 @@ means the default ResNet-50, built on first use.
 from __future__ import annotations
 
 from router_api import config
+from scheduler_plugins.dashboard import register
 from scheduler_plugins.plugin import BatchRouterPlugin
+
+# Dask imports a preload before it builds the dashboard: the pages must be known by then.
+register()
 
 
 def dask_setup(scheduler) -> None:

@@ -10,6 +10,9 @@ from worker_setup.resnet50 import ensure_default_model
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
+# The `browser` fixture (headless Chromium) for the dashboard's browser tests.
+pytest_plugins = ["tests.browser"]
+
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:

@@ -188,3 +188,20 @@ def test_skipping_everything_takes_nothing():
     q.push(req(name="a"))
     assert q.take(0.0, skip=1) == []
     assert names(q.take(0.0)) == ["a"]
+
+
+def test_depth_per_priority_counts_live_requests_only():
+    """The dashboard's queue depth: cancelled, expired and taken requests leave their
+    level at once, though the queue drops them from its deques lazily."""
+    q = BatchQueue(max_batch_size=8, priority_levels=3)
+    a, b, c, d = req(name="a"), req(name="b", priority=2, deadline=1.0), req(name="c", priority=3), req(name="d", priority=3)
+    for p in (a, b, c, d):
+        q.push(p)
+    assert q.depths == [1, 1, 2]
+    q.cancel(c)
+    q.expire(now=2.0)
+    assert q.depths == [1, 0, 1]
+    taken = q.take(2.0, max_rows=1, skip=1)  # d, from behind a
+    assert names(taken) == ["d"] and q.depths == [1, 0, 0]
+    q.requeue(taken)
+    assert q.depths == [1, 0, 1] and q.depths == [sum(1 for p in (a, d) if p.priority == i + 1) for i in range(3)]
