@@ -2,14 +2,16 @@
 
     python -m benchmarks.loadtest --url http://127.0.0.1:8000 --concurrency 16 --duration 30s
         [--rate R] [--mode classify|infer] [--baseline] [--baseline-bare] [--spawn] [--json P]
-        [--rounds N]
+        [--rounds N] [--report [PATH]] [--quiet]
 
-This module is the command line and the single-run flow: start the router if asked,
-measure it for one window, then each baseline one after another, never beside the router
-(they share the same cores, so ratios measured in one invocation are the figures worth
-comparing; absolute numbers on a shared machine drift between runs). With --rounds N the
-interleaved flow of rounds.py runs instead; payloads.py builds the requests, windows.py
-measures, servers.py starts and stops the processes, report.py prints and records.
+This module is the command line and the single-run flow: start the router if asked, say
+where its dashboard is, measure it for one window (a progress line a second on stderr),
+then each baseline one after another, never beside the router (they share the same cores,
+so ratios measured in one invocation are the figures worth comparing; absolute numbers on
+a shared machine drift between runs). With --rounds N the interleaved flow of rounds.py
+runs instead; payloads.py builds the requests, windows.py measures, servers.py starts and
+stops the processes, report.py prints and records, and load_report.py draws latency and
+throughput over time (--report).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from benchmarks.load_report import write_report
 from benchmarks.payloads import payload
-from benchmarks.report import print_summary, run_record, write_json
+from benchmarks.report import dashboard_line, print_summary, run_record, write_json
 from benchmarks.rounds import ratio, run_rounds
-from benchmarks.servers import DEFAULT_BATCH_SIZES, run_raw, spawn_bare, spawn_router, stop
+from benchmarks.servers import (DEFAULT_BATCH_SIZES, run_raw, spawn_bare, spawn_router,
+                                spawned_dashboard, stop)
 from benchmarks.windows import get_json, run_load
 
 
@@ -68,7 +72,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     a("--rounds", type=int, default=1,
       help="alternate router and baseline windows this many times; quote the medians")
     a("--json", type=Path, help="write every figure here")
-    a("--quiet", action="store_true", help="no progress bar")
+    a("--report", type=Path, nargs="?", const=Path("loadtest-report.png"),
+      help="draw latency and throughput over time of the router window(s) to this PNG "
+           "(or .svg, .pdf; bare --report: ./loadtest-report.png); needs matplotlib")
+    a("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -101,6 +108,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = run_record(args, url)
     try:
         u = urlsplit(url)
+        result["dashboard"] = asyncio.run(get_json(u.hostname or "127.0.0.1", u.port or 80,
+                                                   f"{u.path.rstrip('/')}/v1/dashboard"))
+        known = spawned_dashboard(router) if router is not None else None
+        print(dashboard_line(result["dashboard"], known), flush=True)
         meta = asyncio.run(get_json(u.hostname or "127.0.0.1", u.port or 80,
                                     f"{u.path.rstrip('/')}/v2/models/{args.model}"))
         path, headers, body, rows = payload(args, meta)
@@ -140,9 +151,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def finish(args: argparse.Namespace, result: dict) -> int:
+    """Record, then draw: a figure that cannot be drawn fails the run (exit 1) but never
+    costs the JSON."""
     if args.json:
         write_json(args.json, result)
-    return 0 if result["router"]["ok"] else 1
+    drawn = write_report(result, args.report) if args.report else True
+    return 0 if result["router"]["ok"] and drawn else 1
 
 
 if __name__ == "__main__":

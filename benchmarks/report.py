@@ -15,7 +15,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from benchmarks.servers import ROOT
 
@@ -28,6 +28,25 @@ def machine() -> dict:
         commit = None
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "git_commit": commit}
+
+
+PAGE_LABELS = {"gpu-metrics": "GPU metrics", "batch-queues": "batch queues"}
+
+
+def dashboard_line(info: Any, known: Optional[str] = None) -> str:
+    """Where to watch the run live, from the server's GET /v1/dashboard answer: its overview
+    page, then the others. `known` is the dashboard we started it with (--spawn), shown only
+    when the server does not say (an older router, or not a router at all)."""
+    pages = info.get("pages") if isinstance(info, dict) else None
+    pages = {k: v for k, v in pages.items() if isinstance(v, str)} \
+        if isinstance(pages, dict) else {}
+    main = pages.pop("overview", None) or (info.get("dashboard")
+                                           if isinstance(info, dict) else None)
+    if not isinstance(main, str):
+        return "dashboard: not reported by the server" + \
+            (f"; the spawned router's Dask dashboard: {known}" if known else "")
+    rest = ", ".join(f"{PAGE_LABELS.get(k, k.replace('-', ' '))}: {v}" for k, v in pages.items())
+    return f"dashboard: {main}" + (f" ({rest})" if rest else "")
 
 
 def print_summary(title: str, s: dict) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from benchmarks.cpu_probe import CpuProbe
 from benchmarks.report import print_rounds_table, print_summary, round_line
 from benchmarks.servers import RawServer, spawn_bare, stop
+from benchmarks.timeline import timeline
 from benchmarks.windows import load_window, run_load, window_summary
 
 
@@ -136,12 +137,14 @@ def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: s
             other: dict[str, Optional[float]] = {}
             idle: dict[str, Optional[float]] = {}  # the router's own CPU in baseline windows
             t0 = probe.sample()
-            rec, delta = asyncio.run(load_window(url, args, path, headers, body, warmup))
+            rec, delta = asyncio.run(load_window(url, args, path, headers, body, warmup,
+                                                 rows))
             t1 = probe.sample()
             other["router"] = probe.others(t0, t1)
             windows.append((rec, delta))
             router = window_summary(rec.latencies, rec.errors, rec.completed_ok,
                                     args.duration, rows, rec.samples, delta)
+            router["timeline"] = timeline(rec.trace, args.duration, rows)
             bare = raw_out = None
             if bare_url:
                 bare = asyncio.run(run_load(bare_url, args, path, headers, body, rows,

@@ -86,6 +86,19 @@ def spawn_router(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def spawned_dashboard(proc: subprocess.Popen) -> Optional[str]:
+    """The Dask dashboard a spawned router was started with (its last --dashboard-port, as
+    --spawn-args may repeat it), for when the router itself does not report one."""
+    port = None
+    cmd = [str(a) for a in proc.args] if isinstance(proc.args, (list, tuple)) else []
+    for i, a in enumerate(cmd):
+        if a == "--dashboard-port" and i + 1 < len(cmd):
+            port = cmd[i + 1]
+        elif a.startswith("--dashboard-port="):
+            port = a.split("=", 1)[1]
+    return f"http://127.0.0.1:{port}" if port else None
+
+
 def spawn_bare(meta: Optional[dict]) -> tuple[subprocess.Popen, str, Optional[str]]:
     cmd = [sys.executable, "-m", "benchmarks.bare_server", "--port", "0"]
     meta_file = None

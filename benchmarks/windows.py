@@ -16,6 +16,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from benchmarks.httpload import Connection, closed_loop, open_loop, summarize
+from benchmarks.timeline import timeline
 
 
 async def get(host: str, port: int, path: str) -> tuple[int, bytes]:
@@ -47,7 +48,8 @@ def _counts(stats: Optional[dict]) -> Optional[tuple[int, int]]:
 
 
 async def load_window(url: str, args: argparse.Namespace, path: str, headers: dict,
-                      body: bytes, warmup: Optional[float] = None) -> tuple[Any, Optional[dict]]:
+                      body: bytes, warmup: Optional[float] = None,
+                      rows: int = 1) -> tuple[Any, Optional[dict]]:
     """Warm up, measure one window, drain: (Recorder, server stats delta or None)."""
     u = urlsplit(url)
     host, port, base = u.hostname or "127.0.0.1", u.port or 80, u.path.rstrip("/")
@@ -64,7 +66,7 @@ async def load_window(url: str, args: argparse.Namespace, path: str, headers: di
 
     before = asyncio.ensure_future(stats_at_window_start())
     common = dict(warmup=warmup, duration=args.duration, drain_cap=args.drain_cap,
-                  timeout=args.timeout, progress=not args.quiet)
+                  timeout=args.timeout, progress=not args.quiet, rows=rows)
     if args.rate:
         rec = await open_loop(host, port, send, args.rate, seed=args.seed,
                               max_connections=args.max_connections, **common)
@@ -91,7 +93,10 @@ def window_summary(latencies: list[float], errors: dict, completed_ok: int, dura
 
 async def run_load(url: str, args: argparse.Namespace, path: str, headers: dict,
                    body: bytes, rows: int, warmup: Optional[float] = None) -> dict:
-    """Warm up, measure one window, drain; mean batch from the server's stats around it."""
-    rec, delta = await load_window(url, args, path, headers, body, warmup)
-    return window_summary(rec.latencies, rec.errors, rec.completed_ok, args.duration, rows,
-                          rec.samples, delta)
+    """Warm up, measure one window, drain; mean batch from the server's stats around it,
+    and the window over time for the report."""
+    rec, delta = await load_window(url, args, path, headers, body, warmup, rows)
+    out = window_summary(rec.latencies, rec.errors, rec.completed_ok, args.duration, rows,
+                         rec.samples, delta)
+    out["timeline"] = timeline(rec.trace, args.duration, rows)
+    return out

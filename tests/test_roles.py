@@ -47,6 +47,20 @@ def dask_scheduler(sport: int, dport: int, log: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=open(ARTIFACTS / log, "w"), stderr=subprocess.STDOUT)
 
 
+def served_as_the_dashboard_sees_it(scheduler: str, timeout: float = 10.0) -> int:
+    """Requests served, from the history the scheduler's dashboard pages draw."""
+    from distributed import Client
+
+    def served(dask_scheduler) -> int:
+        return dask_scheduler.extensions["batch-router"].history.summary()["served"]
+
+    with Client(scheduler, timeout=30) as client:
+        deadline = time.monotonic() + timeout
+        while (n := client.run_on_scheduler(served)) == 0 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        return n
+
+
 @pytest.mark.parametrize("scheduler_cli", ["batch-router", "dask-preload"])
 def test_scheduler_worker_and_front_end_as_separate_processes(model_path, scheduler_cli):
     sport, dport, hport = free_port(), free_port(), free_port()
@@ -72,7 +86,15 @@ def test_scheduler_worker_and_front_end_as_separate_processes(model_path, schedu
             for conn in psutil.Process(p.pid).net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
                     assert ipaddress.ip_address(conn.laddr.ip).is_loopback, (p.args, conn.laddr)
-        assert request(f"http://127.0.0.1:{dport}", "GET", "/status").status == 200  # Dask dashboard
+        dashboard = f"http://127.0.0.1:{dport}"
+        assert request(dashboard, "GET", "/status").status == 200  # Dask dashboard
+        # batch-router's pages are there too, whichever way the scheduler started...
+        pages = request(url, "GET", "/v1/dashboard").json()["pages"]
+        assert pages["overview"] == f"{dashboard}/gpu-router"
+        for page in pages.values():
+            assert request(dashboard, "GET", page.removeprefix(dashboard)).status == 200
+        # ...and the front end's statistics reach them from its own process.
+        assert served_as_the_dashboard_sees_it(f"tcp://127.0.0.1:{sport}") >= 1
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -84,3 +84,23 @@ def test_the_snapshot_is_cumulative_and_small():
         "responsive": True, "batches": 10, "rows": 40,
     }  # fmt: skip
     assert set(s["latency"]) == {"request", "queue", "transfer", "compute"}
+
+
+def shape(obj):
+    """The snapshot's structure without its numbers: keys and list lengths."""
+    if isinstance(obj, dict):
+        return {k: shape(v) for k, v in obj.items() if k != "time"}
+    if isinstance(obj, list):
+        return len(obj)
+    return type(obj).__name__
+
+
+def test_the_snapshot_grows_with_workers_never_with_requests():
+    """What reaches the scheduler every half second, and what it does with it, is
+    O(workers + buckets) whatever the request rate."""
+    d, t = fake_dispatcher(), Telemetry()
+    t.request_served(0.01, 0.001, 0.005, 0.004)
+    few = shape(t.snapshot(d))
+    for i in range(10_000):
+        t.request_served(0.001 * (i % 500), 0.001, 0.005, 0.004)
+    assert shape(t.snapshot(d)) == few

@@ -1,0 +1,53 @@
+"""GET /metrics on the running service: parsed by prometheus_client, and telling the
+same story as Triton's statistics endpoint."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import make_image
+from tests.http import classify, request
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(url: str) -> dict[str, list]:
+    r = request(url, "GET", "/metrics")
+    assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(r.body.decode()):
+        for s in family.samples:
+            out.setdefault(s.name, []).append(s)
+    return out
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_metrics_agree_with_the_statistics_endpoint(cluster):
+    for seed in range(3):
+        assert classify(cluster.url, make_image(seed)).status == 200
+    assert request(cluster.url, "GET", "/no/such/page").status == 404
+    m, stats = scrape(cluster.url), cluster.stats()
+    assert total(m, "nv_inference_request_success_total") == stats["inference_stats"]["success"]["count"]
+    assert total(m, "nv_inference_count_total") == stats["inference_count"]
+    assert total(m, "nv_inference_exec_count_total") == stats["execution_count"]
+    assert total(m, "batch_router_batch_size_count") == stats["execution_count"]
+    assert total(m, "batch_router_request_duration_seconds_count") == stats["inference_stats"]["success"]["count"]
+    assert total(m, "batch_router_http_responses_total", code="404") >= 1
+
+
+def test_per_worker_series_follow_the_workers_endpoint(cluster):
+    workers = request(cluster.url, "GET", "/v1/workers").json()["workers"]
+    m = scrape(cluster.url)
+    assert {s.labels["worker"] for s in m["batch_router_worker_in_flight_batches"]} == {w["name"] for w in workers}
+    with_gpu = {w["name"] for w in workers if w["gpu"]}
+    assert {s.labels["worker"] for s in m.get("nv_gpu_utilization", [])} == with_gpu  # none here: CPU workers, no fake GPU
+
+
+def test_the_dashboard_link(cluster):
+    pages = request(cluster.url, "GET", "/v1/dashboard").json()["pages"]
+    assert pages["overview"] == f"http://127.0.0.1:{cluster.dashboard_port}/gpu-router"
+    assert request(pages["overview"], "GET", "/gpu-router").status == 200
