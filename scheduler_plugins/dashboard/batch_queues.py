@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+from bokeh.core.properties import without_property_validation
 from bokeh.layouts import column, gridplot
 from bokeh.models import ColumnDataSource, FactorRange
 from bokeh.plotting import figure
@@ -109,6 +110,7 @@ class BatchQueues:
         grid = gridplot([figures[i : i + 2] for i in range(0, len(figures), 2)], sizing_mode="stretch_width", toolbar_location="right")
         self.root = column(grid, sizing_mode="stretch_width")
 
+    @without_property_validation
     def update(self) -> None:
         update(self.sizes, size_columns(self.history.batch_sizes()))
         new = History.since(self.history.queue, self.seq)

@@ -26,7 +26,7 @@ def history_of(scheduler):
     return getattr(plugin, "history", None)
 
 
-def page(doc, extra: dict, title: str, component: Component | None) -> None:
+def page(doc, extra: dict, title: str, component: Component | None, interval_ms: int = INTERVAL_MS) -> None:
     """Lay a component into Dask's page template (navigation bar and all) and refresh it
     on the scheduler's event loop."""
     from distributed.dashboard.components import add_periodic_callback
@@ -37,7 +37,7 @@ def page(doc, extra: dict, title: str, component: Component | None) -> None:
         doc.add_root(Div(text="<p>This scheduler runs without the batch-router plugin: nothing to show.</p>"))
     else:
         component.update()
-        add_periodic_callback(doc, component, INTERVAL_MS)
+        add_periodic_callback(doc, component, interval_ms)
         doc.add_root(component.root)
     doc.template = env.get_template("simple.html")
     doc.template_variables.update(extra)

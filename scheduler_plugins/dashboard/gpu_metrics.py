@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 
+from bokeh.core.properties import without_property_validation
 from bokeh.layouts import column, gridplot
 from bokeh.models import ColumnDataSource, Div
 from bokeh.plotting import figure
@@ -93,6 +94,7 @@ class GpuMetrics:
         self.sources[address] = source
         return source
 
+    @without_property_validation
     def update(self) -> None:
         new = History.since(self.history.gpu, self.seq)
         if not new:
@@ -111,4 +113,6 @@ class GpuMetrics:
 
 def gpu_metrics_doc(scheduler, extra: dict, doc) -> None:
     history = history_of(scheduler)
-    page(doc, extra, "GPU metrics", GpuMetrics(history) if history is not None else None)
+    # Once a second: GPU samples ride heartbeats, which come about that often, and a
+    # refresh costs a Bokeh stream per worker (benchmarks/dashboard_cost.py).
+    page(doc, extra, "GPU metrics", GpuMetrics(history) if history is not None else None, interval_ms=1000)

@@ -3,6 +3,7 @@ worker (device, GPU state, weight, in flight, health), throughput and latency la
 
 from __future__ import annotations
 
+from bokeh.core.properties import without_property_validation
 from bokeh.layouts import column, row
 from bokeh.models import ColumnDataSource, Range1d
 from bokeh.plotting import figure
@@ -114,6 +115,7 @@ class Overview:
         latency.legend.location = "top_left"
         self.root = column(tiles, self.board, row(throughput, latency, sizing_mode="stretch_width"), sizing_mode="stretch_width")
 
+    @without_property_validation
     def update(self) -> None:
         """O(workers) plus the rows this page has not drawn yet."""
         cards = self.history.cards()
