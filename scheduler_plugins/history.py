@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from router_api.telemetry import PHASES, difference, quantile
+from router_api.telemetry import BOUNDS, PHASES, difference, quantile
 from scheduler_plugins.policies import throttling
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -55,6 +55,28 @@ def interval(new: dict, old: dict) -> dict | None:
     }
 
 
+WORKER_KEYS = {"name", "in_flight", "weight", "responsive", "rows"}
+
+
+def check(snapshot: dict) -> None:
+    """The fields the history reads, with the types it reads them as."""
+    try:
+        ok = (
+            isinstance(snapshot["time"], (int, float))
+            and all(isinstance(n, int) for n in snapshot["queue"]["levels"])
+            and isinstance(snapshot["queue"]["rows"], int)
+            and all(isinstance(snapshot[k], int) for k in ("success", "failure", "rows", "batches"))
+            and all(isinstance(n, int) for n in snapshot["responses"].values())
+            and all(int(k) >= 0 and isinstance(n, int) for k, n in snapshot["batch_sizes"].items())
+            and all(len(snapshot["latency"][p]["counts"]) == len(BOUNDS) + 1 for p in PHASES)
+            and all(WORKER_KEYS <= set(w) for w in snapshot["workers"].values())
+        )
+    except (KeyError, TypeError, AttributeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError("not a batch-router front-end snapshot")
+
+
 def gpu_point(state: dict) -> dict:
     """One worker's sample as the GPU page draws it; ``gpu: False`` for CPU-only."""
     gpu = state.get("gpu") or None
@@ -93,6 +115,9 @@ class History:
         self.gpu.append({"seq": self.seq, "time": wall, "workers": points})
 
     def add_frontend(self, key: str, snapshot: dict, now: float) -> None:
+        """Raises ValueError, keeping nothing, for a snapshot not shaped like
+        ``Telemetry.snapshot()``: one bad sender must not break the pages for all."""
+        check(snapshot)
         fe = self.frontends.get(key)
         if fe is None:
             self.frontends[key] = FrontEnd(snapshot, now)

@@ -101,3 +101,20 @@ def test_summary_and_batch_sizes_add_up_across_front_ends():
     s = h.summary()
     assert (s["served"], s["503"], s["504"]) == (12, 5, 2)
     assert h.batch_sizes() == {1: 3, 4: 3}
+
+
+@pytest.mark.parametrize("broken", [
+    {},
+    {"time": "now"},
+    {**frontend(1.0), "queue": {"levels": ["x"], "rows": 0}},
+    {**frontend(1.0), "latency": {"request": {"counts": [1, 2]}}},
+    {**frontend(1.0), "workers": {"tcp://a": {"name": "a"}}},
+])  # fmt: skip
+def test_a_malformed_snapshot_is_refused_and_breaks_nothing(broken):
+    h = History()
+    h.add_frontend("good", frontend(0.0, rows=0), now=0.0)
+    with pytest.raises(ValueError):
+        h.add_frontend("bad", broken, now=0.5)
+    h.add_frontend("good", frontend(1.0, rows=10), now=1.0)
+    assert set(h.frontends) == {"good"} and h.queue[-1]["rows_per_s"] == pytest.approx(10)
+    assert h.summary()["frontends"] == 1
