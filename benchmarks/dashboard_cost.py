@@ -40,7 +40,7 @@ def front_end(n_workers: int, requests: int) -> tuple[SimpleNamespace, Telemetry
     for i in range(requests):
         t.request_served(0.001 * (i % 300), 0.0005, 0.002, 0.001)
         if i % 8 == 0:
-            d.stats.batch_done(8, 1, 1, 1)
+            d.stats.batch_done(8, 8, 1, 1, 1)
         d.stats.request_done(True, 1, 1)
     return d, t
 
@@ -54,7 +54,7 @@ def per_call_us(fn, repeat: int) -> float:
 
 def measure(n_workers: int, requests: int, repeat: int) -> dict:
     d, t = front_end(n_workers, requests)
-    h = History()
+    h = History(keep_s=1e9)
     workers = {a: {"info": {"name": v.name, "device": "cuda", "providers": ["CUDAExecutionProvider"]},
                    "state": {"gpu": GPU, "simulated": False, "errors": []}} for a, v in d.views.items()}  # fmt: skip
     clock = iter(range(10**9))
@@ -65,7 +65,8 @@ def measure(n_workers: int, requests: int, repeat: int) -> dict:
     def report() -> None:
         snap = t.snapshot(d)
         snap["time"] = float(next(clock))
-        h.add_frontend("fe", snap, 0.0)
+        snap["clock"] = snap["time"]
+        h.add_frontend("fe", snap, snap["time"])
 
     out = {"workers": n_workers, "requests": requests,
            "tick_us": per_call_us(tick, repeat), "frontend_update_us": per_call_us(report, repeat)}  # fmt: skip

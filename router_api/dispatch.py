@@ -49,7 +49,6 @@ class Ticket:
     future: asyncio.Future
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
     packed: dict | None = None  # ``item`` compressed for far workers, when first needed
-    dispatched_ns: int = 0
 
 
 @dataclass
@@ -69,6 +68,7 @@ class Batch:
     items: list[Pending]
     future: Any  # distributed.Future
     sent: float = 0.0  # wall clock, to compare with the worker's stamps
+    sent_ns: int = 0  # perf_counter_ns: its requests' queue wait ends here, its round trip starts
     sent_at: float = 0.0  # loop clock
     due: float = 0.0  # loop clock: past this the worker is presumed stuck
     hedge_at: float = float("inf")  # loop clock: past this a copy may go to another worker
@@ -148,6 +148,7 @@ class Dispatcher(Watchdog):
             self._reap_failed()
             await asyncio.sleep(0.05)
         for p in self.queue.drain():
+            self.stats.rejected["unavailable"] += 1
             self._fail(p, Unavailable("server is shutting down"))
         for batch in list(self.in_flight.values()):
             self._abandon(batch, Unavailable("server is shutting down"))
@@ -169,6 +170,7 @@ class Dispatcher(Watchdog):
         """Queue one request. Raises ValueError (400) or Unavailable (503) at once.
         ``packed``: the item already compressed for far workers (see ``far_workers``)."""
         if self.closing:
+            self.stats.rejected["unavailable"] += 1
             raise Unavailable("server is shutting down")
         level = resolve_priority(priority, self.levels, self.default_level)
         timeout = resolve_timeout(timeout_us / 1e6, self.default_timeout)
@@ -242,8 +244,6 @@ class Dispatcher(Watchdog):
     def _send(self, view: WorkerView | None, items: list[Pending], now: float) -> Batch | None:
         batch_id = f"{self._prefix}-{next(self._ids)}"
         now_ns = time.perf_counter_ns()
-        for p in items:
-            p.payload.dispatched_ns = now_ns
         far = view is not None and self.compress_beyond is not None and view.overhead >= self.compress_beyond
         spec = {"id": batch_id, "topic": self.topic, "items": [self._packed(p) if far else p.payload.item for p in items]}
         where = {"workers": [view.address], "allow_other_workers": False} if view else {}
@@ -252,9 +252,10 @@ class Dispatcher(Watchdog):
         except Exception as e:  # e.g. the client lost the scheduler: answer, never drop
             logger.error("could not submit batch %s: %s", batch_id, e)
             for p in items:
+                self.stats.rejected["unavailable"] += 1
                 self._fail(p, Unavailable(f"cannot reach the scheduler: {e}"))
             return None
-        batch = Batch(batch_id, view, items, future, time.time(), now)
+        batch = Batch(batch_id, view, items, future, sent=time.time(), sent_ns=now_ns, sent_at=now)
         self.in_flight[batch_id] = batch
         self.sent += 1
         if view is None:
@@ -307,22 +308,23 @@ class Dispatcher(Watchdog):
             logger.debug("batch %s: to worker %.2f ms, on worker %.2f ms, back %.2f ms", batch.id, 1e3 * to, 1e3 * on, 1e3 * back)
         # Triton's counts are of requests served: a hedged copy that lost the race ran,
         # but answered nobody, so it is not counted again.
-        answered = sum(p.rows for p in batch.items if not p.payload.future.done())
-        if rows and answered:
-            self.stats.batch_done(answered, t["input_ns"], t["infer_ns"], t["output_ns"])
+        waiting = [p for p in batch.items if not p.payload.future.done()]
+        if rows and waiting:
+            self.stats.batch_done(sum(p.rows for p in waiting), len(waiting), t["input_ns"], t["infer_ns"], t["output_ns"])
         done_ns = time.perf_counter_ns()
         name = view.name if view and view.name else reply["worker"]
         compute_s = t.get("service_s") or 0.0
+        round_trip_s = 1e-9 * (done_ns - batch.sent_ns)
         for p, result in zip(batch.items, reply["results"]):
             ticket: Ticket = p.payload
-            queue_ns = ticket.dispatched_ns - ticket.arrival_ns
+            # Queue wait lasts until the batch that answered left (a hedged copy's
+            # requests waited through the first try).
+            queue_ns = batch.sent_ns - ticket.arrival_ns
             ok = "error" not in result
             if not ticket.future.done():
                 self.stats.request_done(ok, done_ns - ticket.arrival_ns, queue_ns)
                 if ok:
-                    self.telemetry.request_served(
-                        1e-9 * (done_ns - ticket.arrival_ns), 1e-9 * queue_ns, 1e-9 * (done_ns - ticket.dispatched_ns), compute_s
-                    )
+                    self.telemetry.request_served(1e-9 * (done_ns - ticket.arrival_ns), 1e-9 * queue_ns, round_trip_s, compute_s)
                 ticket.future.set_result(Reply(result, name, rows, queue_ns))
         self._pump()
 

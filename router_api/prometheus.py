@@ -19,8 +19,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 Sample = tuple[str, dict, float]  # name suffix, labels, value
 
-# Triton's failure reasons: what each of ours counts as.
-FAILURE_REASONS = {"REJECTED": "timeout", "CANCELED": "cancelled", "OTHER": "queue_full"}
+# Triton's failure reasons: which of ours each one counts (BACKEND: failed after dispatch).
+FAILURE_REASONS = {"REJECTED": ("timeout",), "CANCELED": ("cancelled",), "OTHER": ("queue_full", "unavailable")}
 
 
 def escape(value: str) -> str:
@@ -71,11 +71,11 @@ def render(snapshot: dict, stats, workers: list[dict], version: str) -> str:
 
     out.family("nv_inference_request_success", "counter", "Requests answered successfully",
                [("", model, stats.durations["success"][0])])  # fmt: skip
-    failures = [("", {**model, "reason": r}, snapshot["rejected"].get(key, 0)) for r, key in FAILURE_REASONS.items()]
+    failures = [("", {**model, "reason": r}, sum(snapshot["rejected"].get(k, 0) for k in keys)) for r, keys in FAILURE_REASONS.items()]
     failures.append(("", {**model, "reason": "BACKEND"}, stats.durations["fail"][0]))
     out.family("nv_inference_request_failure", "counter",
-               "Failed requests: REJECTED timed out in the queue (504), OTHER queue full (503), "
-               "CANCELED client went away, BACKEND failed after dispatch", failures)  # fmt: skip
+               "Failed requests: REJECTED timed out (504), OTHER refused (503: queue full, no scheduler, "
+               "shutting down), CANCELED client went away, BACKEND failed on a worker", failures)  # fmt: skip
     out.family("nv_inference_count", "counter", "Inferences performed (a batch of n counts n)", [("", model, stats.inference_count)])
     out.family("nv_inference_exec_count", "counter", "Batches executed", [("", model, stats.execution_count)])
     out.family("nv_inference_pending_request_count", "gauge", "Requests waiting in the front end's queue",
@@ -93,7 +93,7 @@ def render(snapshot: dict, stats, workers: list[dict], version: str) -> str:
         h = snapshot["latency"][phase]
         out.histogram(f"batch_router_{phase}_duration_seconds", PHASE_HELP[phase], model, h["counts"], BOUNDS, h["sum"])
     sizes = {int(k): int(v) for k, v in snapshot["batch_sizes"].items()}
-    bounds = batch_bounds(max(sizes, default=1))
+    bounds = batch_bounds(max(snapshot["queue"]["max_batch_size"], *sizes, 1))  # fixed buckets, scrape after scrape
     counts = [0] * (len(bounds) + 1)
     for size, n in sizes.items():
         counts[next((i for i, b in enumerate(bounds) if size <= b), len(bounds))] += n
@@ -109,7 +109,7 @@ def render(snapshot: dict, stats, workers: list[dict], version: str) -> str:
 PHASE_HELP = {
     "request": "Request latency from arrival to answer, successful requests",
     "queue": "Time waiting in the front end's queue",
-    "transfer": "Time getting to the worker and back (round trip less compute)",
+    "transfer": "Round trip to the worker less compute: the network both ways, and waiting there behind earlier batches",
     "compute": "Time the worker spent on the request's batch",
 }
 
@@ -129,9 +129,11 @@ def worker_families(out: Exposition, workers: list[dict]) -> None:
 
     gpus = [(w, w["gpu"]) for w in workers if w.get("gpu")]
 
+    def gpu_labels(w: dict, g: dict) -> dict:
+        return {**who(w), "gpu_uuid": g.get("uuid") or "", "simulated": "true" if w["simulated"] else "false"}
+
     def gpu_samples(key: str, scale: float = 1.0) -> list[Sample]:
-        labels = lambda w, g: {**who(w), "gpu_uuid": g.get("uuid") or "", "simulated": "true" if w["simulated"] else "false"}
-        return [("", labels(w, g), None if g.get(key) is None else g[key] * scale) for w, g in gpus]
+        return [("", gpu_labels(w, g), None if g.get(key) is None else g[key] * scale) for w, g in gpus]
 
     out.family("nv_gpu_utilization", "gauge", "GPU utilization (0.0-1.0)", gpu_samples("utilization_gpu", 0.01))
     out.family("nv_gpu_memory_total_bytes", "gauge", "GPU total memory, in bytes", gpu_samples("memory_total"))
@@ -141,12 +143,12 @@ def worker_families(out: Exposition, workers: list[dict]) -> None:
     out.family("batch_router_gpu_temperature_celsius", "gauge", "GPU temperature", gpu_samples("temperature"))
     out.family("batch_router_gpu_sm_clock_mhz", "gauge", "GPU SM clock", gpu_samples("sm_clock"))
     out.family("batch_router_gpu_throttling", "gauge", "1 while clocks are held down or past the slowdown temperature",
-               [("", {**who(w), "simulated": "true" if w["simulated"] else "false"}, 1 if throttling(g) else 0) for w, g in gpus])  # fmt: skip
+               [("", gpu_labels(w, g), 1 if throttling(g) else 0) for w, g in gpus])  # fmt: skip
     out.family("batch_router_worker_in_flight_batches", "gauge", "Batches sent to the worker and not answered yet",
                [("", who(w), w["in_flight"]) for w in workers])  # fmt: skip
     out.family("batch_router_worker_weight", "gauge", "The worker's share of capacity as placement sees it (0-1)",
                [("", who(w), w["weight"]) for w in workers])  # fmt: skip
     out.family("batch_router_worker_responsive", "gauge", "1 unless the worker is presumed stuck",
                [("", who(w), 1 if w["responsive"] else 0) for w in workers])  # fmt: skip
-    out.family("batch_router_worker_rows", "counter", "Rows the worker answered for this front end",
+    out.family("batch_router_worker_rows_total", "counter", "Rows the worker answered for this front end",
                [("", who(w), w["rows"]) for w in workers])  # fmt: skip

@@ -28,7 +28,9 @@ async def report_loop(dispatcher: Dispatcher) -> None:
         await asyncio.sleep(interval)
         try:
             snapshot = dispatcher.telemetry.snapshot(dispatcher)
-            await dispatcher.client.scheduler.batch_router_frontend(frontend=dispatcher.client.id, stats=snapshot)
+            reply = await dispatcher.client.scheduler.batch_router_frontend(frontend=dispatcher.client.id, stats=snapshot)
+            if reply.get("status") != "OK":
+                raise ValueError(reply.get("message"))
             if failing:
                 logger.info("dashboard statistics reach the scheduler again")
             failing = False

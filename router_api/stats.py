@@ -16,7 +16,7 @@ class ModelStats:
         self.inference_count = 0  # rows
         self.execution_count = 0  # batches
         self.last_inference_ms = 0
-        self.rejected = defaultdict(int)  # reason -> count (queue_full, timeout, cancelled)
+        self.rejected = defaultdict(int)  # reason -> count (queue_full, timeout, cancelled, unavailable)
 
     def _add(self, field: str, ns: int, n: int = 1) -> None:
         d = self.durations[field]
@@ -28,12 +28,15 @@ class ModelStats:
         if ok:
             self._add("queue", queue_ns)
 
-    def batch_done(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+    def batch_done(self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One batch of ``rows`` rows answering ``requests`` requests. As in Triton,
+        each request's compute took the whole batch's time; ``batch_stats`` counts the
+        batch once."""
         self.inference_count += rows
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)
         for field, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
-            self._add(field, ns, rows)
+            self._add(field, ns * requests, requests)
             b = self.batch[rows][field]
             b[0] += 1
             b[1] += ns

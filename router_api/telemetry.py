@@ -86,8 +86,10 @@ class Telemetry:
         weights = dispatcher.weights()
         return {
             "time": time.time(),
+            "clock": time.monotonic(),  # rates are measured on this clock: it never steps
             "model": stats.name,
-            "queue": {"levels": list(queue.depths), "rows": queue.rows, "max": queue.max_queue_size},
+            "queue": {"levels": list(queue.depths), "rows": queue.rows, "max": queue.max_queue_size,
+                      "max_batch_size": queue.max_batch_size},  # fmt: skip
             "success": stats.durations["success"][0],
             "failure": stats.durations["fail"][0],
             "rejected": dict(stats.rejected),

@@ -1,10 +1,10 @@
 """What the dashboard pages draw, kept in the scheduler: a bounded history of every
 worker's GPU samples and of the front ends' statistics, plus the current state.
 
-Pure logic with time passed in. Each update is O(workers + histogram buckets), never
-O(requests): the front ends send cumulative counters and histograms
-(router_api/telemetry.py), and rates and quantiles come from the difference between two
-of their snapshots.
+Pure logic with time passed in (the scheduler's wall clock, so both series share one
+time axis). Each update is O(workers + histogram buckets), never O(requests): front
+ends send cumulative counters and histograms (router_api/telemetry.py), and rates and
+quantiles come from the difference between two of their snapshots (snapshots.py).
 """
 
 from __future__ import annotations
@@ -12,164 +12,123 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from router_api.telemetry import BOUNDS, PHASES, difference, quantile
+from router_api.telemetry import PHASES, quantile
 from scheduler_plugins.policies import throttling
+from scheduler_plugins.snapshots import clean, interval
 
 QUANTILES = (0.5, 0.95, 0.99)
-STALE_AFTER = 5.0  # seconds without a snapshot: that front end is gone
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 @dataclass
 class FrontEnd:
-    last: dict  # its latest cumulative snapshot
-    seen: float  # monotonic time it arrived
+    last: dict  # its latest clean snapshot
+    seen: float  # when it arrived
     interval: dict | None = None  # what changed between its last two snapshots
 
 
-def _delta(new: dict, old: dict, key: str) -> int:
-    n, o = int(new.get(key, 0)), int(old.get(key, 0))
-    return n - o if n >= o else n
-
-
-def interval(new: dict, old: dict) -> dict | None:
-    """Rates and latency counts between two snapshots of one front end."""
-    dt = new["time"] - old["time"]
-    if dt <= 0:
-        return None
-    requests = _delta(new, old, "success") + _delta(new, old, "failure")
-    codes = set(new["responses"]) | set(old["responses"])
-    workers = {}
-    for address, w in new["workers"].items():
-        before = old["workers"].get(address, {})
-        workers[address] = {"rows_per_s": _delta(w, before, "rows") / dt}
-    return {
-        "dt": dt,
-        "requests_per_s": requests / dt,
-        "rows_per_s": _delta(new, old, "rows") / dt,
-        "batches_per_s": _delta(new, old, "batches") / dt,
-        "status_per_s": {c: _delta(new["responses"], old["responses"], c) / dt for c in codes},
-        "latency": {
-            p: difference(new["latency"][p]["counts"], old["latency"][p]["counts"]) for p in PHASES
-        },
-        "workers": workers,
-    }
-
-
-WORKER_KEYS = {"name", "in_flight", "weight", "responsive", "rows"}
-
-
-def check(snapshot: dict) -> None:
-    """The fields the history reads, with the types it reads them as."""
-    try:
-        ok = (
-            isinstance(snapshot["time"], (int, float))
-            and all(isinstance(n, int) for n in snapshot["queue"]["levels"])
-            and isinstance(snapshot["queue"]["rows"], int)
-            and all(isinstance(snapshot[k], int) for k in ("success", "failure", "rows", "batches"))
-            and all(isinstance(n, int) for n in snapshot["responses"].values())
-            and all(int(k) >= 0 and isinstance(n, int) for k, n in snapshot["batch_sizes"].items())
-            and all(len(snapshot["latency"][p]["counts"]) == len(BOUNDS) + 1 for p in PHASES)
-            and all(WORKER_KEYS <= set(w) for w in snapshot["workers"].values())
-        )
-    except (KeyError, TypeError, AttributeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError("not a batch-router front-end snapshot")
-
-
-def gpu_point(state: dict) -> dict:
-    """One worker's sample as the GPU page draws it; ``gpu: False`` for CPU-only."""
-    gpu = state.get("gpu") or None
-    if not gpu:
-        return {"gpu": False, "simulated": bool(state.get("simulated"))}
+def gpu_point(state: dict, info: dict) -> dict:
+    """One worker's GPU as the pages draw it. ``gpu`` is whether there is a sample to
+    draw; a worker that runs on CUDA but has none (sampler failing, no heartbeat yet)
+    says so rather than passing for CPU-only."""
+    sample = state.get("gpu") or None
+    if not sample:
+        expected = info.get("device") == "cuda" or any(p in GPU_PROVIDERS for p in info.get("providers") or ())
+        why = state.get("error") or "; ".join(state.get("errors") or ()) or "no GPU sample yet"
+        return {"gpu": False, "simulated": bool(state.get("simulated")), "missing": why if expected else None}
     return {
         "gpu": True,
-        "simulated": bool(state.get("simulated")) or gpu.get("source") == "simulated",
-        "utilization": gpu.get("utilization_gpu"),
-        "memory_used": gpu.get("memory_used"),
-        "memory_total": gpu.get("memory_total"),
-        "temperature": gpu.get("temperature"),
-        "power": gpu.get("power"),
-        "power_limit": gpu.get("power_limit"),
-        "sm_clock": gpu.get("sm_clock"),
-        "throttling": throttling(gpu),
-        "throttle_reasons": list(gpu.get("throttle_reasons") or []),
+        "simulated": bool(state.get("simulated")) or sample.get("source") == "simulated",
+        "utilization": sample.get("utilization_gpu"),
+        "memory_used": sample.get("memory_used"),
+        "memory_total": sample.get("memory_total"),
+        "temperature": sample.get("temperature"),
+        "power": sample.get("power"),
+        "power_limit": sample.get("power_limit"),
+        "sm_clock": sample.get("sm_clock"),
+        "throttling": throttling(sample),
+        "throttle_reasons": list(sample.get("throttle_reasons") or []),
     }
 
 
 class History:
-    def __init__(self, keep: int = 1200) -> None:
+    def __init__(self, keep_s: float = 600.0, stale_after: float = 5.0, max_rows: int = 20_000) -> None:
+        self.keep_s, self.stale_after = keep_s, stale_after
         self.frontends: dict[str, FrontEnd] = {}
-        self.gpu: deque[dict] = deque(maxlen=keep)  # {"seq", "time", "workers": {address: gpu_point}}
-        self.queue: deque[dict] = deque(maxlen=keep)  # one aggregate row per front-end snapshot
-        self.workers: dict[str, dict] = {}  # address -> {"info", "state"}: the latest tick
+        self.gpu: deque[dict] = deque(maxlen=max_rows)  # {"seq", "time", "workers": {address: point}}
+        self.queue: deque[dict] = deque(maxlen=max_rows)  # one aggregate row per front-end snapshot
+        self.workers: dict[str, dict] = {}  # address -> {"info", "state", "placement"}: the latest tick
         self.seq = 0
 
     # -- input --------------------------------------------------------------------
 
-    def add_workers(self, wall: float, workers: dict[str, dict]) -> None:
-        """The plugin's tick: ``{address: {"info": startup entry, "state": metrics}}``."""
+    def add_workers(self, now: float, workers: dict[str, dict]) -> None:
+        """The plugin's tick: ``{address: {"info": startup entry, "state": heartbeat
+        metrics, "placement": {"weight", "in_flight"} as the plugin sees them}}``."""
         self.workers = workers
+        self._forget_stale(now)
         self.seq += 1
-        points = {a: {"name": w["info"].get("name", a), **gpu_point(w["state"])} for a, w in workers.items()}
-        self.gpu.append({"seq": self.seq, "time": wall, "workers": points})
+        points = {a: {"name": w["info"].get("name", a), **gpu_point(w["state"], w["info"])} for a, w in workers.items()}
+        self._append(self.gpu, {"seq": self.seq, "time": now, "workers": points})
 
     def add_frontend(self, key: str, snapshot: dict, now: float) -> None:
         """Raises ValueError, keeping nothing, for a snapshot not shaped like
-        ``Telemetry.snapshot()``: one bad sender must not break the pages for all."""
-        check(snapshot)
+        ``Telemetry.snapshot()``."""
+        snap = clean(snapshot)
         fe = self.frontends.get(key)
         if fe is None:
-            self.frontends[key] = FrontEnd(snapshot, now)
-        else:
-            fe.interval = interval(snapshot, fe.last) or fe.interval
-            fe.last, fe.seen = snapshot, now
+            self.frontends[key] = FrontEnd(snap, now)
+            return
+        fe.interval = interval(snap, fe.last)
+        fe.last, fe.seen = snap, now
         self._forget_stale(now)
-        row = self._aggregate(snapshot["time"])
-        if row is not None:
-            self.queue.append(row)
+        if fe.interval is not None:
+            self._append(self.queue, self._aggregate(now))
 
     def _forget_stale(self, now: float) -> None:
-        for key in [k for k, fe in self.frontends.items() if now - fe.seen > STALE_AFTER]:
+        for key in [k for k, fe in self.frontends.items() if now - fe.seen > self.stale_after]:
             del self.frontends[key]
 
-    def _aggregate(self, wall: float) -> dict | None:
+    def _append(self, series: deque[dict], row: dict) -> None:
+        series.append(row)
+        while series and series[0]["time"] < row["time"] - self.keep_s:
+            series.popleft()
+
+    def _aggregate(self, now: float) -> dict:
         """One row across every live front end: their latest intervals summed."""
-        live = [fe for fe in self.frontends.values() if fe.interval is not None]
-        if not live:
-            return None
+        live = [fe.interval for fe in self.frontends.values() if fe.interval is not None]
         self.seq += 1
-        levels = max(len(fe.last["queue"]["levels"]) for fe in self.frontends.values())
-        queue = [sum(fe.last["queue"]["levels"][i] for fe in self.frontends.values() if i < len(fe.last["queue"]["levels"])) for i in range(levels)]
         row: dict = {
             "seq": self.seq,
-            "time": wall,
-            "queue_levels": queue,
-            "queue_rows": sum(fe.last["queue"]["rows"] for fe in self.frontends.values()),
-            "requests_per_s": sum(fe.interval["requests_per_s"] for fe in live),
-            "rows_per_s": sum(fe.interval["rows_per_s"] for fe in live),
-            "batches_per_s": sum(fe.interval["batches_per_s"] for fe in live),
-            "503_per_s": sum(fe.interval["status_per_s"].get("503", 0.0) for fe in live),
-            "504_per_s": sum(fe.interval["status_per_s"].get("504", 0.0) for fe in live),
+            "time": now,
+            "queue_levels": self.queue_levels(),
+            "requests_per_s": sum(i["requests_per_s"] for i in live),
+            "rows_per_s": sum(i["rows_per_s"] for i in live),
+            "batches_per_s": sum(i["batches_per_s"] for i in live),
+            "503_per_s": sum(i["status_per_s"].get("503", 0.0) for i in live),
+            "504_per_s": sum(i["status_per_s"].get("504", 0.0) for i in live),
         }
         for phase in PHASES:
-            counts = [sum(c) for c in zip(*(fe.interval["latency"][phase] for fe in live))]
+            counts = [sum(c) for c in zip(*(i["latency"][phase] for i in live))]
             for q in QUANTILES:
                 value = quantile(counts, q)
                 row[f"{phase}_p{round(q * 100)}_ms"] = None if value is None else 1e3 * value
-        row["workers"] = self._worker_rows(live)
+        row["workers"] = self._worker_rows()
         return row
 
-    def _worker_rows(self, live: list[FrontEnd]) -> dict[str, dict]:
+    def queue_levels(self) -> list[int]:
+        """Queued requests per priority level, summed over front ends."""
+        levels = [fe.last["levels"] for fe in self.frontends.values()]
+        return [sum(lv[i] for lv in levels if i < len(lv)) for i in range(max(map(len, levels), default=0))]
+
+    def _worker_rows(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
         for fe in self.frontends.values():
             for address, w in fe.last["workers"].items():
                 o = out.setdefault(address, {"name": w["name"], "in_flight": 0, "weight": w["weight"], "rows_per_s": 0.0})
                 o["in_flight"] += w["in_flight"]
-        for fe in live:
-            for address, w in fe.interval["workers"].items():
-                if address in out:
-                    out[address]["rows_per_s"] += w["rows_per_s"]
+                if fe.interval is not None:
+                    o["rows_per_s"] += fe.interval["workers"].get(address, 0.0)
         return out
 
     # -- what the pages read --------------------------------------------------------
@@ -190,29 +149,30 @@ class History:
         out: dict[int, int] = {}
         for fe in self.frontends.values():
             for size, n in fe.last["batch_sizes"].items():
-                out[int(size)] = out.get(int(size), 0) + int(n)
+                out[size] = out.get(size, 0) + n
         return dict(sorted(out.items()))
 
-    def summary(self) -> dict:
-        """The overview's headline numbers."""
-        last = self.queue[-1] if self.queue else {}
+    def summary(self, now: float) -> dict:
+        """The overview's headline numbers; rates only while a front end reports."""
+        last = self.queue[-1] if self.queue and now - self.queue[-1]["time"] <= self.stale_after else {}
         responses: dict[str, int] = {}
         for fe in self.frontends.values():
             for code, n in fe.last["responses"].items():
-                responses[code] = responses.get(code, 0) + int(n)
+                responses[code] = responses.get(code, 0) + n
         return {
             "frontends": len(self.frontends),
-            "queue": sum(sum(fe.last["queue"]["levels"]) for fe in self.frontends.values()),
+            "queue": sum(self.queue_levels()),
             "rows_per_s": last.get("rows_per_s"),
             "p50_ms": last.get("request_p50_ms"),
             "p99_ms": last.get("request_p99_ms"),
-            "served": sum(int(fe.last["success"]) for fe in self.frontends.values()),
+            "served": sum(fe.last["success"] for fe in self.frontends.values()),
             "503": responses.get("503", 0),
             "504": responses.get("504", 0),
         }
 
     def cards(self) -> list[dict]:
-        """One card per worker: what it is, how its GPU is, how placement treats it."""
+        """One card per worker: what it is, how its GPU is, how placement treats it. The
+        front ends' view of weight and in-flight work, else the scheduler plugin's."""
         seen: dict[str, dict] = {}
         for fe in self.frontends.values():
             for address, w in fe.last["workers"].items():
@@ -220,10 +180,10 @@ class History:
                 s["in_flight"] += w["in_flight"]
                 s["responsive"] = s["responsive"] and w["responsive"]
         cards = []
-        for address, w in sorted(self.workers.items(), key=lambda kv: kv[1]["info"].get("name", kv[0])):
+        for address, w in sorted(self.workers.items(), key=lambda kv: str(kv[1]["info"].get("name", kv[0]))):
             info, state = w["info"], w["state"]
-            point = gpu_point(state)
-            fe = seen.get(address, {})
+            point = gpu_point(state, info)
+            placement = seen.get(address) or {**w.get("placement", {}), "responsive": True}
             cards.append(
                 {
                     "address": address,
@@ -232,9 +192,9 @@ class History:
                     "providers": list(info.get("providers") or []),
                     "gpu_name": (state.get("gpu") or {}).get("name"),
                     **point,
-                    "weight": fe.get("weight"),
-                    "in_flight": fe.get("in_flight"),
-                    "health": health(info, state, point, fe.get("responsive", True)),
+                    "weight": placement.get("weight"),
+                    "in_flight": placement.get("in_flight"),
+                    "health": health(info, state, point, placement["responsive"]),
                 }
             )
         return cards
@@ -246,8 +206,8 @@ def health(info: dict, state: dict, point: dict, responsive: bool) -> str:
         return "unresponsive"
     if info.get("cuda_fallback"):
         return "CUDA fell back to CPU"
-    if state.get("error"):
-        return "metrics error"
+    if state.get("error") or point.get("missing"):
+        return "metrics error" if state.get("error") else "no GPU sample"
     if point.get("throttling"):
         return "throttling"
     if state.get("errors"):

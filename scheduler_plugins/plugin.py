@@ -62,8 +62,9 @@ class BatchRouterPlugin(SchedulerPlugin):
         self.tuning = config.placement_tuning()
         self.policy = make_policy(config.get("placement.policy"), self.tuning)
         self._publisher = None
-        period = config.seconds("worker.metrics-interval") or 0.5
-        self.history = History(keep=max(10, int(config.seconds("dashboard.history") / period)))
+        # A front end silent for a few of its reporting intervals is gone.
+        self.history = History(config.seconds("dashboard.history"), max(5.0, 4 * config.seconds("dashboard.interval")))
+        self._refused: set[str] = set()  # front ends whose statistics were refused (logged once)
 
     async def start(self, scheduler) -> None:
         import asyncio
@@ -125,7 +126,13 @@ class BatchRouterPlugin(SchedulerPlugin):
         w = weights(list(self.views.values()), 1, 0.0, self.tuning)
         for address, view in self.views.items():
             view.weight = w.get(address, 0.0)
-        self.history.add_workers(time.time(), {a: {"info": workers[a], "state": digest[a]} for a in digest})
+        self.history.add_workers(
+            time.time(),
+            {
+                a: {"info": workers[a], "state": digest[a], "placement": {"weight": self.views[a].weight, "in_flight": self.views[a].in_flight}}
+                for a in digest
+            },
+        )
         if digest:
             self.scheduler.log_event(STATE_TOPIC, {"workers": digest})
 
@@ -154,9 +161,17 @@ class BatchRouterPlugin(SchedulerPlugin):
     def membership(self) -> dict:
         return {"version": self.version, "workers": self.workers_info()}
 
-    def frontend_stats(self, frontend: str, stats: dict) -> None:
-        """A front end's periodic statistics, for the dashboard pages (O(workers))."""
-        self.history.add_frontend(frontend, stats, time.monotonic())
+    def frontend_stats(self, frontend: str, stats: dict) -> dict:
+        """A front end's periodic statistics, for the dashboard pages (O(workers)). A
+        malformed one is refused with a reason, logged once per sender."""
+        try:
+            self.history.add_frontend(frontend, stats, time.time())
+        except ValueError as e:
+            if frontend not in self._refused and len(self._refused) < 1024:
+                self._refused.add(frontend)
+                logger.warning("refused statistics from front end %s: %s", frontend, e)
+            return {"status": "error", "message": str(e)}
+        return {"status": "OK"}
 
     def dashboard(self) -> str | None:
         """The dashboard's base URL as this scheduler serves it, for front ends to show."""
@@ -164,7 +179,7 @@ class BatchRouterPlugin(SchedulerPlugin):
         if server is None or not getattr(server, "port", None):
             return None
         host = server.address if server.address not in ("", "0.0.0.0", "::") else "127.0.0.1"
-        return f"http://{host}:{server.port}"
+        return f"http://[{host}]:{server.port}" if ":" in host else f"http://{host}:{server.port}"
 
     def hello(self, client: str) -> None:
         """A front end's client connected: stop coalescing the stream back to it.

@@ -23,8 +23,9 @@ def frontend(t: float, success: int = 0, rows: int = 0, batches: int = 0, respon
     req = latency(*request_s) if request_s else empty
     return {
         "time": t,
+        "clock": t,
         "model": "resnet50",
-        "queue": {"levels": levels or [0] * LEVELS, "rows": sum(levels or []), "max": 512},
+        "queue": {"levels": levels or [0] * LEVELS, "rows": sum(levels or []), "max": 512, "max_batch_size": 32},
         "success": success,
         "failure": 0,
         "rejected": {},

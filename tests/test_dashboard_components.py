@@ -36,7 +36,7 @@ def history() -> History:
 
 
 def test_overview_cards_headline_and_timeline(history):
-    o = Overview(history)
+    o = Overview(history, clock=lambda: 1.0)
     o.update()
     cards = dict(zip(o.cards.data["name"], o.cards.data["body"]))
     assert list(cards) == ["cpu", "sim", "t4"]
@@ -45,7 +45,7 @@ def test_overview_cards_headline_and_timeline(history):
     assert "Tesla T4: 90 % busy" in cards["t4"] and "health: throttling" in cards["t4"]
     assert "weight 0.70 · in flight 2" in cards["t4"]
     tiles = dict(zip(o.tiles.data["label"], o.tiles.data["value"]))
-    assert tiles["queued requests"] == "6" and tiles["503 (queue full)"] == "1" and tiles["504 (timeout)"] == "1"
+    assert tiles["queued requests"] == "6" and tiles["503 (refused)"] == "1" and tiles["504 (timeout)"] == "1"
     assert tiles["img/s"] == "40.0" and float(tiles["p50 ms"]) == pytest.approx(20, rel=0.2)
     assert o.timeline.data["rows_per_s"] == [40.0]
 
@@ -102,4 +102,3 @@ def test_pages_are_registered_for_the_dashboard():
 
     register()
     assert set(ROUTES) <= set(applications)
-    assert [r for r in ROUTES if "individual" in r] == ["/individual-gpu-metrics", "/individual-batch-queues"]  # "More…" menu

@@ -37,6 +37,12 @@ def test_metrics_agree_with_the_statistics_endpoint(cluster):
     assert total(m, "batch_router_batch_size_count") == stats["execution_count"]
     assert total(m, "batch_router_request_duration_seconds_count") == stats["inference_stats"]["success"]["count"]
     assert total(m, "batch_router_http_responses_total", code="404") >= 1
+    # The phases of each request add up to no more than the whole of it, and compute,
+    # measured on the workers, is really there.
+    phases = {p: total(m, f"batch_router_{p}_duration_seconds_sum") for p in ("request", "queue", "transfer", "compute")}
+    assert phases["compute"] > 0
+    assert all(0 <= phases[p] <= phases["request"] for p in ("queue", "transfer", "compute")), phases
+    assert phases["queue"] + phases["transfer"] + phases["compute"] <= phases["request"] * 1.001
 
 
 def test_per_worker_series_follow_the_workers_endpoint(cluster):

@@ -52,7 +52,9 @@ def served_as_the_dashboard_sees_it(scheduler: str, timeout: float = 10.0) -> in
     from distributed import Client
 
     def served(dask_scheduler) -> int:
-        return dask_scheduler.extensions["batch-router"].history.summary()["served"]
+        import time
+
+        return dask_scheduler.extensions["batch-router"].history.summary(time.time())["served"]
 
     with Client(scheduler, timeout=30) as client:
         deadline = time.monotonic() + timeout

@@ -69,14 +69,14 @@ def test_the_snapshot_is_cumulative_and_small():
     d = fake_dispatcher()
     d.queue.push(Pending(rows=1, priority=1, arrival=0.0))
     d.queue.push(Pending(rows=2, priority=3, arrival=0.0))
-    d.stats.batch_done(4, 1000, 2000, 3000)
+    d.stats.batch_done(4, 1, 1000, 2000, 3000)
     d.stats.request_done(True, 5000, 100)
     d.stats.rejected["queue_full"] += 2
     t = Telemetry()
     t.responses[200] += 1
     t.responses[503] += 2
     s = t.snapshot(d)
-    assert s["queue"] == {"levels": [1, 0, 1], "rows": 3, "max": 0}
+    assert s["queue"] == {"levels": [1, 0, 1], "rows": 3, "max": 0, "max_batch_size": 8}
     assert (s["success"], s["rows"], s["batches"], s["batch_sizes"]) == (1, 4, 1, {"4": 1})
     assert s["responses"] == {"200": 1, "503": 2} and s["rejected"] == {"queue_full": 2}
     assert s["workers"]["tcp://a"] == {

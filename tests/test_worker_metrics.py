@@ -443,3 +443,19 @@ def test_simulated_gpu_and_slowdown_reach_the_scheduler(model_path):
             assert min(by_worker["local-1"]) > 2 * min(by_worker["local-0"])
     finally:
         c.stop()
+
+
+def test_an_error_not_seen_again_leaves_recent_errors(monkeypatch):
+    """A transient failure colours a worker's health for a while, not for its life."""
+    clock = [1000.0]
+    monkeypatch.setattr("worker_setup.metrics.time.monotonic", lambda: clock[0])
+    errors = ErrorLog(keep=2, window=60.0)
+    errors.add("nvml: timeout")
+    clock[0] += 30
+    errors.add("sampler: stale")
+    assert errors.recent() == ["nvml: timeout", "sampler: stale"]
+    clock[0] += 40  # the first is 70 s old, the second 40 s
+    assert errors.recent() == ["sampler: stale"]
+    errors.add("nvml: timeout")  # again: recent again, and newest
+    errors.add("third")  # keep=2: the oldest goes
+    assert errors.recent() == ["nvml: timeout", "third"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -37,27 +36,31 @@ Metric = Callable[[Any], dict]
 
 class ErrorLog:
     """Recent distinct error strings; each is logged (at ERROR) the first time only, so
-    a failure repeating every sampling interval neither floods the log nor hides."""
+    a failure repeating every sampling interval neither floods the log nor hides. An
+    error not seen again for ``window`` seconds is over: it leaves ``recent()``."""
 
-    def __init__(self, keep: int = 8) -> None:
-        self._recent: deque[str] = deque(maxlen=keep)
+    def __init__(self, keep: int = 8, window: float = 60.0) -> None:
+        self._recent: dict[str, float] = {}  # message -> last seen (monotonic), oldest first
         self._logged: set[str] = set()
         self._lock = threading.Lock()
+        self.keep, self.window = keep, window
 
     def add(self, message: str) -> None:
         with self._lock:
             first = message not in self._logged
             if first and len(self._logged) < 1024:
                 self._logged.add(message)
-            if message in self._recent:
-                self._recent.remove(message)
-            self._recent.append(message)
+            self._recent.pop(message, None)
+            self._recent[message] = time.monotonic()
+            while len(self._recent) > self.keep:
+                del self._recent[next(iter(self._recent))]
         if first:
             logger.error("%s", message)
 
     def recent(self) -> list[str]:
+        cutoff = time.monotonic() - self.window
         with self._lock:
-            return list(self._recent)
+            return [m for m, seen in self._recent.items() if seen >= cutoff]
 
 
 class GpuSampler:

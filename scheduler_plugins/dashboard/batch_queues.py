@@ -8,8 +8,9 @@ import itertools
 
 from bokeh.core.properties import without_property_validation
 from bokeh.layouts import column, gridplot
-from bokeh.models import ColumnDataSource, FactorRange
+from bokeh.models import AdaptiveTicker, ColumnDataSource, FactorRange
 from bokeh.plotting import figure
+from distributed.utils import log_errors
 from bokeh.transform import dodge
 from distributed.dashboard.utils import update
 
@@ -18,7 +19,7 @@ from scheduler_plugins.dashboard.common import color, history_of, num, page
 from scheduler_plugins.history import QUANTILES, History
 
 PHASE_TITLES = (("request", "Request latency, total (ms)"), ("queue", "Queue wait (ms)"),
-                ("transfer", "Transfer: to the worker and back (ms)"), ("compute", "Compute on the worker (ms)"))  # fmt: skip
+                ("transfer", "Transfer: round trip less compute (ms)"), ("compute", "Compute on the worker (ms)"))  # fmt: skip
 QUANTILE_COLORS = ("#1f77b4", "#ff7f0e", "#d62728")
 SHARE_WINDOW_S = 10.0
 
@@ -68,19 +69,19 @@ def _timeseries(title: str, name: str, **kwargs) -> figure:
 
 
 class BatchQueues:
-    def __init__(self, history: History, levels: int | None = None, keep: int | None = None) -> None:
+    def __init__(self, history: History, levels: int | None = None) -> None:
         self.history = history
         self.seq = 0
         self.levels = levels or int(config.get("priority-levels"))
-        self.keep = keep or history.queue.maxlen or 1200
+        self.keep = history.queue.maxlen
         self.timeline = ColumnDataSource(timeline_columns([], self.levels), name="batch-queues-timeline")
         self.sizes = ColumnDataSource(size_columns({}), name="batch-queues-sizes")
         self.share = ColumnDataSource(share_columns([]), name="batch-queues-share")
         self.in_flight: dict[str, ColumnDataSource] = {}
 
-        depth = _timeseries("Queue depth per priority (requests; 1 is highest)", "queue-depth")
+        self.depth = depth = _timeseries("Queue depth per priority (requests; 1 is highest)", "queue-depth")
         for i in range(self.levels):
-            depth.line("time", f"level_{i + 1}", source=self.timeline, color=color(i), line_width=2, legend_label=f"priority {i + 1}")
+            self._level_line(i)
         x = depth.x_range
         rate = _timeseries("Dispatch rate (per second)", "dispatch-rate", x_range=x)
         rate.line("time", "batches_per_s", source=self.timeline, line_width=2, legend_label="batches")
@@ -88,6 +89,7 @@ class BatchQueues:
         sizes = figure(title="Batch sizes (batches run)", height=210, sizing_mode="stretch_width", tools="", name="batch-sizes")
         sizes.vbar("size", top="count", width=0.8, source=self.sizes)
         sizes.xaxis.axis_label = "rows per batch"
+        sizes.xaxis.ticker = AdaptiveTicker(min_interval=1)
         latency = []
         for phase, title in PHASE_TITLES:
             fig = _timeseries(title, f"latency-{phase}", x_range=x)
@@ -110,14 +112,25 @@ class BatchQueues:
         grid = gridplot([figures[i : i + 2] for i in range(0, len(figures), 2)], sizing_mode="stretch_width", toolbar_location="right")
         self.root = column(grid, sizing_mode="stretch_width")
 
+    def _level_line(self, i: int) -> None:
+        self.depth.line("time", f"level_{i + 1}", source=self.timeline, color=color(i), line_width=2, legend_label=f"priority {i + 1}")
+
     @without_property_validation
+    @log_errors
     def update(self) -> None:
         update(self.sizes, size_columns(self.history.batch_sizes()))
         new = History.since(self.history.queue, self.seq)
         if not new:
             return
         self.seq = new[-1]["seq"]
-        self.timeline.stream(timeline_columns(new, self.levels), rollover=self.keep)
+        levels = max(len(r["queue_levels"]) for r in new)
+        if levels > self.levels:  # a front end configured with more levels than ours
+            for i in range(self.levels, levels):
+                self._level_line(i)
+            self.levels = levels
+            self.timeline.data = timeline_columns(list(self.history.queue), levels)
+        else:
+            self.timeline.stream(timeline_columns(new, self.levels), rollover=self.keep)
         recent = list(itertools.takewhile(lambda r: r["time"] >= new[-1]["time"] - SHARE_WINDOW_S, reversed(self.history.queue)))[::-1]
         share = share_columns(recent)
         if list(self.share_fig.x_range.factors) != share["worker"]:

@@ -12,6 +12,7 @@ from bokeh.core.properties import without_property_validation
 from bokeh.layouts import column, gridplot
 from bokeh.models import ColumnDataSource, Div
 from bokeh.plotting import figure
+from distributed.utils import log_errors
 
 from scheduler_plugins.dashboard.common import SIMULATED, color, gib, history_of, num, page
 from scheduler_plugins.history import History
@@ -52,7 +53,10 @@ def note(point_by_worker: dict[str, dict]) -> str:
     items = []
     for p in sorted(point_by_worker.values(), key=lambda p: p["name"]):
         name = html.escape(str(p["name"]))
-        if not p["gpu"]:
+        if not p["gpu"] and p.get("missing"):
+            why = html.escape(str(p["missing"]))
+            items.append(f"<li><b>{name}</b>: runs on a GPU, but <b style='color:#d62728'>no sample</b>: {why}</li>")
+        elif not p["gpu"]:
             items.append(f"<li><b>{name}</b>: CPU only, no GPU to draw</li>")
         elif p["simulated"]:
             items.append(f"<li><b>{name}</b>: <b style='color:#c060c0'>{SIMULATED} GPU</b> (numbers derived from the worker's busy time, not read from hardware; dashed)</li>")
@@ -62,10 +66,9 @@ def note(point_by_worker: dict[str, dict]) -> str:
 
 
 class GpuMetrics:
-    def __init__(self, history: History, keep: int | None = None) -> None:
+    def __init__(self, history: History) -> None:
         self.history = history
         self.seq = 0
-        self.keep = keep or history.gpu.maxlen or 1200
         self.sources: dict[str, ColumnDataSource] = {}
         self.note = Div(text=note({}), sizing_mode="stretch_width", name="gpu-metrics-note")
         self.figures: dict[str, figure] = {}
@@ -95,6 +98,7 @@ class GpuMetrics:
         return source
 
     @without_property_validation
+    @log_errors
     def update(self) -> None:
         new = History.since(self.history.gpu, self.seq)
         if not new:
@@ -108,7 +112,7 @@ class GpuMetrics:
             if source is None:
                 point = next(r["workers"][address] for r in reversed(new) if r["workers"].get(address, {}).get("gpu"))
                 source = self._add_worker(address, point)
-            source.stream(series(new, address), rollover=self.keep)
+            source.stream(series(new, address), rollover=self.history.gpu.maxlen)
 
 
 def gpu_metrics_doc(scheduler, extra: dict, doc) -> None:

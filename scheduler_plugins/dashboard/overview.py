@@ -3,10 +3,14 @@ worker (device, GPU state, weight, in flight, health), throughput and latency la
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from bokeh.core.properties import without_property_validation
 from bokeh.layouts import column, row
 from bokeh.models import ColumnDataSource, Range1d
 from bokeh.plotting import figure
+from distributed.utils import log_errors
 from distributed.dashboard.utils import update
 
 from scheduler_plugins.dashboard.common import SIMULATED, fmt, gib, history_of, num, page
@@ -16,7 +20,7 @@ PER_ROW = 4
 CARD_PX = 190
 HEALTH_COLORS = {"ok": "#d9f2d9", "throttling": "#ffe0b3", "errors": "#ffe0b3"}  # anything else: red
 TILES = (("queue", "queued requests", "d"), ("rows_per_s", "img/s", ".1f"), ("p50_ms", "p50 ms", ".1f"),
-         ("p99_ms", "p99 ms", ".1f"), ("served", "served", "d"), ("503", "503 (queue full)", "d"),
+         ("p99_ms", "p99 ms", ".1f"), ("served", "served", "d"), ("503", "503 (refused)", "d"),
          ("504", "504 (timeout)", "d"))  # fmt: skip
 
 
@@ -30,6 +34,8 @@ def card_text(card: dict) -> str:
         lines.append(f"{label}: {fmt(card['utilization'], 'd' if isinstance(card['utilization'], int) else '.0f', ' %')} busy")
         lines.append(f"memory {fmt(gib(card['memory_used']), '.1f')} / {fmt(gib(card['memory_total']), '.1f')} GiB")
         lines.append(f"{fmt(card['temperature'], '.0f', ' °C')} · {fmt(card['power'], '.0f', ' W')}")
+    elif card.get("missing"):
+        lines.append(f"GPU: no sample ({card['missing'][:40]})")
     else:
         lines.append("no GPU: CPU only")
     lines.append(f"weight {fmt(card['weight'], '.2f')} · in flight {fmt(card['in_flight'], 'd')}")
@@ -85,10 +91,10 @@ def _board(height: int, n_cols: int, name: str) -> figure:
 
 
 class Overview:
-    def __init__(self, history: History, keep: int | None = None) -> None:
+    def __init__(self, history: History, clock: Callable[[], float] = time.time) -> None:
         self.history = history
+        self.clock = clock
         self.seq = 0
-        self.keep = keep or history.queue.maxlen or 1200
         self.tiles = ColumnDataSource(tile_columns({}), name="gpu-router-summary")
         self.cards = ColumnDataSource(card_columns([]), name="gpu-router-cards")
         self.timeline = ColumnDataSource(timeline_columns([]), name="gpu-router-timeline")
@@ -116,10 +122,11 @@ class Overview:
         self.root = column(tiles, self.board, row(throughput, latency, sizing_mode="stretch_width"), sizing_mode="stretch_width")
 
     @without_property_validation
+    @log_errors
     def update(self) -> None:
         """O(workers) plus the rows this page has not drawn yet."""
         cards = self.history.cards()
-        update(self.tiles, tile_columns(self.history.summary()))
+        update(self.tiles, tile_columns(self.history.summary(self.clock())))
         rows_needed = max(1, -(-len(cards) // PER_ROW))
         self.board.height = CARD_PX * rows_needed
         self.board.y_range.start = rows_needed
@@ -127,7 +134,7 @@ class Overview:
         new = History.since(self.history.queue, self.seq)
         if new:
             self.seq = new[-1]["seq"]
-            self.timeline.stream(timeline_columns(new), rollover=self.keep)
+            self.timeline.stream(timeline_columns(new), rollover=self.history.queue.maxlen)
 
 
 def overview_doc(scheduler, extra: dict, doc) -> None:
