@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.servers import ROOT, _free_port, _wait_ready, stop
+from benchmarks.servers import ROOT, free_port, _wait_ready, stop
 from router_api import config
 
 
@@ -74,11 +74,11 @@ def gpu_rise(samples: list) -> dict:
 def router_throughput(device: str, batch: int, seconds: str, out: Path, gpu_metrics: str = "auto") -> dict:
     """One worker behind the router; clients send requests of up to 32 rows that the
     router batches up to ``batch`` rows."""
-    port = _free_port()
+    port = free_port()
     log = open(out / f"router-b{batch}.log", "w")
     cmd = [sys.executable, "-m", "router_api.cli", "up", "--workers", "1", "--device", device,
            "--max-batch-size", str(batch), "--port", str(port), "--gpu-metrics", gpu_metrics,
-           "--scheduler-port", str(_free_port()), "--dashboard-port", str(_free_port())]
+           "--scheduler-port", str(free_port()), "--dashboard-port", str(free_port())]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -31,10 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BATCH_SIZES = "1,8,32"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free now and never handed out before by this process: the kernel may
+    offer a port it just offered, and two roles of one cluster must not get the same."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout: float, what: str) -> None:
@@ -63,9 +72,9 @@ def stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
 
 def spawn_router(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     exe = Path(sys.executable).parent / "batch-router"
-    port = _free_port()
+    port = free_port()
     cmd = [str(exe) if exe.exists() else "batch-router", "up", "--port", str(port),
-           "--dashboard-port", str(_free_port()), "--scheduler-port", str(_free_port())]
+           "--dashboard-port", str(free_port()), "--scheduler-port", str(free_port())]
     if args.model_path:
         cmd += ["--model", str(args.model_path)]
     cmd += ["--model-name", args.model]  # the name the load is sent to

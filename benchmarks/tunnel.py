@@ -32,7 +32,7 @@ from benchmarks.httpload import Connection, closed_loop, summarize
 from benchmarks.loadtest import parse_duration
 from benchmarks.payloads import make_jpeg
 from benchmarks.report import machine, write_json
-from benchmarks.servers import ROOT, _free_port, stop
+from benchmarks.servers import ROOT, free_port, stop
 from benchmarks.windows import get_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,7 +91,7 @@ MODEL_NAME = "trivial"
 
 
 def run_setting(rtt_ms: float, args: argparse.Namespace, jpeg: bytes, work: Path) -> dict:
-    sport, dport, hport = _free_port(), _free_port(), _free_port()
+    sport, dport, hport = free_port(), free_port(), free_port()
     env = {"DASK_BATCH_ROUTER__TLS__DIR": str(work / f"tls-{rtt_ms:g}")}
     logs = {k: work / f"{k}-{rtt_ms:g}ms.log" for k in ("relay", "scheduler", "worker", "serve")}
     procs: list[subprocess.Popen] = []

@@ -205,7 +205,7 @@ def test_error_kinds_unfinished_and_mean_batch() -> None:
         rec = await open_loop("127.0.0.1", port, send("/slow"), 100, 0.0, 0.3,
                               max_connections=2, drain_cap=0.2, progress=False)
         assert rec.errors["unfinished"] > 10 and set(rec.errors) == {"unfinished"}
-        refused = await closed_loop("127.0.0.1", servers._free_port(), send("/ok"), 1, 0.0,
+        refused = await closed_loop("127.0.0.1", servers.free_port(), send("/ok"), 1, 0.0,
                                     0.1, progress=False)
         assert set(refused.errors) == {"ConnectionRefusedError"}
         args = loadtest.parse_args(["--url", url, "--duration", "0.5s", "--warmup", "0.1s",
