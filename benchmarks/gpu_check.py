@@ -4,8 +4,9 @@ It records which providers ONNX Runtime really uses, raw ONNX Runtime CUDA throu
 ResNet-50 at batch 32 and 128, and throughput through the router (one CUDA worker) with
 batches of 32 and 128 rows, side by side in one run. While the router runs it samples the
 worker's NVML metrics from /v1/workers, idle and then under load (utilisation and power
-must rise with load). Everything goes to ``--out`` (``$OUT`` on the device machine), as
-JSON, plus the router logs.
+must rise with load), scrapes ``/metrics`` halfway through the load, and checks that the
+dashboard pages answer. Everything goes to ``--out`` (``$OUT`` on the device machine), as
+JSON and text, plus the router logs.
 
     PYTHONPATH=/tmp/site:. python3 -m benchmarks.gpu_check --out "$OUT"
     .venv/bin/python -m benchmarks.gpu_check --device cpu --quick --out /tmp/gpu-check  # rehearsal
@@ -62,6 +63,18 @@ def sample_gpu(url: str, phase: str, samples: list, stop_at: threading.Event, ev
         stop_at.wait(every)
 
 
+def scrape_midway(url: str, path: Path, delay: float, found: dict) -> None:
+    """``/metrics`` halfway through the load (GPU gauges are the latest sample, so
+    under load is when they say something), and whether the dashboard pages answer."""
+    time.sleep(delay)
+    try:
+        path.write_bytes(urllib.request.urlopen(url + "/metrics", timeout=10).read())
+        pages = json.load(urllib.request.urlopen(url + "/v1/dashboard", timeout=10))["pages"]
+        found.update({name: urllib.request.urlopen(page, timeout=10).status for name, page in pages.items()})
+    except OSError as e:
+        found["error"] = str(e)
+
+
 def gpu_rise(samples: list) -> dict:
     """Mean utilisation and power, idle vs under load."""
     out = {}
@@ -97,6 +110,10 @@ def router_throughput(device: str, batch: int, seconds: str, out: Path, gpu_metr
         busy = threading.Event()
         sample_gpu_thread = threading.Thread(target=sample_gpu, args=(url, "load", samples, busy))
         sample_gpu_thread.start()
+        pages: dict = {}
+        seconds_s = float(seconds.rstrip("s"))
+        scrape = threading.Thread(target=scrape_midway, args=(url, out / f"metrics-b{batch}.txt", 2 + seconds_s / 2, pages))
+        scrape.start()
         try:
             subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--url", url, "--mode", "infer", "--batch-rows",
                             str(rows), "--concurrency", str(clients), "--duration", seconds, "--quiet",
@@ -104,9 +121,10 @@ def router_throughput(device: str, batch: int, seconds: str, out: Path, gpu_metr
         finally:
             busy.set()
             sample_gpu_thread.join()
+            scrape.join()
         router = json.loads(result.read_text())["router"]
         return {"batch": batch, "clients": clients, "rows_per_request": rows, "workers": workers, "router": router,
-                "gpu_rise": gpu_rise(samples), "gpu_samples": samples}
+                "gpu_rise": gpu_rise(samples), "gpu_samples": samples, "dashboard_pages": pages}
     finally:
         stop(proc)
         log.close()
