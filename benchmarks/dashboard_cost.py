@@ -40,7 +40,7 @@ def front_end(n_workers: int, requests: int) -> tuple[SimpleNamespace, Telemetry
     for i in range(requests):
         t.request_served(0.001 * (i % 300), 0.0005, 0.002, 0.001)
         if i % 8 == 0:
-            d.stats.batch_done(8, 8, 1, 1, 1)
+            d.stats.batch_done(8, 8, 8, 1, 1, 1)
         d.stats.request_done(True, 1, 1)
     return d, t
 

@@ -71,8 +71,8 @@ def scrape_midway(url: str, path: Path, delay: float, found: dict) -> None:
         path.write_bytes(urllib.request.urlopen(url + "/metrics", timeout=10).read())
         pages = json.load(urllib.request.urlopen(url + "/v1/dashboard", timeout=10))["pages"]
         found.update({name: urllib.request.urlopen(page, timeout=10).status for name, page in pages.items()})
-    except OSError as e:
-        found["error"] = str(e)
+    except (OSError, ValueError, KeyError) as e:  # a failed scrape is recorded, never fatal
+        found["error"] = f"{type(e).__name__}: {e}"
 
 
 def gpu_rise(samples: list) -> dict:

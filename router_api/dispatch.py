@@ -49,6 +49,7 @@ class Ticket:
     future: asyncio.Future
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
     packed: dict | None = None  # ``item`` compressed for far workers, when first needed
+    carriers: int = 0  # batches in flight holding it (2 while a hedged copy runs)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class Dispatcher(Watchdog):
             self._reap_failed()
             await asyncio.sleep(0.05)
         for p in self.queue.drain():
-            self.stats.rejected["unavailable"] += 1
+            self.stats.rejected["unavailable"] += not p.payload.future.done()
             self._fail(p, Unavailable("server is shutting down"))
         for batch in list(self.in_flight.values()):
             self._abandon(batch, Unavailable("server is shutting down"))
@@ -211,7 +212,7 @@ class Dispatcher(Watchdog):
         self._pump_scheduled = False
         now = self.loop.time()
         for p in self.queue.expire(now):
-            self.stats.rejected["timeout"] += 1
+            self.stats.rejected["timeout"] += not p.payload.future.done()
             p.payload.item = None  # its bytes need not wait for the entry to reach the head
             self._fail(p, DeadlineExceeded("request timeout expired while queued"))
         views = list(self.views.values())
@@ -251,11 +252,13 @@ class Dispatcher(Watchdog):
             future = self.client.submit(run_batch, spec, key=batch_id, pure=False, **where)
         except Exception as e:  # e.g. the client lost the scheduler: answer, never drop
             logger.error("could not submit batch %s: %s", batch_id, e)
-            for p in items:
+            for p in self._orphans(items):  # a hedge's requests still run on the first try
                 self.stats.rejected["unavailable"] += 1
                 self._fail(p, Unavailable(f"cannot reach the scheduler: {e}"))
             return None
         batch = Batch(batch_id, view, items, future, sent=time.time(), sent_ns=now_ns, sent_at=now)
+        for p in items:
+            p.payload.carriers += 1
         self.in_flight[batch_id] = batch
         self.sent += 1
         if view is None:
@@ -308,9 +311,9 @@ class Dispatcher(Watchdog):
             logger.debug("batch %s: to worker %.2f ms, on worker %.2f ms, back %.2f ms", batch.id, 1e3 * to, 1e3 * on, 1e3 * back)
         # Triton's counts are of requests served: a hedged copy that lost the race ran,
         # but answered nobody, so it is not counted again.
-        waiting = [p for p in batch.items if not p.payload.future.done()]
-        if rows and waiting:
-            self.stats.batch_done(sum(p.rows for p in waiting), len(waiting), t["input_ns"], t["infer_ns"], t["output_ns"])
+        served = [p for p, r in zip(batch.items, reply["results"]) if not p.payload.future.done() and "error" not in r]
+        if rows and served:
+            self.stats.batch_done(rows, sum(p.rows for p in served), len(served), t["input_ns"], t["infer_ns"], t["output_ns"])
         done_ns = time.perf_counter_ns()
         name = view.name if view and view.name else reply["worker"]
         compute_s = t.get("service_s") or 0.0
@@ -347,7 +350,15 @@ class Dispatcher(Watchdog):
         elif batch.view.flights.pop(batch.id, None) is not None:
             batch.view.in_flight = max(0, batch.view.in_flight - 1)
             batch.view.rows_in_flight = max(0, batch.view.rows_in_flight - batch.rows)
+        for p in batch.items:
+            p.payload.carriers = max(0, p.payload.carriers - 1)
         batch.future.release()
+
+    @staticmethod
+    def _orphans(items: list[Pending]) -> list[Pending]:
+        """Requests not answered yet that no batch in flight carries any more: only
+        these may be failed or queued again (a hedged copy may still answer the rest)."""
+        return [p for p in items if not p.payload.future.done() and p.payload.carriers == 0]
 
     def _finish(self, batch: Batch, view: WorkerView | None, timings: dict, failed: bool) -> None:
         self._release(batch)
@@ -358,9 +369,8 @@ class Dispatcher(Watchdog):
     def _abandon(self, batch: Batch, error: Exception) -> None:
         self.in_flight.pop(batch.id, None)
         self._release(batch)
-        for p in batch.items:
-            if not p.payload.future.done():
-                self.stats.request_done(False, time.perf_counter_ns() - p.payload.arrival_ns, 0)
+        for p in self._orphans(batch.items):
+            self.stats.request_done(False, time.perf_counter_ns() - p.payload.arrival_ns, 0)
             self._fail(p, error)
 
     def _fail(self, p: Pending, error: Exception) -> None:
@@ -370,7 +380,7 @@ class Dispatcher(Watchdog):
     def _resend(self, batch: Batch) -> None:
         self.in_flight.pop(batch.id, None)
         self._release(batch)
-        self.queue.requeue([p for p in batch.items if not p.payload.future.done()])
+        self.queue.requeue(self._orphans(batch.items))
 
     # -- workers ----------------------------------------------------------------------
 

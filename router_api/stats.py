@@ -28,16 +28,16 @@ class ModelStats:
         if ok:
             self._add("queue", queue_ns)
 
-    def batch_done(self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        """One batch of ``rows`` rows answering ``requests`` requests. As in Triton,
-        each request's compute took the whole batch's time; ``batch_stats`` counts the
-        batch once."""
+    def batch_done(self, size: int, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One batch of ``size`` rows run, serving ``requests`` requests (``rows`` rows)
+        successfully. As in Triton, each request's compute took the whole batch's time;
+        ``batch_stats`` counts the batch once, by the size that ran."""
         self.inference_count += rows
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)
         for field, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
             self._add(field, ns * requests, requests)
-            b = self.batch[rows][field]
+            b = self.batch[size][field]
             b[0] += 1
             b[1] += ns
 

@@ -29,13 +29,16 @@ class FrontEnd:
 
 def gpu_point(state: dict, info: dict) -> dict:
     """One worker's GPU as the pages draw it. ``gpu`` is whether there is a sample to
-    draw; a worker that runs on CUDA but has none (sampler failing, no heartbeat yet)
-    says so rather than passing for CPU-only."""
+    draw. A worker with a GPU source but no sample (sampler failing, no heartbeat yet)
+    says why in ``missing``; one on CUDA with GPU metrics off is ``unmetered``; neither
+    passes for CPU-only."""
     sample = state.get("gpu") or None
     if not sample:
-        expected = info.get("device") == "cuda" or any(p in GPU_PROVIDERS for p in info.get("providers") or ())
+        sampled = info.get("gpu") is not None  # the worker registered a GPU source
+        on_gpu = info.get("device") == "cuda" or any(p in GPU_PROVIDERS for p in info.get("providers") or ())
         why = state.get("error") or "; ".join(state.get("errors") or ()) or "no GPU sample yet"
-        return {"gpu": False, "simulated": bool(state.get("simulated")), "missing": why if expected else None}
+        return {"gpu": False, "simulated": bool(state.get("simulated")), "missing": why if sampled else None,
+                "unmetered": on_gpu and not sampled}  # fmt: skip
     return {
         "gpu": True,
         "simulated": bool(state.get("simulated")) or sample.get("source") == "simulated",
@@ -79,10 +82,11 @@ class History:
         if fe is None:
             self.frontends[key] = FrontEnd(snap, now)
             return
-        fe.interval = interval(snap, fe.last)
+        new = interval(snap, fe.last)
+        fe.interval = new or fe.interval  # a repeated snapshot keeps its last rates for the others' rows
         fe.last, fe.seen = snap, now
         self._forget_stale(now)
-        if fe.interval is not None:
+        if new is not None:
             self._append(self.queue, self._aggregate(now))
 
     def _forget_stale(self, now: float) -> None:

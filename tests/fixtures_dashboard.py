@@ -56,7 +56,9 @@ def gpu(util: int = 50, throttle: list[str] | None = None, source: str = "nvml",
 def worker(name: str, device: str = "cuda", sample: dict | None = None, simulated: bool = False, **state) -> dict:
     """A worker as the plugin's tick sees it: startup info plus heartbeat metrics."""
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    metered = device == "cuda" or simulated  # the worker registered a GPU source
     return {
-        "info": {"name": name, "device": device, "providers": providers, "cuda_fallback": False},
+        "info": {"name": name, "device": device, "providers": providers, "cuda_fallback": False,
+                 "gpu": {"source": "simulated" if simulated else "nvml"} if metered else None},  # fmt: skip
         "state": {"gpu": sample, "simulated": simulated, "stats": {}, "errors": [], **state},
     }

@@ -28,15 +28,15 @@ def history() -> History:
     h.add_workers(100.5, fleet(90, True))
     ws = lambda rows: {"tcp://t4": fe_worker("t4", rows=rows, in_flight=2, weight=0.7),  # noqa: E731
                        "tcp://cpu": fe_worker("cpu", rows=rows // 3, in_flight=1, weight=0.3)}
-    h.add_frontend("fe", frontend(100.0, workers=ws(0)), now=0.0)
+    h.add_frontend("fe", frontend(100.0, workers=ws(0)), now=100.0)
     h.add_frontend("fe", frontend(101.0, success=40, rows=40, batches=8, responses={200: 38, 503: 1, 504: 1},
                                   levels=[0, 5, 1], workers=ws(30), request_s=(0.02,) * 40, batch_sizes={4: 5, 8: 3}),
-                   now=1.0)  # fmt: skip
+                   now=101.0)  # fmt: skip
     return h
 
 
 def test_overview_cards_headline_and_timeline(history):
-    o = Overview(history, clock=lambda: 1.0)
+    o = Overview(history, clock=lambda: 101.0)
     o.update()
     cards = dict(zip(o.cards.data["name"], o.cards.data["body"]))
     assert list(cards) == ["cpu", "sim", "t4"]
@@ -51,11 +51,11 @@ def test_overview_cards_headline_and_timeline(history):
 
 
 def test_overview_streams_only_new_rows(history):
-    o = Overview(history)
+    o = Overview(history, clock=lambda: 102.0)
     o.update()
     o.update()
     assert len(o.timeline.data["time"]) == 1
-    history.add_frontend("fe", frontend(102.0, success=80, rows=80, batches=16), now=2.0)
+    history.add_frontend("fe", frontend(102.0, success=80, rows=80, batches=16), now=102.0)
     o.update()
     assert o.timeline.data["rows_per_s"] == [40.0, 40.0]
 
@@ -102,3 +102,16 @@ def test_pages_are_registered_for_the_dashboard():
 
     register()
     assert set(ROUTES) <= set(applications)
+
+
+def test_an_open_page_keeps_no_more_than_the_history_does():
+    h = History(keep_s=10.0)
+    o = Overview(h, clock=lambda: 0.0)
+    b = BatchQueues(h, levels=3)
+    h.add_frontend("fe", frontend(0.0), now=0.0)
+    for t in range(1, 100):
+        h.add_frontend("fe", frontend(float(t), rows=t), now=float(t))
+        o.update()
+        b.update()
+    assert len(h.queue) == 11
+    assert len(o.timeline.data["time"]) == len(b.timeline.data["time"]) == 11

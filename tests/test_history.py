@@ -114,6 +114,7 @@ def test_cards_say_what_each_worker_is_and_the_worst_thing_about_it():
     assert cards["cpu"]["gpu"] is False and cards["cpu"]["missing"] is None  # CPU only: nothing missing
     assert cards["blind"]["gpu"] is False and cards["blind"]["missing"] == "nvml: GPU is lost"  # never passed off as CPU
     assert cards["sim"]["simulated"] is True and cards["ok"]["simulated"] is False
+    assert not any(c["unmetered"] for c in cards.values() if not c["gpu"])
     assert cards["ok"]["utilization"] == 50 and cards["ok"]["providers"][0] == "CUDAExecutionProvider"
 
 
@@ -173,3 +174,30 @@ def test_a_malformed_snapshot_is_refused_and_breaks_nothing(broken):
     h.add_frontend("good", frontend(1.0, rows=10, workers={"tcp://a": fe_worker("a")}), now=1.0)
     assert set(h.frontends) == {"good"} and h.queue[-1]["rows_per_s"] == pytest.approx(10)
     assert h.summary(now=1.0)["frontends"] == 1 and len(h.cards()) == 0
+
+
+def test_a_cuda_worker_with_gpu_metrics_off_is_neither_cpu_only_nor_in_trouble():
+    h = History()
+    w = worker("quiet", device="cuda")
+    w["info"]["gpu"] = None  # worker.gpu-metrics: off
+    h.add_workers(0.0, {"tcp://q": w})
+    card = h.cards()[0]
+    assert (card["gpu"], card["unmetered"], card["missing"], card["health"]) == (False, True, None, "ok")
+
+
+def test_a_front_end_is_forgotten_when_another_reports():
+    h = History(stale_after=5.0)
+    h.add_frontend("gone", frontend(0.0, levels=[4, 0, 0]), now=0.0)
+    h.add_frontend("live", frontend(6.0), now=6.0)
+    h.add_frontend("live", frontend(7.0, rows=7), now=7.0)
+    assert set(h.frontends) == {"live"} and h.queue[-1]["queue_levels"] == [0, 0, 0]
+
+
+def test_a_repeated_snapshot_keeps_its_rates_in_the_others_rows():
+    h = History()
+    for key in ("a", "b"):
+        h.add_frontend(key, frontend(0.0), now=0.0)
+        h.add_frontend(key, frontend(1.0, rows=10), now=1.0)
+    h.add_frontend("a", frontend(1.0, rows=10), now=1.5)  # the same snapshot again
+    h.add_frontend("b", frontend(2.0, rows=20), now=2.0)
+    assert h.queue[-1]["rows_per_s"] == pytest.approx(20)  # a's 10/s still counted

@@ -40,7 +40,7 @@ def test_request_counts_and_failures_by_reason():
         stats.request_done(True, 2_000_000, 500_000)
     stats.request_done(False, 1_000, 0)
     stats.rejected.update(timeout=2, queue_full=5, cancelled=1)
-    stats.batch_done(3, 3, 1000, 4_000_000, 1000)  # 3 one-row requests in one 4 ms batch
+    stats.batch_done(3, 3, 3, 1000, 4_000_000, 1000)  # 3 one-row requests in one 4 ms batch
     m = scrape(stats)
     assert m["nv_inference_request_success"].type == "counter"
     assert value(m, "nv_inference_request_success", "nv_inference_request_success_total") == 3
@@ -74,7 +74,7 @@ def test_latency_histograms_are_cumulative_and_end_at_inf():
 def test_batch_sizes_fall_in_power_of_two_buckets():
     stats = ModelStats("resnet50")
     for rows in (1, 3, 3, 8, 20):
-        stats.batch_done(rows, 1, 0, 0, 0)
+        stats.batch_done(rows, rows, 1, 0, 0, 0)
     m = scrape(stats)
     le = {s.labels["le"]: s.value for s in m["batch_router_batch_size"].samples if s.name.endswith("_bucket")}
     assert (le["1"], le["2"], le["4"], le["8"], le["16"], le["32"], le["+Inf"]) == (1, 1, 3, 4, 4, 5, 5)

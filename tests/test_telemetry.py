@@ -69,7 +69,7 @@ def test_the_snapshot_is_cumulative_and_small():
     d = fake_dispatcher()
     d.queue.push(Pending(rows=1, priority=1, arrival=0.0))
     d.queue.push(Pending(rows=2, priority=3, arrival=0.0))
-    d.stats.batch_done(4, 1, 1000, 2000, 3000)
+    d.stats.batch_done(4, 4, 1, 1000, 2000, 3000)
     d.stats.request_done(True, 5000, 100)
     d.stats.rejected["queue_full"] += 2
     t = Telemetry()

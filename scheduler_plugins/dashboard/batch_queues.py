@@ -73,7 +73,6 @@ class BatchQueues:
         self.history = history
         self.seq = 0
         self.levels = levels or int(config.get("priority-levels"))
-        self.keep = history.queue.maxlen
         self.timeline = ColumnDataSource(timeline_columns([], self.levels), name="batch-queues-timeline")
         self.sizes = ColumnDataSource(size_columns({}), name="batch-queues-sizes")
         self.share = ColumnDataSource(share_columns([]), name="batch-queues-share")
@@ -130,7 +129,7 @@ class BatchQueues:
             self.levels = levels
             self.timeline.data = timeline_columns(list(self.history.queue), levels)
         else:
-            self.timeline.stream(timeline_columns(new, self.levels), rollover=self.keep)
+            self.timeline.stream(timeline_columns(new, self.levels), rollover=max(1, len(self.history.queue)))
         recent = list(itertools.takewhile(lambda r: r["time"] >= new[-1]["time"] - SHARE_WINDOW_S, reversed(self.history.queue)))[::-1]
         share = share_columns(recent)
         if list(self.share_fig.x_range.factors) != share["worker"]:
@@ -144,7 +143,7 @@ class BatchQueues:
                 self.flight_fig.step("time", "in_flight", source=source, color=color(len(self.in_flight) - 1), line_width=2,
                                      legend_label=str(name), mode="after")  # fmt: skip
                 self.flight_fig.legend.location = "top_left"
-            source.stream(in_flight_columns(new, address), rollover=self.keep)
+            source.stream(in_flight_columns(new, address), rollover=max(1, len(self.history.queue)))
 
 
 def batch_queues_doc(scheduler, extra: dict, doc) -> None:

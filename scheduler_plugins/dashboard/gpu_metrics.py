@@ -56,6 +56,8 @@ def note(point_by_worker: dict[str, dict]) -> str:
         if not p["gpu"] and p.get("missing"):
             why = html.escape(str(p["missing"]))
             items.append(f"<li><b>{name}</b>: runs on a GPU, but <b style='color:#d62728'>no sample</b>: {why}</li>")
+        elif not p["gpu"] and p.get("unmetered"):
+            items.append(f"<li><b>{name}</b>: runs on a GPU that reports no metrics (worker.gpu-metrics off, or no NVML)</li>")
         elif not p["gpu"]:
             items.append(f"<li><b>{name}</b>: CPU only, no GPU to draw</li>")
         elif p["simulated"]:
@@ -112,7 +114,7 @@ class GpuMetrics:
             if source is None:
                 point = next(r["workers"][address] for r in reversed(new) if r["workers"].get(address, {}).get("gpu"))
                 source = self._add_worker(address, point)
-            source.stream(series(new, address), rollover=self.history.gpu.maxlen)
+            source.stream(series(new, address), rollover=max(1, len(self.history.gpu)))
 
 
 def gpu_metrics_doc(scheduler, extra: dict, doc) -> None:

@@ -36,6 +36,8 @@ def card_text(card: dict) -> str:
         lines.append(f"{fmt(card['temperature'], '.0f', ' °C')} · {fmt(card['power'], '.0f', ' W')}")
     elif card.get("missing"):
         lines.append(f"GPU: no sample ({card['missing'][:40]})")
+    elif card.get("unmetered"):
+        lines.append("GPU: no metrics (gpu-metrics off or no NVML)")
     else:
         lines.append("no GPU: CPU only")
     lines.append(f"weight {fmt(card['weight'], '.2f')} · in flight {fmt(card['in_flight'], 'd')}")
@@ -134,7 +136,7 @@ class Overview:
         new = History.since(self.history.queue, self.seq)
         if new:
             self.seq = new[-1]["seq"]
-            self.timeline.stream(timeline_columns(new), rollover=self.history.queue.maxlen)
+            self.timeline.stream(timeline_columns(new), rollover=max(1, len(self.history.queue)))
 
 
 def overview_doc(scheduler, extra: dict, doc) -> None:
