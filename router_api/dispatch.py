@@ -28,7 +28,8 @@ from router_api.codec import pack_item
 from router_api.reporting import report_loop
 from router_api.stats import ModelStats
 from router_api.telemetry import Telemetry
-from router_api.views import adaptive_window, apply_state, current_weights, learn_from_reply
+from router_api.membership import Membership
+from router_api.views import adaptive_window, current_weights, learn_from_reply
 from router_api.watchdog import DeadlineExceeded, Watchdog
 from scheduler_plugins.plugin import RESULTS_PREFIX, STATE_TOPIC, WORKERS_TOPIC
 from scheduler_plugins.policies import DaskDefault, WorkerView, expected, make_policy
@@ -81,7 +82,7 @@ class Batch:
         return sum(p.rows for p in self.items)
 
 
-class Dispatcher(Watchdog):
+class Dispatcher(Watchdog, Membership):
     def __init__(self, client, model: dict) -> None:
         self.client = client
         self.model = model
@@ -382,71 +383,5 @@ class Dispatcher(Watchdog):
         self._release(batch)
         self.queue.requeue(self._orphans(batch.items))
 
-    # -- workers ----------------------------------------------------------------------
-
-    def _on_worker_event(self, event) -> None:
-        _, msg = event
-        self.membership_version = max(self.membership_version, msg.get("version", 0))
-        if msg["action"] == "add":
-            self._add_view(msg["worker"])
-        else:
-            self._remove_view(msg["worker"]["address"])
-        self._pump()
-
-    def _on_state(self, event) -> None:
-        _, msg = event
-        apply_state(self.views, msg)
-        self._pump()
-
-    def _add_view(self, info: dict) -> None:
-        if info["sha256"] != self.model["sha256"]:
-            return
-        view = self.views.get(info["address"])
-        if view is None:
-            self.views[info["address"]] = WorkerView(info["address"], info.get("name", ""), self.window, info)
-            logger.info("worker %s joined (%s, %s)", info["address"], info.get("device"), info.get("providers"))
-        else:
-            view.info = info
-
-    def _remove_view(self, address: str) -> None:
-        view = self.views.pop(address, None)
-        if view is None:
-            return
-        lost = [b for b in self.in_flight.values() if b.view is view]
-        logger.warning("worker %s left with %d batches in flight; re-queueing them", address, len(lost))
-        for batch in lost:
-            self._resend(batch)
-
     def weights(self) -> dict[str, float]:
         return current_weights(list(self.views.values()), self.queue.max_batch_size, self.loop.time(), self.policy_tuning)
-
-    async def sync_workers(self) -> None:
-        snapshot = await self.client.scheduler.batch_router_workers()
-        if snapshot["version"] < self.membership_version:
-            return  # taken before an event we already applied: it would undo it
-        self.membership_version = snapshot["version"]
-        workers = snapshot["workers"]
-        for info in workers.values():
-            self._add_view(info)
-        for address in set(self.views) - set(workers):
-            self._remove_view(address)
-        self._pump()
-    async def _fast_streams(self, force: bool = False) -> None:
-        """Dask coalesces client<->scheduler messages for 2-10 ms; we want none. Redone
-        after a reconnect, which creates new streams with Dask's defaults."""
-        interval = config.seconds("batched-send-interval")
-        comm = self.client.scheduler_comm
-        if comm is not None and (force or comm.interval != interval):
-            comm.interval = interval
-            await self.client.scheduler.batch_router_hello(client=self.client.id)
-
-    async def _resync_loop(self) -> None:
-        """Membership events are the fast path; this catches anything they missed."""
-        while not self.closing:
-            await asyncio.sleep(2.0)
-            self._reap_failed()
-            try:
-                await self._fast_streams()
-                await self.sync_workers()
-            except Exception as e:  # the scheduler may be briefly unreachable
-                logger.warning("could not refresh the worker list: %s", e)
