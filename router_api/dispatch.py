@@ -25,10 +25,10 @@ import msgpack
 from router_api import config
 from router_api.batching import BatchQueue, Pending, QueueFull, resolve_priority, resolve_timeout
 from router_api.codec import pack_item
+from router_api.membership import Membership
 from router_api.reporting import report_loop
 from router_api.stats import ModelStats
 from router_api.telemetry import Telemetry
-from router_api.membership import Membership
 from router_api.views import adaptive_window, current_weights, learn_from_reply
 from router_api.watchdog import DeadlineExceeded, Watchdog
 from scheduler_plugins.plugin import RESULTS_PREFIX, STATE_TOPIC, WORKERS_TOPIC

@@ -51,7 +51,6 @@ class Membership:
         for batch in lost:
             self._resend(batch)
 
-
     async def sync_workers(self) -> None:
         snapshot = await self.client.scheduler.batch_router_workers()
         if snapshot["version"] < self.membership_version:

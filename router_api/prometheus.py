@@ -115,7 +115,7 @@ PHASE_HELP = {
 
 
 def batch_bounds(largest: int) -> list[float]:
-    """Powers of two up to the largest batch seen."""
+    """Powers of two up to ``largest`` (the larger of max_batch_size and any batch seen)."""
     bounds, b = [], 1
     while b < largest:
         bounds.append(float(b))

@@ -88,8 +88,7 @@ class Telemetry:
             "time": time.time(),
             "clock": time.monotonic(),  # rates are measured on this clock: it never steps
             "model": stats.name,
-            "queue": {"levels": list(queue.depths), "rows": queue.rows, "max": queue.max_queue_size,
-                      "max_batch_size": queue.max_batch_size},  # fmt: skip
+            "queue": {"levels": list(queue.depths), "max_batch_size": queue.max_batch_size},
             "success": stats.durations["success"][0],
             "failure": stats.durations["fail"][0],
             "rejected": dict(stats.rejected),
@@ -97,17 +96,13 @@ class Telemetry:
             "rows": stats.inference_count,
             "batches": stats.execution_count,
             "batch_sizes": {str(size): d["compute_infer"][0] for size, d in stats.batch.items()},
-            "hedges": dispatcher.hedges,
             "latency": {phase: h.snapshot() for phase, h in self.latency.items()},
             "workers": {
                 v.address: {
                     "name": v.name,
                     "in_flight": v.in_flight,
-                    "rows_in_flight": v.rows_in_flight,
-                    "window": v.window,
                     "weight": round(weights.get(v.address, 0.0), 4),
                     "responsive": v.responsive,
-                    "batches": v.batches,
                     "rows": v.rows,
                 }
                 for v in dispatcher.views.values()

@@ -25,7 +25,7 @@ def frontend(t: float, success: int = 0, rows: int = 0, batches: int = 0, respon
         "time": t,
         "clock": t,
         "model": "resnet50",
-        "queue": {"levels": levels or [0] * LEVELS, "rows": sum(levels or []), "max": 512, "max_batch_size": 32},
+        "queue": {"levels": levels or [0] * LEVELS, "max_batch_size": 32},
         "success": success,
         "failure": 0,
         "rejected": {},
@@ -33,15 +33,13 @@ def frontend(t: float, success: int = 0, rows: int = 0, batches: int = 0, respon
         "rows": rows,
         "batches": batches,
         "batch_sizes": {str(k): v for k, v in (batch_sizes or {}).items()},
-        "hedges": 0,
         "latency": {"request": req, "queue": req, "transfer": empty, "compute": empty},
         "workers": workers or {},
     }
 
 
 def fe_worker(name: str, rows: int = 0, in_flight: int = 0, weight: float = 0.5, responsive: bool = True) -> dict:
-    return {"name": name, "in_flight": in_flight, "rows_in_flight": in_flight, "window": 2, "weight": weight,
-            "responsive": responsive, "batches": rows, "rows": rows}  # fmt: skip
+    return {"name": name, "in_flight": in_flight, "weight": weight, "responsive": responsive, "rows": rows}
 
 
 def gpu(util: int = 50, throttle: list[str] | None = None, source: str = "nvml", temp: int = 60) -> dict:

@@ -76,12 +76,11 @@ def test_the_snapshot_is_cumulative_and_small():
     t.responses[200] += 1
     t.responses[503] += 2
     s = t.snapshot(d)
-    assert s["queue"] == {"levels": [1, 0, 1], "rows": 3, "max": 0, "max_batch_size": 8}
+    assert s["queue"] == {"levels": [1, 0, 1], "max_batch_size": 8}
     assert (s["success"], s["rows"], s["batches"], s["batch_sizes"]) == (1, 4, 1, {"4": 1})
     assert s["responses"] == {"200": 1, "503": 2} and s["rejected"] == {"queue_full": 2}
     assert s["workers"]["tcp://a"] == {
-        "name": "gpu-a", "in_flight": 2, "rows_in_flight": 6, "window": 2, "weight": 1.0,
-        "responsive": True, "batches": 10, "rows": 40,
+        "name": "gpu-a", "in_flight": 2, "weight": 1.0, "responsive": True, "rows": 40,
     }  # fmt: skip
     assert set(s["latency"]) == {"request", "queue", "transfer", "compute"}
 
