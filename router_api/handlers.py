@@ -113,11 +113,9 @@ class Workers(JSONHandler):
         self.write_json({"policy": d.policy.name, "workers": self.router.workers(), "queue": queue})
 
 
-class Metrics(web.RequestHandler):
-    """GET /metrics: Prometheus's text format, Triton's names (router_api/prometheus.py)."""
-
-    def initialize(self, router) -> None:
-        self.router = router
+class Metrics(JSONHandler):
+    """GET /metrics: Prometheus's text format, Triton's names (router_api/prometheus.py);
+    errors (a POST, say) in the protocol's JSON like every other endpoint."""
 
     def get(self) -> None:
         r = self.router

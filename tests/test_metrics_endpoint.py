@@ -53,6 +53,11 @@ def test_per_worker_series_follow_the_workers_endpoint(cluster):
     assert {s.labels["worker"] for s in m.get("nv_gpu_utilization", [])} == with_gpu  # none here: CPU workers, no fake GPU
 
 
+def test_a_wrong_method_gets_an_error_in_the_protocols_format(cluster):
+    r = request(cluster.url, "POST", "/metrics", b"x")
+    assert r.status == 405 and "error" in r.json()
+
+
 def test_the_dashboard_link(cluster):
     pages = request(cluster.url, "GET", "/v1/dashboard").json()["pages"]
     assert pages["overview"] == f"http://127.0.0.1:{cluster.dashboard_port}/gpu-router"
