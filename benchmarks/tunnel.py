@@ -140,6 +140,7 @@ def run_setting(rtt_ms: float, args: argparse.Namespace, jpeg: bytes, work: Path
     batches = max(1, w1["batches"] - w0["batches"])
     return {"rtt_ms": rtt_ms, "router": s, "images_on_worker": images, "mean_batch": round(images / batches, 2),
             "window": w1["window"], "overhead_ms": round(1e3 * w1["overhead_s"], 1),
+            "link_ms": round(1e3 * w1["link_s"], 1),
             "bytes_to_worker_per_image": round((down1 - down0) / images, 1),
             "bytes_from_worker_per_image": round((up1 - up0) / images, 1),
             "to_worker_over_jpeg": round((down1 - down0) / images / len(jpeg), 4),
@@ -176,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         s = r["router"]
         print(f"RTT {rtt:g} ms: {s['img_per_s']:.1f} img/s, p50 {s['latency_ms']['p50']} p99 "
               f"{s['latency_ms']['p99']} ms, errors {s['errors'] or 'none'}, mean batch {r['mean_batch']}, "
-              f"window {r['window']} (overhead {r['overhead_ms']} ms); link bytes per image: to worker "
+              f"window {r['window']} (overhead {r['overhead_ms']} ms, link {r['link_ms']} ms); link bytes per image: to worker "
               f"{r['bytes_to_worker_per_image']:.0f} ({r['to_worker_over_jpeg']:.3f} x JPEG, "
               f"{r['to_worker_over_request']:.3f} x the request body), "
               f"back {r['bytes_from_worker_per_image']:.0f}", flush=True)

@@ -112,6 +112,7 @@ class Router:
                 "rows": v.rows,
                 "service_s": v.service.as_dict(),
                 "overhead_s": round(v.overhead, 6),
+                "link_s": round(v.link, 6),
                 "recent_errors": sum(1 for t in v.errors if now - t <= d.policy_tuning.error_window),
                 "metrics_error": v.metrics_error,
             }

@@ -246,7 +246,7 @@ class Dispatcher(Watchdog, Membership):
     def _send(self, view: WorkerView | None, items: list[Pending], now: float) -> Batch | None:
         batch_id = f"{self._prefix}-{next(self._ids)}"
         now_ns = time.perf_counter_ns()
-        far = view is not None and self.compress_beyond is not None and view.overhead >= self.compress_beyond
+        far = view is not None and self.compress_beyond is not None and view.link >= self.compress_beyond
         spec = {"id": batch_id, "topic": self.topic, "items": [self._packed(p) if far else p.payload.item for p in items]}
         where = {"workers": [view.address], "allow_other_workers": False} if view else {}
         try:
@@ -282,7 +282,7 @@ class Dispatcher(Watchdog, Membership):
     def far_workers(self) -> bool:
         """Some worker is far enough that its tensors travel compressed: the front end
         then compresses each tensor request on a thread as it arrives, not on the loop."""
-        return self.compress_beyond is not None and any(v.overhead >= self.compress_beyond for v in self.views.values())
+        return self.compress_beyond is not None and any(v.link >= self.compress_beyond for v in self.views.values())
 
     def _packed(self, p: Pending) -> dict:
         """The request compressed for a far worker, made once per request."""

@@ -34,6 +34,8 @@ class WorkerView:
     rows: int = 0
     service: ServiceCurve = field(default_factory=ServiceCurve)
     overhead: float = 0.0  # EWMA seconds a batch spends outside compute: hops, transfer
+    link: float = 0.0  # least such overhead seen lately: the path itself, without queues
+    link_samples: deque = field(default_factory=lambda: deque(maxlen=64))  # (time, seconds)
     flights: dict = field(default_factory=dict)  # batch id -> (sent_at, expected seconds)
     gpu: dict | None = None  # latest metrics sample, None without a GPU
     simulated: bool = False

@@ -2,7 +2,7 @@
 
 import pytest
 
-from router_api.views import adaptive_window, apply_state, learn_from_reply
+from router_api.views import LINK_HORIZON, adaptive_window, apply_state, learn_from_reply
 from scheduler_plugins.policies import WorkerView
 
 
@@ -17,6 +17,21 @@ def test_reply_teaches_service_time_and_overhead():
     learn_from_reply(v, 4, {"rows": 4, "service_s": 0.040}, False, round_trip=0.070, alone=True, now=3.0)
     assert v.overhead == pytest.approx(0.010 + 0.3 * 0.020)
     assert (v.batches, v.rows) == (3, 12)
+
+
+def test_the_link_is_the_least_overhead_seen_lately_not_the_mean():
+    v = WorkerView("w")
+    for i, extra in enumerate((0.004, 0.040, 0.038, 0.045)):  # busy processes queue some trips
+        learn_from_reply(v, 1, {"rows": 1, "service_s": 0.010}, False, round_trip=0.010 + extra, alone=True, now=float(i))
+    assert v.link == pytest.approx(0.004)
+    assert v.overhead > 0.020  # the mean holds the queueing
+    # A path that really got slower shows once the old low sample ages out.
+    later = 3.0 + LINK_HORIZON + 0.5
+    learn_from_reply(v, 1, {"rows": 1, "service_s": 0.010}, False, round_trip=0.160, alone=True, now=later)
+    assert v.link == pytest.approx(0.150)
+    # Samples queued behind other batches never count.
+    learn_from_reply(v, 1, {"rows": 1, "service_s": 0.010}, False, round_trip=0.011, alone=False, now=later + 1)
+    assert v.link == pytest.approx(0.150)
 
 
 def test_failed_batch_is_remembered_and_a_reply_revives_a_stuck_worker():
@@ -45,10 +60,12 @@ def test_a_failing_metric_shows_instead_of_vanishing():
 
 def test_window_grows_with_the_round_trip_so_a_far_worker_never_idles():
     near, far = WorkerView("near"), WorkerView("far")
-    for v, overhead in ((near, 0.003), (far, 0.150)):
+    for v, link in ((near, 0.003), (far, 0.150)):
         v.service.observe(8, 0.020)
-        v.overhead = overhead
+        v.link = link
     assert adaptive_window(near, 2, 32, 8) == 2  # loopback: the configured window
     assert adaptive_window(far, 2, 32, 8) == 10  # 1 running + 150 ms / 20 ms in transit + 1 spare
     assert adaptive_window(far, 2, 6, 8) == 6  # capped
     assert adaptive_window(WorkerView("new"), 2, 32, 8) == 2  # nothing measured yet
+    near.overhead = 0.040  # queued in busy processes: the mean rises, the window does not
+    assert adaptive_window(near, 2, 32, 8) == 2
