@@ -99,12 +99,16 @@ def rows_that_fit(view: WorkerView, tuning: Tuning) -> int | None:
     return max(0, ran + int(max(0.0, usable) // per_row))
 
 
-def expected(view: WorkerView, rows: int, views: list[WorkerView], now: float, tuning: Tuning) -> float:
+def expected(
+    view: WorkerView, rows: int, views: list[WorkerView], now: float, tuning: Tuning, aged: bool = True
+) -> float:
     """Seconds a batch of ``rows`` takes on this worker. Unmeasured workers borrow the
-    fastest known estimate: they get work at once and are measured by it."""
-    t = view.service.estimate(rows, now)
+    fastest known estimate: they get work at once and are measured by it. ``aged=False``
+    reads the curves as measured, without the optimism an idle worker's estimate gains."""
+    at = now if aged else None
+    t = view.service.estimate(rows, at)
     if t is None:
-        known = [e for v in views if (e := v.service.estimate(rows, now)) is not None]
+        known = [e for v in views if (e := v.service.estimate(rows, at)) is not None]
         t = min(known) if known else 0.0
     return t * slowness(view, now, tuning)
 
@@ -198,18 +202,22 @@ class GpuAware:
         if not usable or queued_rows <= 0:
             return None
         n = min(queued_rows, max_batch)
-        starts, per_row = [], []
-        for v in usable:
-            t = expected(v, n, usable, now, self.tuning)
-            starts.append(v.remaining(now) + v.overhead)
-            per_row.append(max(t / n, 1e-9))
-        shares, first = share_out(starts, per_row, queued_rows)
+        starts = [v.remaining(now) + v.overhead for v in usable]
+        shares, first = share_out(starts, self._per_row(usable, n, now, aged=True), queued_rows)
+        # What the measurements alone justify: an idle worker's aged, optimistic
+        # estimate earns it a probe of one row, not a full share at a speed it has not
+        # shown (on a 4x slower worker such a share ran 3-4 rows, over a second).
+        measured, _ = share_out(starts, self._per_row(usable, n, now, aged=False), queued_rows)
         ranked = sorted(range(len(usable)), key=lambda i: (first[i], -shares[i], usable[i].in_flight))
         for i in ranked:
             v = usable[i]
             if v.has_room and shares[i] >= 1:
-                return Placement(v, _cap(v, min(shares[i], max_batch), self.tuning), skip=first[i])
+                rows = min(shares[i], max(1, measured[i]), max_batch)
+                return Placement(v, _cap(v, rows, self.tuning), skip=first[i])
         return None  # every share belongs to a busy worker: the queue waits for it
+
+    def _per_row(self, usable: list[WorkerView], n: int, now: float, aged: bool) -> list[float]:
+        return [max(expected(v, n, usable, now, self.tuning, aged) / n, 1e-9) for v in usable]
 
     def pick(self, views, now):
         usable = _usable(views, self.tuning)

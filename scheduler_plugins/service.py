@@ -25,9 +25,11 @@ class ServiceCurve:
     over ``floor`` every ``half_life``, until the worker looks worth a batch again; that
     batch's measurement then replaces the stale figure rather than averaging with it.
     The floor allows 4x optimism: enough to undo an estimate taken while the machine
-    was contended (2x in the placement benchmark's warm-up). Each probe costs one batch
-    the slow worker's latency; a run with 2x (floor 0.5) used the slow worker less and
-    gave a worse p99 at 70 % load (800 vs 600-680 ms, within this VM's noise).
+    was contended (2x in the placement benchmark's warm-up). Optimism only earns a
+    probe: ``GpuAware`` sizes the batch by what the measured curve justifies, at least
+    one row, so each probe costs one row the slow worker's latency. A run with 2x (floor
+    0.5) used the slow worker less and gave a worse p99 at 70 % load (800 vs 600-680 ms,
+    within this VM's noise).
     """
 
     alpha: float = 0.3

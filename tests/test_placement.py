@@ -107,6 +107,19 @@ def test_stale_slow_worker_is_given_a_batch_again_when_the_fast_one_is_busy():
     assert GpuAware().place([fast, slow], 1, 32, now=20.0).view is slow  # 640 ms, trusted less: ~360
 
 
+def test_an_idle_workers_optimism_earns_a_probe_not_a_bigger_share():
+    fast, slow = view("fast", 0.010, window=1), view("slow", 0.040)
+    fast.service.updated, slow.service.updated = 60.0, 0.0  # slow idle for a minute
+    send(fast, 10, now=60.0)  # fast is 100 ms busy and has no room; 8 rows queued
+    # Aged to 4x optimism the slow worker looks as fast as the fast one, and finishing
+    # the queue soonest would hand it all 8 rows: 320 ms of real work on it.
+    assert share_out([0.0, 0.100], [0.010, 0.010], 8)[0] == [8, 0]
+    p = GpuAware().place([fast, slow], 8, 32, now=60.0)
+    assert p.view is slow and p.rows == 3  # what its measured 40 ms a row justifies
+    slow.service.updated = 60.0
+    assert GpuAware().place([fast, slow], 8, 32, now=60.0).rows == 3  # same when fresh
+
+
 def test_partial_batches_inform_their_bucket_by_rows():
     c = ServiceCurve()
     c.observe(5, 0.050)  # 10 ms/row, stored as an 8-row batch
