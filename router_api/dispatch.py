@@ -26,13 +26,14 @@ from router_api import config
 from router_api.batching import BatchQueue, Pending, QueueFull, resolve_priority, resolve_timeout
 from router_api.codec import pack_item
 from router_api.membership import Membership
+from router_api.probing import Probing
 from router_api.reporting import report_loop
 from router_api.stats import ModelStats
 from router_api.telemetry import Telemetry
 from router_api.views import adaptive_window, current_weights, learn_from_reply
 from router_api.watchdog import DeadlineExceeded, Watchdog
 from scheduler_plugins.plugin import RESULTS_PREFIX, STATE_TOPIC, WORKERS_TOPIC
-from scheduler_plugins.policies import DaskDefault, WorkerView, expected, make_policy
+from scheduler_plugins.policies import DaskDefault, GpuAware, WorkerView, expected, make_policy
 from worker_setup.execute import run_batch
 
 logger = logging.getLogger("router_api.dispatch")
@@ -82,7 +83,7 @@ class Batch:
         return sum(p.rows for p in self.items)
 
 
-class Dispatcher(Watchdog, Membership):
+class Dispatcher(Watchdog, Membership, Probing):
     def __init__(self, client, model: dict) -> None:
         self.client = client
         self.model = model
@@ -109,6 +110,10 @@ class Dispatcher(Watchdog, Membership):
         self.hedge_factor = float(config.get("placement.hedge-factor"))
         self.hedge_min = config.seconds("placement.hedge-min")
         self.hedge_budget = float(config.get("placement.hedge-budget"))
+        probe = config.get("placement.probe-after")
+        off = probe in (None, False, "off") or not isinstance(self.policy, GpuAware)
+        self.probe_after = None if off else config.seconds("placement.probe-after")
+        self.probes = 0
         beyond = config.get("compress-beyond")
         self.compress_beyond = None if beyond in (None, False, "off") else config.seconds("compress-beyond")
         self.sent = 0  # batches sent, the hedging budget's base
@@ -218,6 +223,7 @@ class Dispatcher(Watchdog, Membership):
             self._fail(p, DeadlineExceeded("request timeout expired while queued"))
         views = list(self.views.values())
         max_batch = self.queue.max_batch_size
+        sent: list[Batch] = []
         while self.queue.ready(now):
             if isinstance(self.policy, DaskDefault):
                 placement = self.policy.place_unrestricted(views, self.unrestricted, self.queue.rows, max_batch)
@@ -228,7 +234,9 @@ class Dispatcher(Watchdog, Membership):
             items = self.queue.take(now, max_rows=placement.rows, skip=placement.skip)
             if not items:
                 break
-            self._send(placement.view, items, now)
+            if (batch := self._send(placement.view, items, now)) is not None:
+                sent.append(batch)
+        self._probe(sent, now)
         self._arm_timer(now)
 
     def _arm_timer(self, now: float) -> None:

@@ -109,7 +109,7 @@ class Workers(JSONHandler):
 
     def get(self) -> None:
         d = self.router.dispatcher
-        queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received, "batches_sent": d.sent, "hedged": d.hedges}
+        queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received, "batches_sent": d.sent, "hedged": d.hedges, "probes": d.probes}
         self.write_json({"policy": d.policy.name, "workers": self.router.workers(), "queue": queue})
 
 
