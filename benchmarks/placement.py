@@ -2,14 +2,16 @@
 
     python -m benchmarks.placement [--slowdown 1,4] [--mode classify|infer]
         [--policies gpu-aware,round-robin,...] [--duration 30s] [--deadline 2s]
-        [--rounds N] [--no-kill-run] [--json P] [--plot P.png] [--quick]
+        [--rounds N] [--send-deadline] [--no-kill-run] [--json P] [--plot P.png] [--quick]
 
 For each policy a fresh `batch-router up --worker-slowdown 1,4 --policy P` is started on
 free ports and warmed up (so every worker has measured service times). The first policy's
 router (gpu-aware by default) also measures the aggregate capacity C once, in a closed loop
 that saturates it; every policy then faces the same open-loop Poisson windows at 70 % and
 95 % of that C, with the same arrival sequence. Goodput counts the 2xx answers that came
-within --deadline of their *scheduled* arrival, per second of window. Policies run in the
+within --deadline of their *scheduled* arrival, per second of window; with
+--send-deadline each request also carries that deadline as its Triton ``timeout``, as a
+client with a deadline would send it, so the router sheds what is already late. Policies run in the
 order given, and with --rounds N the whole set repeats N times (the machine's speed drifts
 by minutes) and the medians per policy are quoted.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -135,6 +138,8 @@ class Router:
         try:
             meta = asyncio.run(get_json(self.host, self.port, f"/v2/models/{args.model}"))
             self.path, self.headers, self.body, self.rows = payload(args, meta)
+            if args.send_deadline:
+                self.path, self.headers, self.body = with_timeout(self.path, self.headers, self.body, args.deadline)
         except BaseException:
             self.close()
             raise
@@ -144,6 +149,20 @@ class Router:
 
     def close(self) -> None:
         stop(self.proc)
+
+
+def with_timeout(path: str, headers: dict, body: bytes, seconds: float) -> tuple[str, dict, bytes]:
+    """The request carrying the goodput deadline as its Triton ``timeout`` (µs): the
+    router then answers 504 for a request already late instead of serving it late, and
+    an overload sheds its backlog instead of making every later request late too."""
+    us = int(seconds * 1e6)
+    if "Inference-Header-Content-Length" not in headers:  # /v1/classify: a query argument
+        return f"{path}?timeout={us}", headers, body
+    n = int(headers["Inference-Header-Content-Length"])
+    header = json.loads(body[:n])
+    header.setdefault("parameters", {})["timeout"] = us
+    head = json.dumps(header).encode()
+    return path, {**headers, "Inference-Header-Content-Length": str(len(head))}, head + body[n:]
 
 
 # -- measurements ----------------------------------------------------------------------
@@ -356,6 +375,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     a("--window-warmup", type=parse_duration, default=2.0,
       help="open-loop arrivals before each measured window (same rate)")
     a("--deadline", type=parse_duration, default=2.0, help="goodput: answered within this")
+    a("--send-deadline", action="store_true",
+      help="send --deadline as each request's timeout, so the router sheds late requests (504)")
     a("--rounds", type=int, default=1, help="repeat every policy; medians are quoted")
     a("--kill-run", action=argparse.BooleanOptionalAction, default=True,
       help="gpu-aware with one more fast worker, SIGKILL local-0 mid-window")

@@ -31,6 +31,16 @@ def test_goodput_counts_answers_within_the_deadline_per_window_second() -> None:
     assert fig.goodput([], 2.0, 10.0) == 0.0 and fig.goodput(lat, 2.0, 0.0) == 0.0
 
 
+def test_send_deadline_puts_the_goodput_deadline_in_each_request_as_its_timeout() -> None:
+    path, headers, body = pl.with_timeout("/v1/classify", {"Content-Type": "image/jpeg"}, b"jpeg", 2.0)
+    assert (path, body) == ("/v1/classify?timeout=2000000", b"jpeg")
+    head = json.dumps({"inputs": [{"name": "x", "parameters": {"binary_data_size": 4}}]}).encode()
+    kserve = {"Inference-Header-Content-Length": str(len(head))}
+    path, headers, body = pl.with_timeout("/v2/models/m/infer", kserve, head + b"DATA", 0.5)
+    n = int(headers["Inference-Header-Content-Length"])
+    assert json.loads(body[:n])["parameters"] == {"timeout": 500000} and body[n:] == b"DATA"
+
+
 def test_worker_deltas_shares_sum_to_one_and_handle_joins_and_deaths() -> None:
     before = snap(("local-0", 100, 50), ("local-1", 10, 10), ("local-2", 5, 5))
     after = snap(("local-0", 400, 150), ("local-1", 110, 60), ("local-3", 50, 25),
