@@ -67,11 +67,19 @@ def test_overview_shows_every_worker_and_live_numbers(loaded, browser):
         }""")
         assert all("GPU SIMULATED" in body for body in text["bodies"])  # never passed off as real
         assert int(text["served"]) > 0
-        rates = visit.page.evaluate("""() => {
-            const tiles = Bokeh.documents[0].get_model_by_name("gpu-router-summary").data;
-            return ["img/s", "p50 ms", "p99 ms"].map(label => tiles.value[tiles.label.indexOf(label)]);
-        }""")
-        assert all(float(v) > 0 for v in rates), rates  # live numbers, not "–"
+        # Live numbers, not "–". They cover the last 500 ms report, and on 2 busy cores
+        # (Chromium starting) one such slice can pass with no batch finishing: poll.
+        deadline = time.monotonic() + 20
+        while True:
+            rates = visit.page.evaluate("""() => {
+                const tiles = Bokeh.documents[0].get_model_by_name("gpu-router-summary").data;
+                return ["img/s", "p50 ms", "p99 ms"].map(label => tiles.value[tiles.label.indexOf(label)]);
+            }""")
+            live = all(v not in (None, "–") and float(v) > 0 for v in rates)
+            if live or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        assert live, rates
         # The overview is in the dashboard's own top bar.
         assert visit.page.locator("a[href='gpu-router'], a[href$='/gpu-router']").count() >= 1
         assert visit.errors == []
