@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks import placement as pl
 from benchmarks import placement_figures as fig
+from benchmarks import placement_routers as routers
 
 
 def snap(*workers: tuple[str, int, int], curve: dict | None = None) -> dict:
@@ -32,11 +33,11 @@ def test_goodput_counts_answers_within_the_deadline_per_window_second() -> None:
 
 
 def test_send_deadline_puts_the_goodput_deadline_in_each_request_as_its_timeout() -> None:
-    path, headers, body = pl.with_timeout("/v1/classify", {"Content-Type": "image/jpeg"}, b"jpeg", 2.0)
+    path, headers, body = routers.with_timeout("/v1/classify", {"Content-Type": "image/jpeg"}, b"jpeg", 2.0)
     assert (path, body) == ("/v1/classify?timeout=2000000", b"jpeg")
     head = json.dumps({"inputs": [{"name": "x", "parameters": {"binary_data_size": 4}}]}).encode()
     kserve = {"Inference-Header-Content-Length": str(len(head))}
-    path, headers, body = pl.with_timeout("/v2/models/m/infer", kserve, head + b"DATA", 0.5)
+    path, headers, body = routers.with_timeout("/v2/models/m/infer", kserve, head + b"DATA", 0.5)
     n = int(headers["Inference-Header-Content-Length"])
     assert json.loads(body[:n])["parameters"] == {"timeout": 500000} and body[n:] == b"DATA"
 
@@ -180,19 +181,19 @@ def test_worker_pids_finds_children_by_name_and_sees_them_die() -> None:
                               "--name", "local-7"])
     try:
         deadline = time.monotonic() + 5
-        while pl.worker_pids(__import__("os").getpid()).get("local-7") != child.pid:
+        while routers.worker_pids(__import__("os").getpid()).get("local-7") != child.pid:
             assert time.monotonic() < deadline, "child not found in /proc"
             time.sleep(0.05)
-        assert not pl.is_dead(child.pid)
+        assert not routers.is_dead(child.pid)
         child.kill()
         deadline = time.monotonic() + 5
-        while not pl.is_dead(child.pid):  # a zombie until we reap it: counts as dead
+        while not routers.is_dead(child.pid):  # a zombie until we reap it: counts as dead
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:
         child.kill()
         child.wait()
-    assert pl.is_dead(child.pid)
+    assert routers.is_dead(child.pid)
 
 
 def test_cli_defaults_quick_and_validation() -> None:
@@ -242,7 +243,7 @@ def test_quick_run_end_to_end(trivial_model: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.placement", "--quick", "--model-path",
          str(trivial_model), "--quiet", "--json", str(out), "--plot", str(png)],
-        cwd=pl.ROOT, capture_output=True, text=True, timeout=240)
+        cwd=routers.ROOT, capture_output=True, text=True, timeout=240)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
