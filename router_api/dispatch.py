@@ -77,6 +77,7 @@ class Batch:
     hedge_at: float = float("inf")  # loop clock: past this a copy may go to another worker
     hedged: bool = False  # a copy was sent (or this is the copy): never hedge twice
     alone: bool = False  # its worker had nothing else in flight: the round trip is clean
+    probe: bool = False  # a copy that re-measures an idle worker: it carries nobody
 
     @property
     def rows(self) -> int:
@@ -251,7 +252,7 @@ class Dispatcher(Watchdog, Membership, Probing):
         self._timer = None
         self._pump()
 
-    def _send(self, view: WorkerView | None, items: list[Pending], now: float) -> Batch | None:
+    def _send(self, view: WorkerView | None, items: list[Pending], now: float, probe: bool = False) -> Batch | None:
         batch_id = f"{self._prefix}-{next(self._ids)}"
         now_ns = time.perf_counter_ns()
         far = view is not None and self.compress_beyond is not None and view.link >= self.compress_beyond
@@ -265,11 +266,12 @@ class Dispatcher(Watchdog, Membership, Probing):
                 self.stats.rejected["unavailable"] += 1
                 self._fail(p, Unavailable(f"cannot reach the scheduler: {e}"))
             return None
-        batch = Batch(batch_id, view, items, future, sent=time.time(), sent_ns=now_ns, sent_at=now)
-        for p in items:
-            p.payload.carriers += 1
+        batch = Batch(batch_id, view, items, future, sent=time.time(), sent_ns=now_ns, sent_at=now, probe=probe)
+        if not probe:  # a probe never holds a request back from being re-queued
+            for p in items:
+                p.payload.carriers += 1
+            self.sent += 1
         self.in_flight[batch_id] = batch
-        self.sent += 1
         if view is None:
             self.unrestricted += 1
             batch.due = now + self.overdue_min * self.overdue_factor
@@ -333,6 +335,8 @@ class Dispatcher(Watchdog, Membership, Probing):
             # requests waited through the first try).
             queue_ns = batch.sent_ns - ticket.arrival_ns
             ok = "error" not in result
+            if not ok and ticket.carriers > 0:
+                continue  # another batch still carries it (the first try, or a hedge): wait for it
             if not ticket.future.done():
                 self.stats.request_done(ok, done_ns - ticket.arrival_ns, queue_ns)
                 if ok:
@@ -359,8 +363,9 @@ class Dispatcher(Watchdog, Membership, Probing):
         elif batch.view.flights.pop(batch.id, None) is not None:
             batch.view.in_flight = max(0, batch.view.in_flight - 1)
             batch.view.rows_in_flight = max(0, batch.view.rows_in_flight - batch.rows)
-        for p in batch.items:
-            p.payload.carriers = max(0, p.payload.carriers - 1)
+        if not batch.probe:
+            for p in batch.items:
+                p.payload.carriers = max(0, p.payload.carriers - 1)
         batch.future.release()
 
     @staticmethod

@@ -41,7 +41,9 @@ def observe_link(view: WorkerView, extra: float, now: float) -> None:
     spent queued in busy processes, and sizing windows or compressing by it feeds back:
     on a saturated 2-core host it read 38 ms for loopback workers, grew their windows to
     the cap and zlib-sampled every tensor request. The newest sample always counts, so
-    a path that got slower shows within one horizon."""
+    a path that got slower shows one horizon after it is next measured; under steady
+    load a worker is seldom alone, and its link keeps the last clean measurement (at
+    most the last 64) until then."""
     samples = view.link_samples
     samples.append((now, extra))
     while samples[0][0] < now - LINK_HORIZON:

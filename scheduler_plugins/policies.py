@@ -44,6 +44,7 @@ class WorkerView:
     errors: deque = field(default_factory=lambda: deque(maxlen=64))  # times of failed batches
     responsive: bool = True
     weight: float = 0.0  # share of capacity, for display; set by ``weights``
+    probed_at: float = float("-inf")  # loop clock of the last probe copy sent to it
 
     @property
     def has_room(self) -> bool:

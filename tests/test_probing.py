@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
+
 from router_api.dispatch import Dispatcher
 from router_api.probing import due_for_probe
 from scheduler_plugins.policies import WorkerView
@@ -26,7 +28,9 @@ def test_only_idle_measured_workers_with_a_stale_curve_are_due():
     busy, stuck = measured("busy", 0.4, at=90.0), measured("stuck", 0.4, at=90.0)
     busy.flights["b"] = (99.0, 0.4)
     stuck.responsive = False
-    assert due_for_probe([stale, fresh, unmeasured, busy, stuck], now, fresh_for=2.0) == [stale]
+    probed = measured("probed", 0.4, at=90.0)
+    probed.probed_at = 99.0  # its probe failed and measured nothing: not again at once
+    assert due_for_probe([stale, fresh, unmeasured, busy, stuck, probed], now, fresh_for=2.0) == [stale]
 
 
 async def cluster() -> tuple[Dispatcher, WorkerView, WorkerView]:
@@ -62,6 +66,59 @@ def test_a_stale_idle_worker_gets_a_copy_and_the_request_waits_for_neither():
     asyncio.run(go())
 
 
+def failed(d: Dispatcher, batch) -> None:
+    """The worker's reply when the batch failed there (run_batch's error path)."""
+    blob = msgpack.packb({"timings": {}, "worker": batch.view.address, "results": [{"error": "boom", "status": 500}]})
+    d._on_reply((0, {"id": batch.id, "blob": blob, "worker": batch.view.address}))
+
+
+def test_a_failing_probe_answers_nobody_and_is_not_repeated_at_once():
+    async def go():
+        d, fast, slow = await cluster()
+        _, future = d.submit({"x": 1}, rows=1)
+        d._pump()
+        (first,) = [b for b in d.in_flight.values() if b.view is fast]
+        (probe,) = [b for b in d.in_flight.values() if b.view is slow]
+        failed(d, probe)  # back first, with an error: the first try is still running
+        assert not future.done()
+        reply(d, first)
+        assert future.result().worker == "fast" and "error" not in future.result().result
+        d.submit({"x": 2}, rows=1)
+        d._pump()  # slow's curve is as stale as before, but it was probed just now
+        assert d.probes == 1 and d.sent == 2  # and probes are not batches sent
+        await d.close(timeout=0.1)
+
+    asyncio.run(go())
+
+
+def test_a_failed_hedge_leaves_the_request_to_its_first_try():
+    async def go():
+        from tests.test_dispatch_copies import hedged
+
+        d, future, first, copy = await hedged()
+        failed(d, copy)
+        assert not future.done()
+        reply(d, first)
+        assert "error" not in future.result().result
+        await d.close(timeout=0.1)
+
+    asyncio.run(go())
+
+
+def test_no_probe_once_shutting_down():
+    async def go():
+        d, fast, slow = await cluster()
+        d.submit({"x": 1}, rows=1)
+        d.closing = True
+        d._pump()
+        assert d.probes == 0
+        for batch in list(d.in_flight.values()):
+            reply(d, batch)
+        await d.close(timeout=0.1)
+
+    asyncio.run(go())
+
+
 def test_a_probed_worker_that_dies_leaves_the_request_to_its_first_batch():
     async def go():
         d, fast, slow = await cluster()
@@ -72,6 +129,23 @@ def test_a_probed_worker_that_dies_leaves_the_request_to_its_first_batch():
         (first,) = d.in_flight.values()
         reply(d, first)
         assert future.result().worker == "fast"
+        await d.close(timeout=0.1)
+
+    asyncio.run(go())
+
+
+def test_when_the_first_tries_worker_dies_the_request_is_queued_again_despite_a_probe():
+    async def go():
+        d, fast, slow = await cluster()
+        _, future = d.submit({"x": 1}, rows=1)
+        d._pump()
+        (probe,) = [b for b in d.in_flight.values() if b.view is slow]
+        slow.window = 0  # the queue must not go straight back out to it
+        fast.window = 0
+        d._remove_view("fast")
+        assert len(d.queue) == 1  # a probe carries nobody: it is queued again at once
+        reply(d, probe)  # the probe's answer still serves it, should it come first
+        assert future.result().worker == "slow"
         await d.close(timeout=0.1)
 
     asyncio.run(go())
