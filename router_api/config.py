@@ -45,6 +45,11 @@ def seconds(key: str) -> float:
     return float(parse_timedelta(value, default="s") or 0.0)
 
 
+def seconds_or_off(key: str) -> float | None:
+    """A duration setting that may be switched off (``off``, ``false`` or null): None."""
+    return None if get(key) in (None, False, "off") else seconds(key)
+
+
 def nbytes(key: str) -> int:
     value = get(key)
     return int(parse_bytes(value) if isinstance(value, str) else value)

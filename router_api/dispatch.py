@@ -111,12 +111,10 @@ class Dispatcher(Watchdog, Membership, Probing):
         self.hedge_factor = float(config.get("placement.hedge-factor"))
         self.hedge_min = config.seconds("placement.hedge-min")
         self.hedge_budget = float(config.get("placement.hedge-budget"))
-        probe = config.get("placement.probe-after")
-        off = probe in (None, False, "off") or not isinstance(self.policy, GpuAware)
-        self.probe_after = None if off else config.seconds("placement.probe-after")
+        probe_after = config.seconds_or_off("placement.probe-after")
+        self.probe_after = probe_after if isinstance(self.policy, GpuAware) else None
         self.probes = 0
-        beyond = config.get("compress-beyond")
-        self.compress_beyond = None if beyond in (None, False, "off") else config.seconds("compress-beyond")
+        self.compress_beyond = config.seconds_or_off("compress-beyond")
         self.sent = 0  # batches sent, the hedging budget's base
         self.hedges = 0
         self.unrestricted = 0  # dask-default batches in flight

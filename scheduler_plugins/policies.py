@@ -208,7 +208,9 @@ class GpuAware:
         # What the measurements alone justify: an idle worker's aged, optimistic
         # estimate earns it a probe of one row, not a full share at a speed it has not
         # shown (on a 4x slower worker such a share ran 3-4 rows, over a second).
-        measured, _ = share_out(starts, self._per_row(usable, n, now, aged=False), queued_rows)
+        measured = shares
+        if any(v.service.confidence(now) < 1 for v in usable):
+            measured, _ = share_out(starts, self._per_row(usable, n, now, aged=False), queued_rows)
         ranked = sorted(range(len(usable)), key=lambda i: (first[i], -shares[i], usable[i].in_flight))
         for i in ranked:
             v = usable[i]

@@ -42,14 +42,19 @@ async def cluster() -> tuple[Dispatcher, WorkerView, WorkerView]:
     return d, fast, slow
 
 
+def one_request(d: Dispatcher, fast: WorkerView, slow: WorkerView):
+    """Queue one request and pump: its future, then the batches on fast and on slow."""
+    _, future = d.submit({"x": 1}, rows=1)
+    d._pump()
+    on = [[b for b in d.in_flight.values() if b.view is v] for v in (fast, slow)]
+    return future, *on
+
+
 def test_a_stale_idle_worker_gets_a_copy_and_the_request_waits_for_neither():
     async def go():
         d, fast, slow = await cluster()
-        _, future = d.submit({"x": 1}, rows=1)
-        d._pump()
+        future, (first,), (probe,) = one_request(d, fast, slow)
         assert d.probes == 1
-        (first,) = [b for b in d.in_flight.values() if b.view is fast]
-        (probe,) = [b for b in d.in_flight.values() if b.view is slow]
         assert probe.items == first.items and probe.hedged
         reply(d, first)  # the fast worker answers: the request is done
         assert future.result().worker == "fast"
@@ -75,10 +80,7 @@ def failed(d: Dispatcher, batch) -> None:
 def test_a_failing_probe_answers_nobody_and_is_not_repeated_at_once():
     async def go():
         d, fast, slow = await cluster()
-        _, future = d.submit({"x": 1}, rows=1)
-        d._pump()
-        (first,) = [b for b in d.in_flight.values() if b.view is fast]
-        (probe,) = [b for b in d.in_flight.values() if b.view is slow]
+        future, (first,), (probe,) = one_request(d, fast, slow)
         failed(d, probe)  # back first, with an error: the first try is still running
         assert not future.done()
         reply(d, first)
@@ -122,8 +124,7 @@ def test_no_probe_once_shutting_down():
 def test_a_probed_worker_that_dies_leaves_the_request_to_its_first_batch():
     async def go():
         d, fast, slow = await cluster()
-        _, future = d.submit({"x": 1}, rows=1)
-        d._pump()
+        future, _, _ = one_request(d, fast, slow)
         d._remove_view("slow")
         assert len(d.queue) == 0 and not future.done()  # the first batch still carries it
         (first,) = d.in_flight.values()
@@ -137,9 +138,7 @@ def test_a_probed_worker_that_dies_leaves_the_request_to_its_first_batch():
 def test_when_the_first_tries_worker_dies_the_request_is_queued_again_despite_a_probe():
     async def go():
         d, fast, slow = await cluster()
-        _, future = d.submit({"x": 1}, rows=1)
-        d._pump()
-        (probe,) = [b for b in d.in_flight.values() if b.view is slow]
+        future, _, (probe,) = one_request(d, fast, slow)
         slow.window = 0  # the queue must not go straight back out to it
         fast.window = 0
         d._remove_view("fast")
