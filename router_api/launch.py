@@ -22,6 +22,7 @@ from distributed import Client, Scheduler, Worker
 
 from router_api import config
 from router_api.config import DASK_SETTINGS, TUNNEL_SETTINGS
+from router_api.heap import freeze_startup_heap
 from router_api.public import Public, tls_dir
 from scheduler_plugins.dashboard import register as register_pages
 from scheduler_plugins.plugin import BatchRouterPlugin
@@ -71,6 +72,7 @@ async def serve_until_signal(client: Client, host: str, port: int) -> None:
     from router_api.app import start_front_end
 
     router, server = await start_front_end(client, host, port)
+    freeze_startup_heap("front end")
     print(f"batch-router: serving http://{host}:{port}/v2/models/{router.model_name}", flush=True)
     await wait_for_signal()
     logger.info("shutting down: answering queued and in-flight requests")
@@ -191,6 +193,7 @@ async def run_scheduler(
                 print(f"batch-router: scheduler {scheduler.address}, dashboard http://{dashboard}/gpu-router", flush=True)
                 if public:
                     public.announce()
+                freeze_startup_heap("scheduler")
                 await wait_for_signal()
         finally:
             if public:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from router_api import config
+from router_api.heap import freeze_startup_heap
 from worker_setup.gpu import open_source
 from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
 from worker_setup.model_cache import ensure_model
@@ -77,6 +78,7 @@ async def dask_setup(worker) -> None:
     await start_metrics(worker, model)
     worker.startup_information[EXTENSION] = lambda w: model.describe()
     logger.info("batch-router worker ready: %s", model.describe())
+    freeze_startup_heap("worker")
 
 
 async def start_metrics(worker, model: WorkerModel) -> None:

@@ -4,8 +4,13 @@ In-process scheduler (inproc:// client + tcp worker), BatchedSend intervals 0, r
 ``log_event``: the public-API floor under the router's latency. A plugin stamps the
 ``update_graph`` hook and the reply event; the task stamps its own start.
 
-    .venv/bin/python -m benchmarks.probes.dask_hops
+``--idle-ms 0,20``: the task first sleeps that long (its sleep is not counted), as every
+process but the model's sits idle while a batch computes. On a VM the same hops then
+cost more: idle vCPUs are descheduled, and wake up slow and cold.
+
+    .venv/bin/python -m benchmarks.probes.dask_hops [--idle-ms 0,20]
 """
+import argparse
 import asyncio
 import os
 import subprocess
@@ -29,7 +34,7 @@ class P(SchedulerPlugin):
     def log_event(self, topic, msg):
         if topic == "t": self.le[msg["id"]] = time.time()
 
-async def main(payload_kb):
+async def main(payload_kb, idle_ms=0.0):
     p = P()
     with dask.config.set({"distributed.scheduler.work-stealing": False, "distributed.admin.low-level-log-length": 32}):
         async with Scheduler(host=[None, "127.0.0.1"], protocol=["inproc", "tcp"], port=[None, 0], dashboard=False, plugins=[p]) as s:
@@ -52,7 +57,7 @@ asyncio.run(m())
                 s.client_comms[c.id].interval = 0
                 done = {}
                 def handler(ev):
-                    done[ev[1]["id"]].set_result((time.time(), ev[1]["t"]))
+                    done[ev[1]["id"]].set_result((time.time(), ev[1]["t"], ev[1]["idle"]))
                 c.subscribe_topic("t", handler)
                 await asyncio.sleep(0.2)
                 data = np.zeros(payload_kb * 1024, np.uint8)
@@ -60,14 +65,19 @@ asyncio.run(m())
                 for i in range(200):
                     f = asyncio.get_running_loop().create_future(); done[str(i)] = f
                     t0 = time.time()
-                    fut = c.submit(echo, {"id": str(i), "topic": "t", "x": data}, key=f"k-{i}", workers=[addr], pure=False)
-                    t_client_done, t_task = await f
+                    fut = c.submit(echo, {"id": str(i), "topic": "t", "x": data, "idle": idle_ms / 1e3}, key=f"k-{i}", workers=[addr], pure=False)
+                    t_client_done, t_task, idle = await f
                     fut.release()
-                    rows.append((p.ug[f"k-{i}"] - t0, t_task - p.ug[f"k-{i}"], p.le[str(i)] - t_task, t_client_done - p.le[str(i)], t_client_done - t0))
+                    t_reply = t_task + idle  # hops only: the task's own sleep is not the path's
+                    rows.append((p.ug[f"k-{i}"] - t0, t_task - p.ug[f"k-{i}"], p.le[str(i)] - t_reply, t_client_done - p.le[str(i)], t_client_done - t0 - idle))
                 a = np.median(np.array(rows[20:]), axis=0) * 1e3
-                print(f"{payload_kb} KB: submit->update_graph hook {a[0]:.2f}, hook->task start {a[1]:.2f}, task->scheduler {a[2]:.2f}, scheduler->client {a[3]:.2f}, total {a[4]:.2f} ms")
+                print(f"{payload_kb} KB, idle {idle_ms:g} ms: submit->update_graph hook {a[0]:.2f}, hook->task start {a[1]:.2f}, task->scheduler {a[2]:.2f}, scheduler->client {a[3]:.2f}, total {a[4]:.2f} ms")
             proc.terminate(); proc.wait()
 
 if __name__ == "__main__":
-    for kb in (4, 600):
-        asyncio.run(main(kb))
+    ap = argparse.ArgumentParser(description="Dask's hop costs on the router's path")
+    ap.add_argument("--idle-ms", default="0", help="comma-separated: how long the task idles before replying")
+    a = ap.parse_args()
+    for idle in (float(x) for x in a.idle_ms.split(",")):
+        for kb in (4, 600):
+            asyncio.run(main(kb, idle))

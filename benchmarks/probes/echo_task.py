@@ -1,4 +1,5 @@
-"""The probe's task: reply at once on the worker's own stream, stamped."""
+"""The probe's task: optionally idle like a model would compute, then reply at once on
+the worker's own stream, stamped."""
 
 import time
 
@@ -6,5 +7,8 @@ import time
 def echo(spec: dict) -> int:
     from distributed import get_worker
 
-    get_worker().log_event(spec["topic"], {"id": spec["id"], "t": time.time()})
+    start = time.time()
+    if spec.get("idle"):
+        time.sleep(spec["idle"])  # every process sleeps meanwhile, as while a model runs
+    get_worker().log_event(spec["topic"], {"id": spec["id"], "t": start, "idle": time.time() - start})
     return 0
