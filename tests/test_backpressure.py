@@ -1,5 +1,9 @@
 """Queue bounds, deadlines, priorities, disconnects and body limits, on a deliberately
-tight service: one worker, one row per batch, one batch in flight, six queued."""
+tight service: one worker, one row per batch, one batch in flight, six queued.
+
+The worker is slowed 4x (each batch ~0.2-0.3 s) so that requests sent one after another
+are still queued behind the first when the next arrives, however fast the host runs:
+on a fast day, four unslowed batches finished before seven requests had been sent."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ def tight(model_path):
     ARTIFACTS.mkdir(exist_ok=True)
     c = Cluster(
         workers=1,
-        args=["--threads", "1", "--max-batch-size", "1", "--window", "1", "--max-queue-size", "6"],
+        args=["--threads", "1", "--max-batch-size", "1", "--window", "1", "--max-queue-size", "6", "--worker-slowdown", "4"],
         env={"DASK_BATCH_ROUTER__HTTP__MAX_BODY_SIZE": "1MiB"},
         log=ARTIFACTS / "tight.log",
     ).start()
