@@ -95,16 +95,23 @@ def spawn_router(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def spawned_dashboard(proc: subprocess.Popen) -> Optional[str]:
-    """The Dask dashboard a spawned router was started with (its last --dashboard-port, as
-    --spawn-args may repeat it), for when the router itself does not report one."""
-    port = None
+def spawned_flag(proc: subprocess.Popen, flag: str) -> Optional[str]:
+    """The value a spawned process was started with for ``flag`` (its last one, as
+    --spawn-args may repeat it), in either ``--flag V`` or ``--flag=V`` form."""
+    value = None
     cmd = [str(a) for a in proc.args] if isinstance(proc.args, (list, tuple)) else []
     for i, a in enumerate(cmd):
-        if a == "--dashboard-port" and i + 1 < len(cmd):
-            port = cmd[i + 1]
-        elif a.startswith("--dashboard-port="):
-            port = a.split("=", 1)[1]
+        if a == flag and i + 1 < len(cmd):
+            value = cmd[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def spawned_dashboard(proc: subprocess.Popen) -> Optional[str]:
+    """The Dask dashboard a spawned router was started with, for when the router itself
+    does not report one."""
+    port = spawned_flag(proc, "--dashboard-port")
     return f"http://127.0.0.1:{port}" if port else None
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.servers import ROOT, spawn_router, stop
+from benchmarks.servers import ROOT, spawn_router, spawned_flag, stop
 
 
 def collect_both_ways() -> dict:
@@ -40,11 +41,6 @@ def collect_both_ways() -> dict:
     return {"frozen_objects": frozen, "tracked_objects": tracked, "as_shipped_ms": 1e3 * as_shipped, "unfrozen_ms": 1e3 * unfrozen}
 
 
-def scheduler_port(proc: subprocess.Popen) -> str:
-    cmd = [str(a) for a in proc.args]
-    return cmd[cmd.index("--scheduler-port") + 1]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="load window + measurement, this many times")
@@ -58,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     proc, url = spawn_router(router)
     rows: dict[str, list[dict]] = {}
     try:
-        with Client(f"tcp://127.0.0.1:{scheduler_port(proc)}", timeout=30) as client:
+        with Client(f"tcp://127.0.0.1:{spawned_flag(proc, '--scheduler-port')}", timeout=30) as client:
             for r in range(args.rounds):
                 subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--url", url, "--mode", "infer",
                                 "--concurrency", "16", "--duration", args.load, "--quiet"], cwd=ROOT, check=True,
@@ -85,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:22s} {s['as_shipped_ms']:7.1f} ms frozen vs {s['unfrozen_ms']:7.1f} ms unfrozen "
               f"({s['unfrozen_ms'] / max(s['as_shipped_ms'], 1e-3):.0f}x)")
     if args.json:
-        meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": __import__("os").cpu_count()}
+        meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
         args.json.write_text(json.dumps({"meta": meta, "summary": summary, "rounds": rows}, indent=1))
         print(f"wrote {args.json}")
     return 0
