@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 model: $(STAMP)
-	$(BIN)/python -m worker_setup.resnet50 --ensure
+	$(BIN)/python -m scheduler_plugins.builtin_models --ensure
 
 run: model
 	$(BIN)/batch-router up $(ARGS)

@@ -18,14 +18,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from benchmarks.report import machine
+from core.worker_view import WorkerView
 from router_api.batching import BatchQueue
-from router_api.stats import ModelStats
 from router_api.telemetry import Telemetry
+from router_api.triton_stats import ModelStats
 from scheduler_plugins.dashboard.batch_queues import BatchQueues
 from scheduler_plugins.dashboard.gpu_metrics import GpuMetrics
 from scheduler_plugins.dashboard.overview import Overview
 from scheduler_plugins.history import History
-from scheduler_plugins.policies import WorkerView
 
 GPU = {"source": "nvml", "name": "T4", "uuid": "GPU-x", "utilization_gpu": 50, "memory_used": 2**31, "memory_total": 2**34,
        "temperature": 60, "temperature_slowdown": 90, "power": 40.0, "power_limit": 70.0, "sm_clock": 1590,
@@ -35,7 +35,7 @@ GPU = {"source": "nvml", "name": "T4", "uuid": "GPU-x", "utilization_gpu": 50, "
 def front_end(n_workers: int, requests: int) -> tuple[SimpleNamespace, Telemetry]:
     views = {f"tcp://w{i}": WorkerView(f"tcp://w{i}", f"w{i}", rows=i) for i in range(n_workers)}
     d = SimpleNamespace(stats=ModelStats("resnet50"), queue=BatchQueue(32, priority_levels=3), views=views, hedges=0,
-                        weights=lambda: {a: 1 / n_workers for a in views})  # fmt: skip
+                        weights=lambda now=0.0: {a: 1 / n_workers for a in views})  # fmt: skip
     t = Telemetry()
     for i in range(requests):
         t.request_served(0.001 * (i % 300), 0.0005, 0.002, 0.001)

@@ -26,10 +26,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import dask.config
 import numpy as np
 
 from benchmarks.servers import ROOT, free_port, _wait_ready, stop
-from router_api import config
+from core.config import cache_dir, parse
 
 
 def raw_throughput(path: str, device: str, batch: int, seconds: float) -> dict:
@@ -157,7 +158,7 @@ def main() -> None:
     p.add_argument("--gpu-metrics", default="auto", help="auto (NVML); 'simulated' only to rehearse on a CPU")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from worker_setup.resnet50 import ensure_default_model
+    from scheduler_plugins.builtin_models import ensure_default_model
 
     import onnxruntime as ort
 
@@ -167,7 +168,7 @@ def main() -> None:
         "ort_version": ort.__version__,
         "available_providers": ort.get_available_providers(),
         "nvidia_smi": subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout if args.device == "cuda" else None,
-        "cache_dir": str(config.cache_dir()),
+        "cache_dir": str(cache_dir(parse(dask.config.get("batch-router", None)))),
     }
     path = str(ensure_default_model())
     report["raw"] = [raw_throughput(path, args.device, b, raw_s) for b in batches]

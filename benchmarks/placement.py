@@ -65,7 +65,7 @@ from benchmarks.placement_report import (
 from benchmarks.placement_routers import Router, git_dirty, is_dead, worker_pids
 from benchmarks.report import machine, write_json
 from benchmarks.windows import get_json
-from scheduler_plugins.policies import POLICIES
+from core.placement import POLICIES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

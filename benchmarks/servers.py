@@ -138,7 +138,7 @@ def spawn_bare(meta: Optional[dict]) -> tuple[subprocess.Popen, str, Optional[st
 def _model_path(args: argparse.Namespace) -> Path:
     if args.model_path is not None:
         return args.model_path
-    from worker_setup.resnet50 import ensure_default_model
+    from scheduler_plugins.builtin_models import ensure_default_model
 
     return ensure_default_model()
 

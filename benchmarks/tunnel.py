@@ -163,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     jpeg = make_jpeg()
     if args.model is None:  # compute ~0: each batch takes --batch-time, the device's speed
-        from worker_setup.resnet50 import build_trivial
+        from scheduler_plugins.builtin_models import build_trivial
 
         args.model = Path(tempfile.mkdtemp(prefix="batch-router-model-")) / "trivial.onnx"
         build_trivial(args.model)

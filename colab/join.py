@@ -38,7 +38,7 @@ def verify_cuda() -> list[str]:
     import numpy as np
     import onnxruntime as ort
 
-    from worker_setup.resnet50 import build_trivial
+    from scheduler_plugins.builtin_models import build_trivial
 
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "batch-router-cuda-check.onnx")
     build_trivial(__import__("pathlib").Path(path))

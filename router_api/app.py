@@ -11,8 +11,11 @@ import logging
 import numpy as np
 from tornado import httpserver, web
 
-from router_api import config, kserve
-from router_api.dispatch import Dispatcher, Reply
+from core.config import Settings
+from core.labels import load_labels
+from router_api import kserve
+from router_api.cluster_link import ClusterLink
+from router_api.dispatch_events import Answer
 from router_api.handlers import (
     Classify,
     Dashboard,
@@ -28,7 +31,6 @@ from router_api.handlers import (
     ServerMetadata,
     Workers,
 )
-from worker_setup.labels import load_labels
 
 logger = logging.getLogger("router_api.app")
 
@@ -41,22 +43,23 @@ def tensor_specs(tensors: list[dict]) -> list[kserve.TensorSpec]:
 
 
 class Router:
-    """What the handlers read: model metadata, settings, and the dispatcher."""
+    """What the handlers read: model metadata, settings, and the link to the cluster."""
 
     version = "1"
 
-    def __init__(self, dispatcher: Dispatcher, model: dict) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, link: ClusterLink, settings: Settings, model: dict) -> None:
+        self.link = link
+        self.dispatcher = link.dispatcher
         self.model = model
         self.model_name = model["name"]
         self.inputs = tensor_specs(model["inputs"])
         self.outputs = tensor_specs(model["outputs"])
-        self.max_batch_size = dispatcher.queue.max_batch_size
-        self.max_body_size = config.nbytes("http.max-body-size")
-        self.retry_after = int(config.get("retry-after"))
-        self.top_k = int(config.get("http.top-k"))
+        self.max_batch_size = self.dispatcher.queue.max_batch_size
+        self.max_body_size = settings.http.max_body_size
+        self.retry_after = settings.retry_after
+        self.top_k = settings.http.top_k
         self.num_classes = max(1, self.outputs[0].shape[-1])
-        self.labels = load_labels(config.get("labels"), self.num_classes)
+        self.labels = load_labels(settings.labels, self.num_classes)
         self.notes = model.get("metadata", {})
         self.dashboard: str | None = None  # the Dask dashboard's base URL, when known
 
@@ -94,8 +97,8 @@ class Router:
         Startup info and metrics carry no secrets (no tokens, no keys)."""
         d = self.dispatcher
         keys = ("device", "providers", "requested_providers", "cuda_fallback", "threads", "sha256")
-        now = d.loop.time()
-        shares = d.weights()
+        now = self.link.now
+        shares = d.weights(now)
         return [
             {
                 "address": v.address,
@@ -113,22 +116,21 @@ class Router:
                 "service_s": v.service.as_dict(),
                 "overhead_s": round(v.overhead, 6),
                 "link_s": round(v.link, 6),
-                "recent_errors": sum(1 for t in v.errors if now - t <= d.policy_tuning.error_window),
+                "recent_errors": sum(1 for t in v.errors if now - t <= d.tuning.error_window),
                 "metrics_error": v.metrics_error,
             }
             for v in d.views.values()
         ]
 
-    def predictions(self, reply: Reply) -> dict:
-        idx = np.frombuffer(reply.result["index"], dtype=np.int64)
-        prob = np.frombuffer(reply.result["prob"], dtype=np.float32)
+    def predictions(self, answer: Answer) -> dict:
+        top = answer.result
         return {
             "model": self.model_name,
             "predictions": [
-                {"label": self.labels[i], "index": int(i), "probability": float(p)} for i, p in zip(idx, prob)
+                {"label": self.labels[i], "index": i, "probability": p} for i, p in zip(top.indices, top.probabilities)
             ],
-            "worker": reply.worker,
-            "batch_size": reply.batch_rows,
+            "worker": answer.worker,
+            "batch_size": answer.batch_rows,
         }
 
 
@@ -170,12 +172,12 @@ def make_app(router: Router) -> web.Application:
     )
 
 
-async def start_front_end(client, host: str, port: int) -> tuple[Router, httpserver.HTTPServer]:
-    """Connect a Dispatcher to the cluster behind ``client`` and listen for HTTP."""
+async def start_front_end(client, settings: Settings, host: str, port: int) -> tuple[Router, httpserver.HTTPServer]:
+    """Link a Dispatcher to the cluster behind ``client`` and listen for HTTP."""
     model = await client.scheduler.batch_router_model()
-    dispatcher = Dispatcher(client, model)
-    await dispatcher.start()
-    router = Router(dispatcher, model)
+    link = ClusterLink(client, settings, model)
+    await link.start()
+    router = Router(link, settings, model)
     try:
         router.dashboard = await client.scheduler.batch_router_dashboard()
     except Exception as e:  # an older plugin: the service runs, without the link

@@ -18,9 +18,8 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
-QUEUED, TAKEN, CANCELLED, EXPIRED = "queued", "taken", "cancelled", "expired"
+NEW, QUEUED, TAKEN, CANCELLED, EXPIRED = "new", "queued", "taken", "cancelled", "expired"
 
 
 class QueueFull(Exception):
@@ -29,14 +28,13 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Pending:
-    """One request waiting for a batch. ``payload`` is opaque to the queue."""
+    """One request waiting for a batch: what the queue orders it by."""
 
     rows: int
     priority: int
     arrival: float
     deadline: float | None = None
-    payload: Any = None
-    state: str = QUEUED
+    state: str = NEW  # QUEUED once pushed
     seq: int = field(default=0, repr=False)
 
 

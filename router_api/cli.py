@@ -9,31 +9,52 @@ import argparse
 import asyncio
 import logging
 import os
+from pathlib import Path
 
 import dask.config
 
-from router_api import config
-from scheduler_plugins.policies import POLICIES
+from core.config import ConfigError, Settings, parse
+from core.placement import POLICIES
+
+# Flags that set a batch-router key, whatever the role; role-specific ones are below.
+KEYS = {
+    "max_batch_size": "max-batch-size",
+    "max_queue_delay": "max-queue-delay",
+    "max_queue_size": "max-queue-size",
+    "window": "window",
+    "device": "worker.device",
+    "threads": "worker.intra-op-threads",
+    "model_name": "model-name",
+    "labels": "labels",
+    "policy": "placement.policy",
+    "gpu_metrics": "worker.gpu-metrics",
+    "slowdown": "worker.slowdown",
+    "workers": "worker.count",
+    "public_address": "scheduler.public-address",
+}
+ROLE_KEYS = {
+    "up": {"host": "http.host", "port": "http.port", "scheduler_port": "scheduler.port"},
+    "serve": {"host": "http.host", "port": "http.port"},
+    "scheduler": {"host": "scheduler.host", "port": "scheduler.port"},
+}
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    """Flags the user gave, as batch-router config keys."""
-    keys = {
-        "max_batch_size": "max-batch-size",
-        "max_queue_delay": "max-queue-delay",
-        "max_queue_size": "max-queue-size",
-        "window": "window",
-        "device": "worker.device",
-        "threads": "worker.intra-op-threads",
-        "model_name": "model-name",
-        "labels": "labels",
-        "policy": "placement.policy",
-        "gpu_metrics": "worker.gpu-metrics",
-        "slowdown": "worker.slowdown",
-    }
-    return {f"batch-router.{key}": getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
-
-
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Dask config (YAML, DASK_BATCH_ROUTER__*) overridden by the flags given, checked:
+    a bad key or value stops here, naming it. The flags go into Dask config too, so
+    processes started from here (local workers) inherit them."""
+    keys = {**KEYS, **ROLE_KEYS.get(args.role, {})}
+    flags = {f"batch-router.{key}": getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
+    if getattr(args, "model", None):
+        flags["batch-router.model"] = str(Path(args.model).expanduser().resolve())
+    if getattr(args, "dashboard_port", None) is not None:
+        host = dask.config.get("batch-router.scheduler.dashboard-address").rsplit(":", 1)[0]
+        flags["batch-router.scheduler.dashboard-address"] = f"{host}:{args.dashboard_port}"
+    dask.config.set(flags)
+    try:
+        return parse(dask.config.get("batch-router"))
+    except ConfigError as e:
+        raise SystemExit(f"batch-router: bad setting: {e}") from None
 
 
 def _factors(text: str) -> list[float]:
@@ -124,33 +145,22 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    dask.config.set(_settings(args))
+    if args.role == "up" and args.worker_slowdown and args.workers is None:
+        args.workers = len(args.worker_slowdown)
+    settings = settings_from(args)
     from router_api import launch
 
-    host = getattr(args, "host", None) or config.get("http.host")
-    port = args.port if getattr(args, "port", None) is not None else config.get("http.port")
-    dash_host = config.get("scheduler.dashboard-address").rsplit(":", 1)[0]
-    dash_port = getattr(args, "dashboard_port", None)
-    dashboard = f"{dash_host}:{dash_port}" if dash_port is not None else config.get("scheduler.dashboard-address")
     if args.role == "up":
-        sport = args.scheduler_port if args.scheduler_port is not None else config.get("scheduler.port")
         slowdown = args.worker_slowdown or []
-        n = args.workers if args.workers is not None else (len(slowdown) or config.get("worker.count"))
-        if len(slowdown) > n:
-            raise SystemExit(f"--worker-slowdown gives {len(slowdown)} factors for {n} workers")
-        public = args.public_address or config.get("scheduler.public-address")
-        coro = launch.up(
-            args.model, n, host, port, sport, dashboard, args.threads or 0, config.get("worker.device"), slowdown, public, args.rotate_ca
-        )
+        if len(slowdown) > settings.worker.count:
+            raise SystemExit(f"--worker-slowdown gives {len(slowdown)} factors for {settings.worker.count} workers")
+        coro = launch.up(settings, slowdown, args.rotate_ca)
     elif args.role == "scheduler":
-        shost = args.host or config.get("scheduler.host")
-        sport = args.port if args.port is not None else config.get("scheduler.port")
-        public = args.public_address or config.get("scheduler.public-address")
-        coro = launch.run_scheduler(args.model, shost, sport, dashboard, public, args.rotate_ca)
+        coro = launch.run_scheduler(settings, args.rotate_ca)
     elif args.role == "worker":
         coro = launch.run_worker(args.scheduler_address, args.name, args.join, args.contact_address)
     else:
-        coro = launch.serve(args.scheduler, host, port)
+        coro = launch.serve(settings, args.scheduler)
     try:
         asyncio.run(coro)
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
-"""Tornado handlers: parse, validate, hand off to the dispatcher, write. Nothing else.
+"""Tornado handlers: parse, validate, hand off to the cluster link, write. Nothing else.
 
-Protocol encoding lives in ``kserve.py``; batching in ``batching.py``/``dispatch.py``.
+Protocol encoding lives in ``kserve.py``; batching and placement in ``dispatcher.py``.
 Every error is ``{"error": "..."}`` with the status Triton would use.
 """
 
@@ -12,9 +12,10 @@ import json
 import numpy as np
 from tornado import httputil, web
 
+from core.codec import pack_item
+from core.protocol import ImageItem, ItemError, TensorItem
 from router_api import kserve, prometheus
-from router_api.codec import pack_item
-from router_api.dispatch import DeadlineExceeded, Reply, Unavailable
+from router_api.dispatch_events import Answer, DeadlineExceeded, Unavailable
 
 
 def as_frame(data: bytes | memoryview) -> np.ndarray:
@@ -109,7 +110,8 @@ class Workers(JSONHandler):
 
     def get(self) -> None:
         d = self.router.dispatcher
-        queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received, "batches_sent": d.sent, "hedged": d.hedges, "probes": d.probes}
+        queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received, "batches_sent": d.sent,
+                 "hedged": d.hedges, "probes": d.probes}  # fmt: skip
         self.write_json({"policy": d.policy.name, "workers": self.router.workers(), "queue": queue})
 
 
@@ -119,7 +121,7 @@ class Metrics(JSONHandler):
 
     def get(self) -> None:
         r = self.router
-        snapshot = r.dispatcher.telemetry.snapshot(r.dispatcher)
+        snapshot = r.dispatcher.telemetry.snapshot(r.dispatcher, r.link.now)
         self.set_header("Content-Type", prometheus.CONTENT_TYPE)
         self.finish(prometheus.render(snapshot, r.dispatcher.stats, r.workers(), r.version))
 
@@ -169,12 +171,12 @@ class BodyHandler(JSONHandler):
         return self.too_large
 
     def on_connection_close(self) -> None:
-        for pending in self.pending:
-            self.router.dispatcher.cancel(pending)
+        for request in self.pending:
+            self.router.link.cancel(request)
 
     async def run(
-        self, items: list[dict], rows: int, priority: int = 0, timeout_us: int = 0, packed: dict | None = None
-    ) -> list[Reply] | None:
+        self, items: list, rows: int, priority: int = 0, timeout_us: int = 0, packed=None
+    ) -> list[Answer] | None:
         """Queue items (one per request row group) and wait for all of them.
 
         On failure writes the error in the protocol's format and returns None.
@@ -182,8 +184,8 @@ class BodyHandler(JSONHandler):
         try:
             futures = []
             for item in items:
-                pending, future = self.router.dispatcher.submit(item, rows, priority, timeout_us, packed if len(items) == 1 else None)
-                self.pending.append(pending)
+                request, future = self.router.link.submit(item, rows, priority, timeout_us, packed if len(items) == 1 else None)
+                self.pending.append(request)
                 futures.append(future)
             replies = await asyncio.gather(*futures, return_exceptions=True)
             for r in replies:
@@ -217,27 +219,23 @@ class Infer(BodyHandler):
             return self.fail(e.status, str(e))
         except ValueError:
             return self.fail(400, f"bad Inference-Header-Content-Length: {header!r}")
-        item = {
-            "kind": "tensor",
-            "rows": req.rows,
-            "inputs": {i.name: as_frame(i.data) for i in req.inputs},
-            "shapes": {i.name: list(i.shape) for i in req.inputs},
-            "outputs": [o.name for o in req.outputs],
-        }
+        item = TensorItem(
+            rows=req.rows,
+            inputs={i.name: as_frame(i.data) for i in req.inputs},
+            shapes={i.name: tuple(i.shape) for i in req.inputs},
+            outputs=tuple(o.name for o in req.outputs),
+        )
         packed = None
         if router.dispatcher.far_workers():  # zlib releases the GIL: off the event loop
             packed = await asyncio.to_thread(pack_item, item)
         replies = await self.run([item], req.rows, req.priority, req.timeout_us, packed)
         if replies is None:
             return
-        reply = replies[0]
-        if "error" in reply.result:
-            return self.fail(reply.result.get("status", 500), reply.result["error"])
-        outs = reply.result["outputs"]
-        arrays = [
-            (o, np.frombuffer(outs[o.name]["data"], dtype=outs[o.name]["dtype"]).reshape(outs[o.name]["shape"]))
-            for o in req.outputs
-        ]
+        result = replies[0].result
+        if isinstance(result, ItemError):
+            return self.fail(result.status, result.message)
+        outs = result.outputs  # views of the bytes the worker packed: no copy until the body
+        arrays = [(o, np.frombuffer(outs[o.name].data, outs[o.name].dtype).reshape(outs[o.name].shape)) for o in req.outputs]
         body, header_length = kserve.encode_infer_response(router.model_name, router.version, req.id, arrays)
         if header_length is not None:
             self.set_header("Inference-Header-Content-Length", str(header_length))
@@ -275,14 +273,14 @@ class Classify(BodyHandler):
                 raise ValueError
         except ValueError:
             return self.fail(400, "priority and timeout must be non-negative integers")
-        items = [{"kind": "image", "data": as_frame(img), "top_k": top_k} for img in images]
+        items = [ImageItem(as_frame(img), top_k) for img in images]
         replies = await self.run(items, 1, priority, timeout_us)
         if replies is None:
             return
-        failed = [(i, r.result) for i, r in enumerate(replies) if "error" in r.result]
+        failed = [(i, r.result) for i, r in enumerate(replies) if isinstance(r.result, ItemError)]
         if failed:
-            status = max(res.get("status", 500) for _, res in failed)  # a server fault wins
-            message = "; ".join(f"image {i}: {res['error']}" for i, res in failed) if len(images) > 1 else failed[0][1]["error"]
+            status = max(res.status for _, res in failed)  # a server fault wins
+            message = "; ".join(f"image {i}: {res.message}" for i, res in failed) if len(images) > 1 else failed[0][1].message
             return self.fail(status, message)
         results = [self.router.predictions(r) for r in replies]
         self.write_json(results[0] if len(images) == 1 else {"results": results})

@@ -251,7 +251,8 @@ def parse_infer_request(body: bytes, header_length: int | None, inputs: list[Ten
 
 def encode_infer_response(model_name: str, model_version: str, request_id: str | None,
                           outputs: list[tuple[RequestedOutput, np.ndarray]]) -> tuple[bytes, int | None]:
-    """Encode a response; returns (body, Inference-Header-Content-Length or None)."""
+    """Encode a response; returns (body, Inference-Header-Content-Length or None). Binary
+    outputs are copied once, into the body."""
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         header["id"] = request_id
@@ -259,10 +260,10 @@ def encode_infer_response(model_name: str, model_version: str, request_id: str |
     for requested, arr in outputs:
         datatype = datatype_of(arr.dtype)
         tensor: dict[str, Any] = {"name": requested.name, "datatype": datatype, "shape": list(arr.shape)}
-        if requested.binary:
-            raw = np.ascontiguousarray(arr, dtype=DTYPES[datatype]).tobytes()
-            tensor["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
+        if requested.binary:  # a view where the array already is little-endian and contiguous
+            raw = np.ascontiguousarray(arr, dtype=DTYPES[datatype])
+            tensor["parameters"] = {"binary_data_size": raw.nbytes}
+            blobs.append(memoryview(raw).cast("B"))
         else:
             tensor["data"] = arr.ravel().tolist()  # float16/32 become Python floats
         tensors.append(tensor)

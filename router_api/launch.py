@@ -1,8 +1,10 @@
 """The processes batch-router runs: scheduler, workers, front end, or all on one machine.
 
-``up`` puts the HTTP front end in the scheduler's own process and event loop, with its
-Dask client connected over ``inproc://``: a batch reaches a worker and back with no
-TCP hop on the front end's side (shared/research/dask-latency.md §3).
+The scheduler gets batch-router's plugin and pages from ``scheduler_plugins.preload``,
+and each worker its model from ``worker_setup.preload``: Dask imports both by name, so
+the front end never imports either room. ``up`` puts the HTTP front end in the
+scheduler's own process and event loop, with its Dask client connected over
+``inproc://``: a batch reaches a worker and back with no TCP hop on the front end's side.
 """
 
 from __future__ import annotations
@@ -15,27 +17,29 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
+from functools import partial
+from urllib.parse import urlsplit
 
 import dask.config
 from distributed import Client, Scheduler, Worker
+from distributed.utils_comm import retry
 
-from router_api import config
-from router_api.config import DASK_SETTINGS, TUNNEL_SETTINGS
-from router_api.heap import freeze_startup_heap
-from router_api.public import Public, tls_dir
-from scheduler_plugins.dashboard import register as register_pages
-from scheduler_plugins.plugin import BatchRouterPlugin
+from core.config import DASK_SETTINGS, TUNNEL_SETTINGS, Settings, tls_dir
+from core.heap import freeze_startup_heap
+from core.protocol import EXTENSION
+from router_api.remote_access import RemoteAccess
 
 logger = logging.getLogger("batch-router")
 
-def model_path(path: str | None) -> str:
-    path = path or config.get("model")
-    if path:
-        return str(Path(path).expanduser().resolve())
-    from worker_setup.resnet50 import ensure_default_model
+SCHEDULER_PRELOAD = "scheduler_plugins.preload"
+WORKER_PRELOAD = "worker_setup.preload"
 
-    return str(ensure_default_model())
+
+RETRIES = 1_000_000  # a worker joined by token keeps trying to rejoin: ~a year at 30 s apart
+
+
+class JoinFailed(OSError):
+    """A worker could not join its scheduler, or joined without its model."""
 
 
 def is_loopback(host: str) -> bool:
@@ -66,28 +70,35 @@ async def wait_for_signal() -> None:
         loop.remove_signal_handler(sig)
 
 
-async def serve_until_signal(client: Client, host: str, port: int) -> None:
+def open_remote_access(settings: Settings, port: int, host: str, rotate_ca: bool) -> RemoteAccess | None:
+    address = settings.scheduler.public_address
+    if not address:
+        return None
+    return RemoteAccess.open(address, port, host, tls_dir(settings), settings.scheduler.bore_server, rotate_ca)
+
+
+async def serve_until_signal(client: Client, settings: Settings) -> None:
     """Run the HTTP front end until SIGINT/SIGTERM, then answer everything queued and in
     flight before closing connections."""
     from router_api.app import start_front_end
 
-    router, server = await start_front_end(client, host, port)
+    host, port = settings.http.host, settings.http.port
+    router, server = await start_front_end(client, settings, host, port)
     freeze_startup_heap("front end")
     print(f"batch-router: serving http://{host}:{port}/v2/models/{router.model_name}", flush=True)
     await wait_for_signal()
     logger.info("shutting down: answering queued and in-flight requests")
     server.stop()
-    await router.dispatcher.close()
+    await router.link.close()
     await server.close_all_connections()
 
 
-def spawn_worker(
-    address: str, name: str, threads: int, device: str, slowdown: float | None = None, token: str | None = None
-) -> subprocess.Popen:
+def spawn_worker(address: str, name: str, threads: int, slowdown: float | None = None, token: str | None = None) -> subprocess.Popen:
     """A local worker process; with ``token`` it joins a TLS scheduler (the token goes by
-    environment, never on a command line other users can read)."""
+    environment, never on a command line other users can read). It inherits this
+    process's Dask config, batch-router's settings included."""
     env = dict(os.environ, DASK_INTERNAL_INHERIT_CONFIG=dask.config.serialize(dask.config.global_config))
-    cmd = [sys.executable, "-m", "router_api.cli", "worker", "--name", name, "--device", device]
+    cmd = [sys.executable, "-m", "router_api.cli", "worker", "--name", name]
     if token:
         env["BATCH_ROUTER_JOIN_TOKEN"] = token
     else:
@@ -114,45 +125,33 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None
             p.wait()
 
 
-async def up(
-    model: str | None,
-    workers: int,
-    host: str,
-    port: int,
-    scheduler_port: int,
-    dashboard: str,
-    threads: int,
-    device: str,
-    slowdown: list[float] | None = None,
-    public_address: str | None = None,
-    rotate_ca: bool = False,
-) -> None:
+async def up(settings: Settings, slowdown: list[float] | None = None, rotate_ca: bool = False) -> None:
     """Everything on one machine: scheduler + dashboard + front end here, N workers as
     processes; ``slowdown[i]`` (a benchmark knob) stretches worker i's batches. With a
     public address the scheduler's port speaks mutual TLS only and a join token is
     printed for remote workers; the front end still talks to it in-process."""
     slowdown = list(slowdown or [])
-    refuse_public_plaintext(host, "HTTP front end")
+    dashboard = settings.scheduler.dashboard_address
+    refuse_public_plaintext(settings.http.host, "HTTP front end")
     refuse_public_plaintext(dashboard.rsplit(":", 1)[0], "Dask dashboard")
-    path = model_path(model)
-    threads = threads or int(config.get("worker.intra-op-threads") or 0) or max(1, (os.cpu_count() or 1) // max(1, workers))
-    public = Public.open(public_address, scheduler_port, "127.0.0.1", rotate_ca) if public_address else None
-    register_pages()
+    workers, port = settings.worker.count, settings.scheduler.port
+    threads = settings.worker.intra_op_threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    public = open_remote_access(settings, port, "127.0.0.1", rotate_ca)
     with dask.config.set({**DASK_SETTINGS, **(TUNNEL_SETTINGS if public else {})}):
         try:
             async with Scheduler(
                 host=[None, "127.0.0.1"],
                 protocol=["inproc", "tls" if public else "tcp"],
-                port=[None, scheduler_port],
+                port=[None, port],
                 security=public.ca.security("scheduler") if public else None,
                 dashboard=True,
                 dashboard_address=dashboard,
-                plugins=[BatchRouterPlugin(path)],
+                preload=[SCHEDULER_PRELOAD],
             ) as scheduler:
                 inproc, local = scheduler.listeners[0].contact_address, scheduler.listeners[1].contact_address
                 local_token = public.token(local.split("://", 1)[1]) if public else None
                 procs = [
-                    spawn_worker(local, f"local-{i}", threads, device, slowdown[i] if i < len(slowdown) else None, local_token)
+                    spawn_worker(local, f"local-{i}", threads, slowdown[i] if i < len(slowdown) else None, local_token)
                     for i in range(workers)
                 ]
                 try:
@@ -161,7 +160,7 @@ async def up(
                         print(f"batch-router: scheduler {local}, dashboard http://{dashboard}/gpu-router", flush=True)
                         if public:
                             public.announce()
-                        await serve_until_signal(client, host, port)
+                        await serve_until_signal(client, settings)
                 finally:
                     await asyncio.to_thread(stop_processes, procs)
         finally:
@@ -169,16 +168,14 @@ async def up(
                 public.close()
 
 
-async def run_scheduler(
-    model: str | None, host: str, port: int, dashboard: str, public_address: str | None = None, rotate_ca: bool = False
-) -> None:
+async def run_scheduler(settings: Settings, rotate_ca: bool = False) -> None:
     """A scheduler for this machine only (plain TCP on loopback), or, with a public
     address, one that speaks only mutual TLS and prints a worker join token."""
+    host, port, dashboard = settings.scheduler.host, settings.scheduler.port, settings.scheduler.dashboard_address
     refuse_public_plaintext(dashboard.rsplit(":", 1)[0], "Dask dashboard")
-    public = Public.open(public_address, port, host, rotate_ca) if public_address else None
+    public = open_remote_access(settings, port, host, rotate_ca)
     if public is None:
         refuse_public_plaintext(host, "Dask scheduler")
-    register_pages()
     with dask.config.set({**DASK_SETTINGS, **(TUNNEL_SETTINGS if public else {})}):
         try:
             async with Scheduler(
@@ -188,7 +185,7 @@ async def run_scheduler(
                 security=public.ca.security("scheduler") if public else None,
                 dashboard=True,
                 dashboard_address=dashboard,
-                plugins=[BatchRouterPlugin(model_path(model))],
+                preload=[SCHEDULER_PRELOAD],
             ) as scheduler:
                 print(f"batch-router: scheduler {scheduler.address}, dashboard http://{dashboard}/gpu-router", flush=True)
                 if public:
@@ -200,16 +197,55 @@ async def run_scheduler(
                 public.close()
 
 
+async def serve(settings: Settings, scheduler_address: str) -> None:
+    """The front end for a running scheduler; a tls:// one is reached with this
+    machine's client certificate from the cluster CA."""
+    refuse_public_plaintext(settings.http.host, "HTTP front end")
+    security = None
+    if scheduler_address.startswith("tls://"):
+        from router_api.tls import ClusterCA
+
+        ca_dir = tls_dir(settings)
+        if not (ca_dir / "ca.pem").exists():
+            raise SystemExit(f"no cluster CA in {ca_dir}: start `batch-router scheduler --public-address ...` first")
+        security = ClusterCA(ca_dir).security("client")
+    with dask.config.set(DASK_SETTINGS):
+        async with Client(scheduler_address, asynchronous=True, security=security) as client:
+            await serve_until_signal(client, settings)
+
+
+async def serve_worker(address: str, name: str | None, security, contact: str | None) -> None:
+    """One Worker, from joining until it closes (it does when it loses its scheduler)."""
+    try:
+        worker = await Worker(
+            address,
+            nthreads=1,
+            name=name,
+            preload=[WORKER_PRELOAD],
+            host="127.0.0.1",
+            protocol="tls" if security else "tcp",
+            security=security,
+            contact_address=contact,
+            dashboard_address="127.0.0.1:0",
+        )
+    except Exception as e:  # could not reach or register with the scheduler
+        raise JoinFailed(f"could not join {address}: {e}") from e
+    try:
+        if EXTENSION not in worker.extensions:  # Dask starts it even when the preload failed
+            raise JoinFailed("the worker started without its model (the preload failed; see above)")
+        await worker.finished()
+    finally:
+        await worker.close()
+
+
 async def run_worker(address: str | None, name: str | None, token: str | None = None, contact: str | None = None) -> None:
     """A worker that only dials out: its own listener stays on loopback (task RPCs run
     pickled code), and its replies ride the connection it opened.
 
     Dask workers do not reconnect: a worker that loses its scheduler closes. Joined
-    with a token (a remote scheduler, through a tunnel that drops), this rejoins with
-    a fresh Worker until it is told to stop.
+    with a token (a remote scheduler, through a tunnel that drops), this rejoins with a
+    fresh Worker, backing off with distributed's ``retry``, until it is told to stop.
     """
-    from urllib.parse import urlsplit
-
     security = None
     if token:
         from router_api.tls import read_token, security_for
@@ -222,62 +258,27 @@ async def run_worker(address: str | None, name: str | None, token: str | None = 
     else:
         raise SystemExit("give the scheduler's address (loopback) or --join TOKEN")
     dask.config.set(DASK_SETTINGS)
+    if token:
+        join = partial(retry, partial(serve_worker, address, name, security, contact), count=RETRIES,
+                       delay_min=1.0, delay_max=30.0, retry_on_exceptions=(JoinFailed,), operation=f"joining {address}")  # fmt: skip
+        work = asyncio.ensure_future(rejoin_forever(join, address))
+    else:
+        work = asyncio.ensure_future(serve_worker(address, name, security, contact))
     stop = asyncio.ensure_future(wait_for_signal())
-    backoff = 1.0
     try:
-        while True:
-            started = asyncio.get_running_loop().time()
-            try:
-                async with Worker(
-                    address,
-                    nthreads=1,
-                    name=name,
-                    preload=["worker_setup.preload"],
-                    host="127.0.0.1",
-                    protocol="tls" if security else "tcp",
-                    security=security,
-                    contact_address=contact,
-                    dashboard_address="127.0.0.1:0",
-                ) as worker:
-                    if "batch-router" not in worker.extensions:  # Dask starts it even when the preload failed
-                        logger.error("worker started without its model (the preload failed; see above); restarting it")
-                        await worker.close()
-                        if not token:
-                            raise SystemExit(1)
-                    else:
-                        done = asyncio.ensure_future(worker.finished())
-                        await asyncio.wait([stop, done], return_when=asyncio.FIRST_COMPLETED)
-                        if stop.done():
-                            await worker.close()
-                            return
-            except Exception as e:  # could not reach or register with the scheduler
-                if not token:
-                    raise
-                logger.warning("worker could not join %s: %s", address, e)
-            if not token or stop.done():
-                return
-            if asyncio.get_running_loop().time() - started > 60:
-                backoff = 1.0  # it ran a while: a fresh drop, start small again
-            logger.warning("lost the scheduler at %s; rejoining in %.0f s", address, backoff)
-            await asyncio.wait([stop], timeout=backoff)
-            if stop.done():
-                return
-            backoff = min(30.0, backoff * 2)
+        await asyncio.wait([stop, work], return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.cancel()
+        work.cancel()  # a live Worker closes itself on the way out
+        try:
+            await work
+        except asyncio.CancelledError:
+            pass
+        except JoinFailed as e:
+            raise SystemExit(f"batch-router worker: {e}") from None
 
 
-async def serve(scheduler_address: str, host: str, port: int) -> None:
-    """The front end for a running scheduler; a tls:// one is reached with this
-    machine's client certificate from the cluster CA."""
-    refuse_public_plaintext(host, "HTTP front end")
-    security = None
-    if scheduler_address.startswith("tls://"):
-        from router_api.tls import ClusterCA
-
-        if not (tls_dir() / "ca.pem").exists():
-            raise SystemExit(f"no cluster CA in {tls_dir()}: start `batch-router scheduler --public-address ...` first")
-        security = ClusterCA(tls_dir()).security("client")
-    with dask.config.set(DASK_SETTINGS):
-        async with Client(scheduler_address, asynchronous=True, security=security) as client:
-            await serve_until_signal(client, host, port)
+async def rejoin_forever(join, address: str) -> None:
+    while True:
+        await join()
+        logger.warning("lost the scheduler at %s; rejoining", address)

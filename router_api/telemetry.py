@@ -9,63 +9,19 @@ and scraped by Prometheus as often as anyone likes.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from core.histogram import PHASES, Histogram
+
 if TYPE_CHECKING:
-    from router_api.dispatch import Dispatcher
-
-# Upper bounds in seconds, √2 apart from 0.25 ms to about 46 s: quantiles read from them
-# are within ~±20 % in the worst case, far better with interpolation, at 36 numbers.
-BOUNDS: tuple[float, ...] = tuple(round(0.00025 * 2 ** (k / 2), 7) for k in range(36))
-PHASES = ("request", "queue", "transfer", "compute")
-
-
-class Histogram:
-    """Cumulative counts in fixed buckets: mergeable across front ends, and the
-    quantiles of any interval come from the difference of two snapshots."""
-
-    def __init__(self, bounds: tuple[float, ...] = BOUNDS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def snapshot(self) -> dict:
-        return {"counts": list(self.counts), "sum": self.sum}
-
-
-def quantile(counts: list[int], q: float, bounds: tuple[float, ...] = BOUNDS) -> float | None:
-    """The q-quantile of bucketed counts, interpolated within its bucket (as
-    Prometheus's ``histogram_quantile``); None when there is nothing counted."""
-    total = sum(counts)
-    if total <= 0:
-        return None
-    rank = q * total
-    seen = 0
-    for i, n in enumerate(counts):
-        if n and seen + n >= rank:
-            if i >= len(bounds):  # beyond the last bound: all we know is "more than it"
-                return bounds[-1]
-            lower = bounds[i - 1] if i else 0.0
-            return lower + (bounds[i] - lower) * max(0.0, rank - seen) / n
-        seen += n
-    return bounds[-1]
-
-
-def difference(new: list[int], old: list[int] | None) -> list[int]:
-    """Counts added between two cumulative snapshots (a restart starts again at zero)."""
-    if not old or len(old) != len(new) or any(n < o for n, o in zip(new, old)):
-        return list(new)
-    return [n - o for n, o in zip(new, old)]
+    from router_api.dispatcher import Dispatcher
 
 
 class Telemetry:
-    """The front end's own measurements, beside Triton's statistics (router_api/stats.py)."""
+    """The front end's own measurements, for the dashboard and ``/metrics``: latency per
+    phase, and every HTTP response by status. Triton's statistics extension, which counts
+    requests and compute per model as Triton does, is ``triton_stats.ModelStats``."""
 
     def __init__(self) -> None:
         self.latency = {phase: Histogram() for phase in PHASES}
@@ -79,11 +35,11 @@ class Telemetry:
         self.latency["transfer"].observe(max(0.0, round_trip_s - compute_s))
         self.latency["compute"].observe(compute_s)
 
-    def snapshot(self, dispatcher: Dispatcher) -> dict:
+    def snapshot(self, dispatcher: Dispatcher, now: float = 0.0) -> dict:
         """Everything the dashboard needs from this front end, cumulative where it can be
         so that a lost update loses nothing but resolution."""
         stats, queue = dispatcher.stats, dispatcher.queue
-        weights = dispatcher.weights()
+        weights = dispatcher.weights(now)
         return {
             "time": time.time(),
             "clock": time.monotonic(),  # rates are measured on this clock: it never steps

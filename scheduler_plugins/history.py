@@ -3,8 +3,8 @@ worker's GPU samples and of the front ends' statistics, plus the current state.
 
 Pure logic with time passed in (the scheduler's wall clock, so both series share one
 time axis). Each update is O(workers + histogram buckets), never O(requests): front
-ends send cumulative counters and histograms (router_api/telemetry.py), and rates and
-quantiles come from the difference between two of their snapshots (snapshots.py).
+ends send cumulative counters and histograms, and rates and quantiles come from the
+difference between two of their snapshots (snapshots.py).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from router_api.telemetry import PHASES, quantile
-from scheduler_plugins.policies import throttling
+from core.histogram import PHASES, quantile
+from core.placement import throttling
 from scheduler_plugins.snapshots import clean, interval
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -55,8 +55,9 @@ def gpu_point(state: dict, info: dict) -> dict:
 
 
 class History:
-    def __init__(self, keep_s: float = 600.0, stale_after: float = 5.0, max_rows: int = 20_000) -> None:
+    def __init__(self, keep_s: float = 600.0, stale_after: float = 5.0, levels: int = 3, max_rows: int = 20_000) -> None:
         self.keep_s, self.stale_after = keep_s, stale_after
+        self.levels = levels  # priority levels the front ends queue by, at least
         self.frontends: dict[str, FrontEnd] = {}
         self.gpu: deque[dict] = deque(maxlen=max_rows)  # {"seq", "time", "workers": {address: point}}
         self.queue: deque[dict] = deque(maxlen=max_rows)  # one aggregate row per front-end snapshot

@@ -11,6 +11,8 @@ import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from core.protocol import TensorInfo
+
 CHUNK = 8 * 2**20  # bytes per fetch: small enough for slow tunnels, big enough for loopback
 
 
@@ -20,13 +22,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(2**22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # numpy dtype name
-    shape: tuple[int, ...]  # -1 for symbolic dims
 
 
 @dataclass(frozen=True)

@@ -13,29 +13,15 @@ import time
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from router_api import config
+from core.config import Settings
+from core.placement import Tuning, make_policy, weights
+from core.protocol import API_PREFIXES, EXTENSION, STATE_TOPIC, WORKERS_TOPIC
+from core.worker_view import Flight, WorkerView, apply_metrics
+from scheduler_plugins.builtin_models import default_name
 from scheduler_plugins.history import History
 from scheduler_plugins.model_store import ModelFile
-from scheduler_plugins.policies import WorkerView, make_policy, weights
 
 logger = logging.getLogger("scheduler_plugins.plugin")
-
-EXTENSION = "batch-router"
-WORKERS_TOPIC = "batch-router-workers"
-# Every metrics-interval: each model worker's latest heartbeat metrics, for front ends.
-STATE_TOPIC = "batch-router-state"
-RESULTS_PREFIX = "batch-router-results-"
-# Task prefixes of the Python API (worker_setup.api): they need a worker with the model.
-API_PREFIXES = {"classify", "classify_files", "infer"}
-
-
-def default_name(path: str) -> str:
-    """Like a Triton model repository: a model is named after its file, except ours."""
-    from pathlib import Path
-
-    from worker_setup.resnet50 import default_model_path
-
-    return "resnet50" if Path(path).resolve() == default_model_path().resolve() else Path(path).stem
 
 
 def worker_entry(ws) -> dict | None:
@@ -46,24 +32,31 @@ def worker_entry(ws) -> dict | None:
     return {"address": ws.address, "name": str(ws.name), "nthreads": ws.nthreads, **extra}
 
 
+def running(ws) -> dict[str, Flight]:
+    """The tasks Dask has sent to a worker, as placement counts work in flight."""
+    return {ts.key: Flight(0.0, 0.0) for ts in ws.processing}
+
+
 class BatchRouterPlugin(SchedulerPlugin):
     name = EXTENSION
 
-    def __init__(self, model_path: str, model_name: str | None = None) -> None:
+    def __init__(self, model_path: str, settings: Settings) -> None:
         self.model_path = model_path
-        self.model_name = model_name or config.get("model-name") or default_name(model_path)
+        self.model_name = settings.model_name or default_name(model_path)
         self.model: ModelFile | None = None
         self.scheduler = None
-        self.interval = config.seconds("batched-send-interval")
+        self.interval = settings.batched_send_interval
+        self.publish_every = settings.worker.metrics_interval or 0.5
         # Bumped on every membership event, so a front end can tell a snapshot that
         # left before an event from one taken after it.
         self.version = 0
         self.views: dict[str, WorkerView] = {}  # for placing Python-API tasks
-        self.tuning = config.placement_tuning()
-        self.policy = make_policy(config.get("placement.policy"), self.tuning)
+        p = settings.placement
+        self.tuning = Tuning(p.throttle_penalty, p.memory_headroom, p.error_penalty_window)
+        self.policy = make_policy(p.policy, self.tuning)
         self._publisher = None
         # A front end silent for a few of its reporting intervals is gone.
-        self.history = History(config.seconds("dashboard.history"), max(5.0, 4 * config.seconds("dashboard.interval")))
+        self.history = History(settings.dashboard.history, max(5.0, 4 * settings.dashboard.interval), settings.priority_levels)
         self._refused: set[str] = set()  # front ends whose statistics were refused (logged once)
 
     async def start(self, scheduler) -> None:
@@ -87,8 +80,7 @@ class BatchRouterPlugin(SchedulerPlugin):
         add_to_navigation(scheduler)
         from tornado.ioloop import PeriodicCallback
 
-        period_ms = 1e3 * (config.seconds("worker.metrics-interval") or 0.5)
-        self._publisher = PeriodicCallback(self.publish_state, period_ms)
+        self._publisher = PeriodicCallback(self.publish_state, 1e3 * self.publish_every)
         self._publisher.start()
         logger.info("serving model %s sha256=%s", self.model.path, self.model.sha256[:12])
 
@@ -102,7 +94,7 @@ class BatchRouterPlugin(SchedulerPlugin):
         """Digest each model worker's heartbeat metrics into one event for front ends.
 
         O(workers) per tick, whatever the request rate. Heartbeats replace
-        ``ws.metrics`` wholesale (dask-internals §1), so this always sees the latest.
+        ``ws.metrics`` wholesale, so this always sees the latest.
         """
         if self.scheduler is None or self.model is None:
             return
@@ -114,13 +106,8 @@ class BatchRouterPlugin(SchedulerPlugin):
             state = dict(metrics) if isinstance(metrics, dict) else {"error": "no batch-router metrics in heartbeat"}
             digest[address] = state
             view = self.views.get(address) or self.views.setdefault(address, WorkerView(address, str(ws.name)))
-            view.gpu = state.get("gpu")
-            view.simulated = bool(state.get("simulated"))
-            view.metrics_error = state.get("error")
-            view.reported = state.get("stats") or {}
-            view.service.points.clear()
-            view.service.merge(view.reported.get("service") or {})
-            view.in_flight = len(ws.processing)
+            apply_metrics(view, state)
+            view.flights = running(ws)
         for address in set(self.views) - set(digest):
             del self.views[address]
         w = weights(list(self.views.values()), 1, 0.0, self.tuning)
@@ -185,7 +172,7 @@ class BatchRouterPlugin(SchedulerPlugin):
         """A front end's client connected: stop coalescing the stream back to it.
 
         The scheduler->client stream is created after ``add_client`` runs, so this cannot
-        be a plugin hook (shared/research/dask-latency.md §7).
+        be a plugin hook.
         """
         comm = self.scheduler.client_comms.get(client)
         if comm is not None:
@@ -214,8 +201,8 @@ class BatchRouterPlugin(SchedulerPlugin):
         """Place Python-API tasks (``client.submit(classify, ...)``) by the same policy
         as the front end's batches, on model workers only.
 
-        Runs before the new tasks leave ``released`` (dask-internals §2), so the
-        restriction holds from their first placement. The chosen worker is a loose
+        Runs before the new tasks leave ``released``, so the restriction holds from
+        their first placement. The chosen worker is a loose
         restriction: should it die first, Dask runs the task elsewhere. Under
         ``dask-default`` the tasks may run on any model worker, Dask's choice.
         """
@@ -234,14 +221,14 @@ class BatchRouterPlugin(SchedulerPlugin):
             return
         views = [self.views.get(a) or WorkerView(a, str(scheduler.workers[a].name)) for a in eligible]
         for view in views:
-            view.in_flight = len(scheduler.workers[view.address].processing)
+            view.flights = running(scheduler.workers[view.address])
         for ts in api:
             view = self.policy.pick(views, time.monotonic())
             if view is None:
                 ts.worker_restrictions = set(eligible)
                 ts.loose_restrictions = False
             else:
-                view.in_flight += 1  # so the next task of the same graph sees it
+                view.flights[ts.key] = Flight(time.monotonic(), 0.0)  # so the next task of the graph sees it
                 ts.worker_restrictions = {view.address}
                 ts.loose_restrictions = True
 

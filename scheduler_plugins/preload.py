@@ -1,12 +1,18 @@
-"""Scheduler preload: ``dask scheduler --preload scheduler_plugins.preload``.
+"""Scheduler preload: ``dask scheduler --preload scheduler_plugins.preload``, and what
+``batch-router up`` and ``batch-router scheduler`` use themselves.
 
-The model comes from ``batch-router.model`` (YAML or DASK_BATCH_ROUTER__MODEL); unset
-means the default ResNet-50, built on first use.
+The model comes from ``batch-router.model`` (YAML, DASK_BATCH_ROUTER__MODEL or the
+``--model`` flag); unset means the default ResNet-50, built into the cache on first use.
 """
 
 from __future__ import annotations
 
-from router_api import config
+import asyncio
+
+import dask.config
+
+from core.config import DASK_SETTINGS, parse
+from scheduler_plugins.builtin_models import ensure_default_model
 from scheduler_plugins.dashboard import register
 from scheduler_plugins.plugin import BatchRouterPlugin
 
@@ -14,12 +20,8 @@ from scheduler_plugins.plugin import BatchRouterPlugin
 register()
 
 
-def dask_setup(scheduler) -> None:
-    import dask.config
-
-    from worker_setup.resnet50 import ensure_default_model
-
-    dask.config.set(config.DASK_SETTINGS)  # for the streams opened from here on
-
-    path = config.get("model") or str(ensure_default_model())
-    scheduler.add_plugin(BatchRouterPlugin(path))
+async def dask_setup(scheduler) -> None:
+    settings = parse(dask.config.get("batch-router", None))  # a bad setting stops the scheduler here
+    dask.config.set(DASK_SETTINGS)  # for the streams opened from here on
+    path = settings.model or str(await asyncio.to_thread(ensure_default_model))
+    scheduler.add_plugin(BatchRouterPlugin(path, settings))

@@ -1,5 +1,4 @@
-"""A front end's statistics snapshot (router_api/telemetry.py) as the scheduler takes it
-in: checked field by field and rebuilt from what was checked, so one bad sender cannot
+"""A front end's statistics snapshot as the scheduler takes it in: checked field by field and rebuilt from what was checked, so one bad sender cannot
 break the dashboard for the others; and the rates between two of them."""
 
 from __future__ import annotations
@@ -7,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from router_api.telemetry import BOUNDS, PHASES, difference
+from core.histogram import BOUNDS, PHASES, difference
 
 
 def count(value: Any) -> int:

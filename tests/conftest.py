@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from tests.cluster import Cluster
-from worker_setup.resnet50 import ensure_default_model
+from scheduler_plugins.builtin_models import ensure_default_model
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 

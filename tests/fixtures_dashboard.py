@@ -3,7 +3,7 @@ sends (router_api/telemetry.py) and what a worker's heartbeat carries."""
 
 from __future__ import annotations
 
-from router_api.telemetry import BOUNDS, Histogram
+from core.histogram import BOUNDS, Histogram
 
 LEVELS = 3
 

@@ -1,5 +1,8 @@
 """The batch queue's rules, driven with a fake clock: no Dask, no I/O."""
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 
 from router_api.batching import (
@@ -14,12 +17,17 @@ from router_api.batching import (
 )
 
 
+@dataclass(eq=False)
+class Named(Pending):
+    name: Any = None
+
+
 def req(rows=1, priority=1, arrival=0.0, deadline=None, name=None):
-    return Pending(rows=rows, priority=priority, arrival=arrival, deadline=deadline, payload=name)
+    return Named(rows=rows, priority=priority, arrival=arrival, deadline=deadline, name=name)
 
 
 def names(batch):
-    return [p.payload for p in batch]
+    return [p.name for p in batch]
 
 
 def test_lone_request_is_ready_at_once_with_zero_delay():
@@ -104,6 +112,15 @@ def test_expired_requests_are_removed_and_never_batched():
     assert a.state == EXPIRED
     assert names(q.take(2.0)) == ["b", "c"]
     assert q.expire(now=10.0) == []  # b was taken: it does not expire later
+
+
+def test_a_request_the_queue_refused_cannot_be_cancelled_out_of_it():
+    q = BatchQueue(max_batch_size=4, max_queue_size=1)
+    q.push(req(name="in"))
+    refused = req(name="refused")
+    with pytest.raises(QueueFull):
+        q.push(refused)
+    assert not q.cancel(refused) and len(q) == 1 and q.rows == 1
 
 
 def test_cancelled_request_is_dropped_from_its_batch():

@@ -12,7 +12,7 @@ import gc
 import pytest
 from distributed import Client
 
-from router_api.heap import freeze_startup_heap
+from core.heap import freeze_startup_heap
 
 
 def test_freeze_moves_what_exists_now_and_nothing_made_later():

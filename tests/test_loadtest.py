@@ -234,7 +234,7 @@ def bare_url():
 
 @pytest.fixture(scope="module")
 def trivial_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker_setup.resnet50 import build_trivial
+    from scheduler_plugins.builtin_models import build_trivial
 
     return build_trivial(tmp_path_factory.mktemp("models") / "trivial.onnx")
 

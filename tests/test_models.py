@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from worker_setup.resnet50 import WEIGHTS_KEY, build_resnet50, build_trivial
+from scheduler_plugins.builtin_models import WEIGHTS_KEY, build_resnet50, build_trivial
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 3, 1, 1)
@@ -107,7 +107,7 @@ def test_ensure_builds_once_then_reuses_the_cached_file(tmp_path: Path) -> None:
     env = {**os.environ, "DASK_BATCH_ROUTER__WORKER__CACHE_DIR": str(tmp_path)}
 
     def ensure() -> str:
-        cmd = [sys.executable, "-m", "worker_setup.resnet50", "--ensure"]
+        cmd = [sys.executable, "-m", "scheduler_plugins.builtin_models", "--ensure"]
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                               check=True, timeout=120)
         return done.stdout.strip()

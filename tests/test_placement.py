@@ -8,14 +8,13 @@ import heapq
 
 import pytest
 
-from scheduler_plugins.policies import (
+from core.placement import (
     DaskDefault,
     GpuAware,
     LeastLoaded,
     RoundRobin,
     SeedScore,
     Tuning,
-    WorkerView,
     make_policy,
     rows_that_fit,
     share_out,
@@ -23,7 +22,8 @@ from scheduler_plugins.policies import (
     throttling,
     weights,
 )
-from scheduler_plugins.service import ServiceCurve, bucket
+from core.service_curve import ServiceCurve, bucket
+from core.worker_view import Flight, WorkerView
 
 GiB = 1 << 30
 
@@ -37,8 +37,13 @@ def view(address: str, per_row: float | None, window: int = 2, **kw) -> WorkerVi
 
 
 def send(v: WorkerView, rows: int, now: float, batch_id: str = "b") -> None:
-    v.flights[f"{batch_id}-{len(v.flights)}"] = (now, v.service.estimate(rows))
-    v.in_flight += 1
+    v.flights[f"{batch_id}-{len(v.flights)}"] = Flight(now, v.service.estimate(rows), rows)
+
+
+def busy(v: WorkerView, batches: int) -> None:
+    """``batches`` in flight on ``v``, of no expected duration."""
+    for i in range(batches):
+        v.flights[f"busy-{i}"] = Flight(0.0, 0.0)
 
 
 # -- the service-time curve ----------------------------------------------------------
@@ -239,14 +244,12 @@ def test_shares_follow_capacity_under_saturation():
             v = p.view
             start = max(now, free_at[v.address])
             free_at[v.address] = start + speed[v.address] * p.rows
-            v.flights[str(ids)] = (now, v.service.estimate(p.rows))
-            v.in_flight += 1
+            v.flights[str(ids)] = Flight(now, v.service.estimate(p.rows), p.rows)
             heapq.heappush(events, (free_at[v.address], v.address, str(ids), p.rows))
             queued -= p.rows
         now, addr, bid, rows = heapq.heappop(events)
         v = views[addr]
         del v.flights[bid]
-        v.in_flight -= 1
         served[addr] += rows
     share = served["fast"] / sum(served.values())
     assert 0.75 <= share <= 0.85
@@ -260,13 +263,13 @@ def test_round_robin_alternates_among_workers_with_room():
     rr = RoundRobin()
     picks = [rr.place([a, b], 1, 32, 0.0).view.address for _ in range(4)]
     assert picks == ["a", "b", "a", "b"]
-    b.in_flight = b.window
+    busy(b, b.window)
     assert rr.place([a, b], 1, 32, 0.0).view is a
 
 
 def test_least_loaded_picks_fewest_in_flight_and_splits_the_queue():
     a, b = view("a", 0.010), view("b", 0.040)
-    a.in_flight = 1
+    busy(a, 1)
     p = LeastLoaded().place([a, b], queued_rows=9, max_batch=32, now=0.0)
     assert p.view is b and p.rows == 3  # 9 rows over 3 free slots
 
@@ -274,15 +277,16 @@ def test_least_loaded_picks_fewest_in_flight_and_splits_the_queue():
 def test_dask_default_only_caps_the_total_in_flight():
     views = [view("a", 0.01), view("b", 0.04)]
     d = DaskDefault()
-    p = d.place_unrestricted(views, in_flight=0, queued_rows=8, max_batch=32)
+    p = d.place(views, queued_rows=8, max_batch=32, now=0.0, unplaced=0)
     assert p.view is None and p.rows == 2
-    assert d.place_unrestricted(views, in_flight=4, queued_rows=8, max_batch=32) is None
+    assert d.place(views, queued_rows=8, max_batch=32, now=0.0, unplaced=4) is None
 
 
 def test_seed_score_is_the_old_formula():
     gpu = {"memory_total": 16 * GiB, "memory_used": 4 * GiB, "utilization_gpu": 50, "temperature": 85}
     v = view("v", 0.020, gpu=gpu)
-    v.in_flight, v.batches, v.rows = 2, 1, 1
+    busy(v, 2)
+    v.batches, v.rows = 1, 1
     # 75 free% - 2/10 queue - 20 ms/10 - 50%/100*50 - 50 hot
     assert seed_score(v) == pytest.approx(75 - 0.2 - 2.0 - 25 - 50)
 

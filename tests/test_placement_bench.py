@@ -231,7 +231,7 @@ def test_plot_from_a_synthetic_record(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def trivial_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker_setup.resnet50 import build_trivial
+    from scheduler_plugins.builtin_models import build_trivial
 
     return build_trivial(tmp_path_factory.mktemp("models") / "trivial.onnx")
 

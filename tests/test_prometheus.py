@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router_api.prometheus import batch_bounds, render
-from router_api.stats import ModelStats
+from router_api.triton_stats import ModelStats
 from router_api.telemetry import Telemetry
 from tests.fixtures_dashboard import gpu
 from tests.test_telemetry import fake_dispatcher

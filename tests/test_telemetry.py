@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from core.histogram import BOUNDS, Histogram, difference, quantile
+from core.worker_view import Flight, WorkerView
 from router_api.batching import BatchQueue, Pending
-from router_api.stats import ModelStats
-from router_api.telemetry import BOUNDS, Histogram, Telemetry, difference, quantile
-from scheduler_plugins.policies import WorkerView
+from router_api.telemetry import Telemetry
+from router_api.triton_stats import ModelStats
 
 
 def test_quantiles_from_buckets_are_close_to_the_exact_ones():
@@ -61,8 +62,10 @@ def test_a_request_is_split_into_queue_transfer_and_compute():
 def fake_dispatcher():
     stats = ModelStats("resnet50")
     queue = BatchQueue(max_batch_size=8, priority_levels=3)
-    fast = WorkerView("tcp://a", "gpu-a", in_flight=2, rows_in_flight=6, batches=10, rows=40)
-    return SimpleNamespace(stats=stats, queue=queue, views={fast.address: fast}, hedges=1, weights=lambda: {"tcp://a": 1.0})
+    fast = WorkerView("tcp://a", "gpu-a", batches=10, rows=40)
+    fast.flights = {"b1": Flight(0.0, 0.1, 2), "b2": Flight(0.0, 0.1, 4)}
+    return SimpleNamespace(stats=stats, queue=queue, views={fast.address: fast}, hedges=1,
+                           weights=lambda now=0.0: {"tcp://a": 1.0})  # fmt: skip
 
 
 def test_the_snapshot_is_cumulative_and_small():

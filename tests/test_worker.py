@@ -6,17 +6,27 @@ import asyncio
 import hashlib
 import logging
 
+import msgpack
 import numpy as np
 import pytest
 
+from core.protocol import BatchReply, ImageItem, TensorItem
+from scheduler_plugins.builtin_models import build_trivial
 from tests.conftest import make_image
 from worker_setup.execute import execute_items, top_k
 from worker_setup.model_cache import cached_path, ensure_model
 from worker_setup.preload import image_layout
 from worker_setup.preprocess import ImageError, ImageLayout, image_to_row
-from worker_setup.resnet50 import build_trivial
 from worker_setup.runtime import WorkerModel
 from worker_setup.session import ModelSession
+
+
+def as_array(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, np.uint8)
+
+
+def tensor_item(x: np.ndarray) -> TensorItem:
+    return TensorItem(rows=len(x), inputs={"input": as_array(x.tobytes())}, shapes={"input": x.shape}, outputs=("logits",))
 
 
 @pytest.fixture(scope="module")
@@ -73,20 +83,38 @@ def test_top_k_is_sorted_softmax():
 def test_a_batch_gives_each_item_exactly_its_rows_and_bad_items_fail_alone(trivial):
     x = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)
     items = [
-        {"kind": "tensor", "rows": 2, "inputs": {"input": x[:2].tobytes()}, "shapes": {"input": [2, 3, 224, 224]}, "outputs": ["logits"]},
-        {"kind": "image", "data": b"not an image", "top_k": 2},
-        {"kind": "image", "data": make_image(4), "top_k": 2},
-        {"kind": "tensor", "rows": 1, "inputs": {"input": x[2:].tobytes()}, "shapes": {"input": [1, 3, 224, 224]}, "outputs": ["logits"]},
+        tensor_item(x[:2]),
+        ImageItem(as_array(b"not an image"), top_k=2),
+        ImageItem(as_array(make_image(4)), top_k=2),
+        tensor_item(x[2:]),
     ]
     results, timings = execute_items(trivial, items)
-    assert timings["rows"] == 4  # the bad image took no row
-    first = results[0]["outputs"]["logits"]
-    np.testing.assert_allclose(np.frombuffer(first["data"], np.float32).reshape(first["shape"]), x[:2].mean(axis=(2, 3)), atol=1e-6)
-    assert "cannot decode image" in results[1]["error"]
+    assert timings.rows == 4  # the bad image took no row
+    first = results[0].outputs["logits"]
+    np.testing.assert_allclose(np.frombuffer(first.data, first.dtype).reshape(first.shape), x[:2].mean(axis=(2, 3)), atol=1e-6)
+    assert "cannot decode image" in results[1].message and results[1].status == 400
     expected = image_to_row(make_image(4), trivial.layout).mean(axis=(1, 2))
-    assert np.frombuffer(results[2]["index"], np.int64).tolist() == top_k(expected, 2)[0].tolist()
-    last = results[3]["outputs"]["logits"]
-    np.testing.assert_allclose(np.frombuffer(last["data"], np.float32), x[2:].mean(axis=(2, 3)).ravel(), atol=1e-6)
+    assert results[2].indices == top_k(expected, 2)[0].tolist()
+    last = results[3].outputs["logits"]
+    np.testing.assert_allclose(np.frombuffer(last.data, np.float32), x[2:].mean(axis=(2, 3)).ravel(), atol=1e-6)
+
+
+def test_a_reply_survives_the_wire_with_each_tensor_packed_once(trivial):
+    """The reply travels as a Dask event, plain msgpack that Dask checks before sending;
+    each output is its bytes, packed once."""
+    from distributed.protocol.serialize import _is_dumpable
+
+    x = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    results, timings = execute_items(trivial, [tensor_item(x), ImageItem(as_array(make_image(2)), top_k=3)])
+    assert isinstance(results[0].outputs["logits"].data, bytes)
+    reply = BatchReply("b-1", "tcp://w", results, timings)
+    assert _is_dumpable(reply.to_wire())
+    back = BatchReply.from_wire(msgpack.unpackb(msgpack.packb(reply.to_wire())))
+    assert back.timings == timings and back.results[1] == results[1]
+    out = back.results[0].outputs["logits"]
+    assert bytes(out.data) == bytes(results[0].outputs["logits"].data) and out.shape == (2, 3)
+    with pytest.raises(ValueError, match="malformed batch reply"):
+        BatchReply.from_wire({"id": "b-1", "results": [["nonsense"]]})
 
 
 class FakeScheduler:
@@ -128,9 +156,8 @@ def test_a_decompression_bomb_fails_alone_as_a_client_error(trivial, monkeypatch
     from PIL import Image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 320x240 image is now a "bomb"
-    items = [{"kind": "image", "data": make_image(1), "top_k": 1}]
-    results, _ = execute_items(trivial, items)
-    assert results[0]["status"] == 400 and "too large" in results[0]["error"]
+    results, _ = execute_items(trivial, [ImageItem(as_array(make_image(1)), top_k=1)])
+    assert results[0].status == 400 and "too large" in results[0].message
 
 
 def test_rows_of_different_shapes_run_as_separate_groups(tmp_path):
@@ -152,12 +179,8 @@ def test_rows_of_different_shapes_run_as_separate_groups(tmp_path):
     model = WorkerModel(session=session, name="var", sha256="x", layout=None)
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal(s).astype(np.float32) for s in [(1, 3, 8, 8), (2, 3, 5, 7), (1, 3, 8, 8)]]
-    items = [
-        {"kind": "tensor", "rows": len(x), "inputs": {"input": x.tobytes()}, "shapes": {"input": list(x.shape)}, "outputs": ["logits"]}
-        for x in xs
-    ]
-    results, timings = execute_items(model, items)
-    assert timings["rows"] == 4
+    results, timings = execute_items(model, [tensor_item(x) for x in xs])
+    assert timings.rows == 4
     for x, r in zip(xs, results):
-        out = r["outputs"]["logits"]
-        np.testing.assert_allclose(np.frombuffer(out["data"], np.float32).reshape(out["shape"]), x.mean(axis=(2, 3)), atol=1e-6)
+        out = r.outputs["logits"]
+        np.testing.assert_allclose(np.frombuffer(out.data, np.float32).reshape(out.shape), x.mean(axis=(2, 3)), atol=1e-6)

@@ -8,15 +8,18 @@ import time
 from types import SimpleNamespace
 
 import msgpack
+import numpy as np
 import pynvml
 import pytest
 
+from core.protocol import RUN_BATCH, BatchReply, BatchSpec, ImageItem
 from tests.cluster import Cluster
 from tests.conftest import ARTIFACTS, make_image
-from worker_setup import execute, gpu
+from worker_setup import gpu
 from worker_setup.gpu import NvmlSource, NvmlUnavailable, SimulatedSource, device_selector, open_source, throttle_reasons
 from worker_setup.metrics import ErrorLog, GpuSampler, guarded, worker_metric
-from worker_setup.runtime import InferenceStats, WorkerModel, bucket
+from worker_setup.runtime import InferenceStats, WorkerModel
+from worker_setup.slow_device import SlowDevice
 
 
 def _machine_has_nvml() -> bool:
@@ -213,19 +216,16 @@ def test_simulated_gpu_follows_real_busy_time_and_says_it_is_simulated():
 # ---- stats -----------------------------------------------------------------------------
 
 
-def test_batch_sizes_round_up_to_power_of_two_buckets():
-    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 100, 128, 129)] == [1, 2, 4, 4, 8, 8, 16, 128, 128, 256]
-
-
-def test_service_time_is_an_ewma_per_bucket_and_memory_per_row_needs_a_gpu():
+def test_service_time_is_the_service_curve_and_memory_per_row_needs_a_gpu():
     s = InferenceStats()
-    for rows, seconds in [(3, 1.0), (4, 2.0), (1, 0.1), (0, 9.0)]:
+    for rows, seconds in [(3, 1.0), (4, 2.0), (0, 9.0)]:
         s.started(rows)
         s.finished(rows, seconds, errors=0, started_rows=rows)
     snap = s.snapshot()
-    assert snap["service"] == {"1": 0.1, "4": pytest.approx(1.3)}  # 1.0 + 0.3 * (2.0 - 1.0); 0 rows: no bucket
+    # 3 rows stand for a 4-row batch (4/3 s), then an EWMA step towards 2 s; 0 rows: nothing.
+    assert snap["service"] == {"4": pytest.approx(4 / 3 + 0.3 * (2.0 - 4 / 3), abs=1e-6)}
     assert snap["memory_per_row"] is None and snap["in_flight"] == 0 and snap["rows_in_flight"] == 0
-    assert snap["batches"] == 4 and snap["rows"] == 8
+    assert snap["batches"] == 3 and snap["rows"] == 7
     msgpack.packb(snap)
 
 
@@ -255,19 +255,24 @@ def test_busy_time_counts_overlapping_batches_once():
     assert s.busy_seconds() == 3.0  # not 4: the device was busy for 3 s of wall time
 
 
-def test_slowdown_sleeps_the_extra_time_instead_of_spinning(monkeypatch):
+def test_a_slow_device_sleeps_the_extra_time_instead_of_spinning(monkeypatch):
+    class Session:
+        inputs = ("x",)
+
+        def run(self, feeds, names=None):
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.05:  # "the real work takes 50 ms"
+                pass
+            return ["out"]
+
     slept = []
-    monkeypatch.setattr(execute.time, "sleep", slept.append)
-    model = SimpleNamespace(slowdown=4.0, batch_time=0.0)
-    t0 = time.perf_counter() - 0.05  # "the real work took 50 ms"
-    execute.stretch(model, t0)
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert SlowDevice(Session(), slowdown=4.0).run({}) == ["out"]
     assert len(slept) == 1 and slept[0] >= 3 * 0.05
-    execute.stretch(SimpleNamespace(slowdown=1.0, batch_time=0.0), t0)
-    assert len(slept) == 1
+    assert SlowDevice(Session()).inputs == ("x",)  # otherwise it is the session it wraps
     # A device of fixed speed: a 50 ms batch on a 200 ms device sleeps the other ~150.
-    execute.stretch(SimpleNamespace(slowdown=1.0, batch_time=0.2), t0)
+    SlowDevice(Session(), batch_time=0.2).run({})
     assert len(slept) == 2 and 0.1 < slept[1] <= 0.15
-    assert execute.planned_rows([{"kind": "image"}, {"kind": "tensor", "rows": 5}, {"rows": "x"}]) == 7
 
 
 # ---- sampler and metric ----------------------------------------------------------------
@@ -429,17 +434,17 @@ def test_simulated_gpu_and_slowdown_reach_the_scheduler(model_path):
             rounds = 4
             for i in range(rounds):
                 for name in ("local-0", "local-1"):
-                    spec = {"id": f"m-{name}-{i}", "topic": "metrics-test", "items": [{"kind": "image", "data": image, "top_k": 1}]}
-                    fut = client.submit(execute.run_batch, spec, workers=[addr[name]], pure=False)
+                    spec = BatchSpec(f"m-{name}-{i}", "metrics-test", [ImageItem(np.frombuffer(image, np.uint8), top_k=1)])
+                    fut = client.submit(RUN_BATCH, spec, workers=[addr[name]], pure=False)
                     assert fut.result(timeout=120) == 1
             view = wait_for(client, lambda v: all(m["stats"]["batches"] >= rounds for m, _ in v.values()))
             fast, slow = (view[n][0]["stats"]["service"]["1"] for n in ("local-0", "local-1"))
             assert slow / fast > 2, (fast, slow)
             assert view["local-1"][0]["stats"]["busy_s"] > view["local-0"][0]["stats"]["busy_s"]
 
-            replies = [msgpack.unpackb(msg["blob"]) for _, msg in client.get_events("metrics-test")]
-            assert len(replies) == 2 * rounds and all(r["timings"]["service_s"] > 0 for r in replies)
-            by_worker = {w: [r["timings"]["service_s"] for r in replies if r["worker"] == addr[w]] for w in addr}
+            replies = [BatchReply.from_wire(msg) for _, msg in client.get_events("metrics-test")]
+            assert len(replies) == 2 * rounds and all(r.timings.service_s > 0 for r in replies)
+            by_worker = {w: [r.timings.service_s for r in replies if r.worker == addr[w]] for w in addr}
             assert min(by_worker["local-1"]) > 2 * min(by_worker["local-0"])
     finally:
         c.stop()

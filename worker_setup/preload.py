@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from router_api import config
-from router_api.heap import freeze_startup_heap
+import dask.config
+from distributed.utils_comm import retry_operation
+
+from core.config import Settings, cache_dir, parse
+from core.heap import freeze_startup_heap
+from core.protocol import EXTENSION
 from worker_setup.gpu import open_source
 from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
 from worker_setup.model_cache import ensure_model
 from worker_setup.preprocess import ImageLayout
-from worker_setup.runtime import EXTENSION, WorkerModel
+from worker_setup.runtime import WorkerModel
 from worker_setup.session import ModelSession
+from worker_setup.slow_device import SlowDevice
 
 logger = logging.getLogger("worker_setup.preload")
 
@@ -35,70 +40,54 @@ def image_layout(session: ModelSession) -> ImageLayout | None:
         return None
 
 
-async def model_info(worker, patience: float = 600.0) -> dict:
+async def model_info(worker) -> dict:
     """The cluster's model, from the scheduler plugin. Through a tunnel the scheduler may
-    be unreachable for a while (an outage, a restart): keep trying, since Dask logs a
-    failed preload and starts the worker anyway, without a model."""
-    from distributed.comm.core import CommClosedError
-
-    loop = asyncio.get_running_loop()
-    deadline, delay = loop.time() + patience, 0.5
-    while True:
-        try:
-            return await worker.scheduler.batch_router_model()
-        except (OSError, CommClosedError) as e:
-            if loop.time() > deadline:
-                raise RuntimeError(f"cannot reach the scheduler at {worker.scheduler.address}: {e}") from e
-            logger.warning("scheduler at %s unreachable (%s); retrying in %.1f s", worker.scheduler.address, e, delay)
-            await asyncio.sleep(delay)
-            delay = min(10.0, delay * 2)
-        except Exception as e:
-            raise RuntimeError(
-                f"the scheduler at {worker.scheduler.address} does not run the batch-router "
-                f"plugin ({e!r}); start it with `batch-router scheduler`"
-            ) from e
+    be unreachable for a while: ``retry_operation`` backs off and tries again for as
+    long as ``distributed.comm.retry`` says (set for tunnels by the join token)."""
+    try:
+        return await retry_operation(worker.scheduler.batch_router_model, operation="fetch the cluster's model")
+    except OSError as e:
+        raise RuntimeError(f"cannot reach the scheduler at {worker.scheduler.address}: {e}") from e
+    except Exception as e:
+        raise RuntimeError(
+            f"the scheduler at {worker.scheduler.address} does not run the batch-router "
+            f"plugin ({e!r}); start it with `batch-router scheduler`"
+        ) from e
 
 
 async def dask_setup(worker) -> None:
+    settings = parse(dask.config.get("batch-router", None))  # a bad setting stops the worker here
     # Dask's worker->scheduler stream waits 2 ms to coalesce; replies should not.
-    worker.batched_stream.interval = config.seconds("batched-send-interval")
+    worker.batched_stream.interval = settings.batched_send_interval
     info = await model_info(worker)
-    path = await ensure_model(worker.scheduler, info, config.cache_dir())
-    session = await asyncio.to_thread(
-        ModelSession.load, str(path), config.get("worker.device"), int(config.get("worker.intra-op-threads") or 0)
-    )
-    slowdown = float(config.get("worker.slowdown") or 1)
-    if slowdown < 1:
-        raise ValueError(f"batch-router.worker.slowdown must be >= 1, got {slowdown}")
-    model = WorkerModel(
-        session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session), slowdown=slowdown,
-        batch_time=config.seconds("worker.batch-time")
-    )
+    path = await ensure_model(worker.scheduler, info, cache_dir(settings))
+    w = settings.worker
+    session = await asyncio.to_thread(ModelSession.load, str(path), w.device, w.intra_op_threads)
+    model = WorkerModel(session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session))
+    if w.slowdown > 1 or w.batch_time > 0:
+        model.session, model.slowdown = SlowDevice(session, w.slowdown, w.batch_time), w.slowdown
+        logger.warning("benchmark knob: this worker's session runs %gx slower, at least %g s a run", w.slowdown, w.batch_time)
     worker.extensions[EXTENSION] = model
-    await start_metrics(worker, model)
+    await start_metrics(worker, model, settings)
     worker.startup_information[EXTENSION] = lambda w: model.describe()
     logger.info("batch-router worker ready: %s", model.describe())
     freeze_startup_heap("worker")
 
 
-async def start_metrics(worker, model: WorkerModel) -> None:
+async def start_metrics(worker, model: WorkerModel, settings: Settings) -> None:
     """Open the GPU source the config asks for, take a first sample before the worker
     registers (so registration already carries one), then sample on a thread. NVML
     calls, opening included, stay off the event loop."""
     errors = ErrorLog()
     source = await asyncio.to_thread(
-        open_source,
-        config.get("worker.gpu-metrics"),
-        config.get("worker.gpu-index"),
-        model.stats.busy_seconds,
-        model.stats.current_rows,
+        open_source, settings.worker.gpu_metrics, settings.worker.gpu_index, model.stats.busy_seconds, model.stats.current_rows
     )
     sampler = None
     if source is not None:
         model.gpu = dict(source.info)
         sampler = GpuSampler(
             source,
-            config.seconds("worker.metrics-interval"),
+            settings.worker.metrics_interval,
             errors,
             on_sample=lambda s: model.stats.observe_memory(s.get("memory_used")),
         )

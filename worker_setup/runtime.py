@@ -1,4 +1,5 @@
-"""What a router worker holds once its model is loaded, and how tasks find it."""
+"""What a router worker holds once its model is loaded (``WorkerModel``), the counters
+its heartbeat reports (``InferenceStats``), and how tasks find it (``current_model``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scheduler_plugins.service import bucket
+from core.protocol import EXTENSION
+from core.service_curve import ServiceCurve
 from worker_setup.preprocess import ImageLayout
 from worker_setup.session import ModelSession
-
-EXTENSION = "batch-router"
 
 
 class NoModelError(RuntimeError):
@@ -24,8 +24,8 @@ class InferenceStats:
     """Counters the scheduler sees through the worker's heartbeat metrics.
 
     Updated from Dask's task threads and read from the event loop (metrics) and the GPU
-    sampler thread, hence one lock. Times are monotonic seconds and include the
-    ``slowdown`` stretch, so a stretched worker looks slow to everyone who reads them.
+    sampler thread, hence one lock. Times are monotonic seconds, a slowed-down session's
+    stretch included, so a stretched worker looks slow to everyone who reads them.
     """
 
     batches: int = 0
@@ -34,8 +34,7 @@ class InferenceStats:
     in_flight: int = 0
     rows_in_flight: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=64))  # (rows, seconds)
-    service: dict[int, float] = field(default_factory=dict)  # bucket -> EWMA seconds per batch
-    service_alpha: float = 0.3
+    service: ServiceCurve = field(default_factory=ServiceCurve)  # seconds per batch, by batch size
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     _busy: float = 0.0  # closed busy intervals
     _busy_since: float | None = None  # start of the open interval, while a batch runs
@@ -65,10 +64,7 @@ class InferenceStats:
             self.rows += rows
             self.errors += errors
             self.recent.append((rows, seconds))
-            if rows > 0:
-                b = bucket(rows)
-                old = self.service.get(b)
-                self.service[b] = seconds if old is None else old + self.service_alpha * (seconds - old)
+            self.service.observe(rows, seconds)
 
     def busy_seconds(self) -> float:
         """Wall time during which at least one batch was running, the open interval
@@ -112,7 +108,7 @@ class InferenceStats:
                 "in_flight": self.in_flight,
                 "rows_in_flight": self.rows_in_flight,
                 "busy_s": busy,
-                "service": {str(b): s for b, s in sorted(self.service.items())},
+                "service": self.service.as_dict(),
             }
         seconds = sum(s for _, s in recent)
         out["rows_per_s"] = (sum(r for r, _ in recent) / seconds) if seconds else None
@@ -130,8 +126,7 @@ class WorkerModel:
     layout: ImageLayout | None  # None when the model's input is not an image
     loaded_at: float = field(default_factory=time.time)
     stats: InferenceStats = field(default_factory=InferenceStats)
-    slowdown: float = 1.0  # benchmark knob, read once at preload: batches take this many times longer
-    batch_time: float = 0.0  # benchmark knob: every batch takes at least this long (s)
+    slowdown: float = 1.0  # benchmark knob: its session runs this many times slower (slow_device.py)
     gpu: dict | None = None  # static GPU info (source, index, name, uuid), None without a GPU source
 
     def describe(self) -> dict:

@@ -17,17 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from core.protocol import TensorInfo
+
 logger = logging.getLogger("worker_setup.session")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    dtype: str  # numpy dtype name
-    shape: tuple[int, ...]  # -1 for symbolic dims
 
 
 def requested_providers(device: str) -> list[str]:
@@ -53,13 +48,13 @@ _ORT_DTYPES = {
 }
 
 
-def _tensors(args) -> tuple[Tensor, ...]:
+def _tensors(args) -> tuple[TensorInfo, ...]:
     out = []
     for a in args:
         if a.type not in _ORT_DTYPES:
             raise ValueError(f"{a.name}: unsupported tensor type {a.type}")
         shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in a.shape)
-        out.append(Tensor(a.name, _ORT_DTYPES[a.type], shape))
+        out.append(TensorInfo(a.name, _ORT_DTYPES[a.type], shape))
     return tuple(out)
 
 
@@ -71,8 +66,8 @@ class ModelSession:
     requested: list[str]
     providers: list[str]
     threads: int
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[Tensor, ...]
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property

@@ -2,10 +2,8 @@
 navigation), ``/individual-gpu-metrics`` and ``/individual-batch-queues`` (in "More…").
 
 Bokeh applications are wired up when the Scheduler is constructed, so ``register()``
-must run before that: ``batch-router up`` and ``batch-router scheduler`` call it first,
-and importing ``scheduler_plugins.preload`` (``dask scheduler --preload ...``) calls it
-at import time, which Dask does before building the dashboard
-(shared/research/dask-internals.md §4).
+must run before that: importing ``scheduler_plugins.preload`` calls it, and Dask imports
+a scheduler's preloads in its constructor, before it builds the dashboard.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from distributed.utils import log_errors
 from bokeh.transform import dodge
 from distributed.dashboard.utils import update
 
-from router_api import config
 from scheduler_plugins.dashboard.common import color, history_of, num, page
 from scheduler_plugins.history import QUANTILES, History
 
@@ -72,7 +71,7 @@ class BatchQueues:
     def __init__(self, history: History, levels: int | None = None) -> None:
         self.history = history
         self.seq = 0
-        self.levels = levels or int(config.get("priority-levels"))
+        self.levels = levels or history.levels
         self.timeline = ColumnDataSource(timeline_columns([], self.levels), name="batch-queues-timeline")
         self.sizes = ColumnDataSource(size_columns({}), name="batch-queues-sizes")
         self.share = ColumnDataSource(share_columns([]), name="batch-queues-share")

@@ -9,7 +9,8 @@ from typing import Any, Protocol
 from bokeh.models import Div
 from bokeh.palettes import Category10_10
 
-EXTENSION = "batch-router"
+from core.protocol import EXTENSION
+
 INTERVAL_MS = 500  # the front ends report every 500 ms by default: at least once a second
 SIMULATED = "SIMULATED"
 

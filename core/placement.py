@@ -4,62 +4,19 @@ Pure functions over ``WorkerView`` snapshots, so every rule is unit-tested witho
 The front end calls ``place`` each time it could send a batch (late binding: only
 workers with room are ever handed a batch); the scheduler plugin calls ``pick`` for
 Python-API tasks, which arrive one task at a time with no batch size of their own.
+Every policy has the same interface; what differs is only what it does with it.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from scheduler_plugins.service import ServiceCurve
+from core.worker_view import WorkerView
 
 POLICIES = ("gpu-aware", "round-robin", "least-loaded", "dask-default", "seed-score")
-
-
-@dataclass(eq=False)
-class WorkerView:
-    """Everything placement knows about one worker: live GPU sample, measured service
-    times, and what is in flight on it right now."""
-
-    address: str
-    name: str = ""
-    window: int = 2
-    info: dict = field(default_factory=dict)  # startup information (device, providers...)
-    in_flight: int = 0
-    rows_in_flight: int = 0
-    batches: int = 0
-    rows: int = 0
-    service: ServiceCurve = field(default_factory=ServiceCurve)
-    overhead: float = 0.0  # EWMA seconds a batch spends outside compute: hops, transfer
-    link: float = 0.0  # least such overhead seen lately: the path itself, without queues
-    link_samples: deque = field(default_factory=lambda: deque(maxlen=64))  # (time, seconds)
-    flights: dict = field(default_factory=dict)  # batch id -> (sent_at, expected seconds)
-    gpu: dict | None = None  # latest metrics sample, None without a GPU
-    simulated: bool = False
-    metrics_error: str | None = None
-    reported: dict = field(default_factory=dict)  # the worker's own stats snapshot
-    errors: deque = field(default_factory=lambda: deque(maxlen=64))  # times of failed batches
-    responsive: bool = True
-    weight: float = 0.0  # share of capacity, for display; set by ``weights``
-    probed_at: float = float("-inf")  # loop clock of the last probe copy sent to it
-
-    @property
-    def has_room(self) -> bool:
-        return self.in_flight < self.window
-
-    def remaining(self, now: float) -> float:
-        """Expected seconds until the batches already sent to it are done: a worker runs
-        its batches one after another, the oldest since about when it was sent. Work
-        that overran its estimate is guessed to need as long again as it overran: a
-        stalled worker looks busier by the second, never free."""
-        if not self.flights:
-            return 0.0
-        first = min(sent for sent, _ in self.flights.values())
-        left = sum(exp for _, exp in self.flights.values()) - (now - first)
-        return left if left >= 0 else -left
 
 
 @dataclass(frozen=True)
@@ -124,6 +81,12 @@ def weights(views: list[WorkerView], rows: int, now: float, tuning: Tuning) -> d
     return {a: (s / total if total else 0.0) for a, s in speed.items()}
 
 
+def current_weights(views: list[WorkerView], max_batch: int, now: float, tuning: Tuning) -> dict[str, float]:
+    """Each worker's share of capacity at the mean batch size served so far (display)."""
+    served = sum(v.rows for v in views) / max(1, sum(v.batches for v in views))
+    return weights(views, max(1, min(max_batch, round(served))), now, tuning)
+
+
 @dataclass(frozen=True)
 class Placement:
     view: WorkerView | None  # None: no restriction, Dask decides
@@ -133,9 +96,13 @@ class Placement:
 
 class Policy(Protocol):
     name: str
+    probes_idle: bool  # idle workers with stale curves get probe copies (see the dispatcher)
 
-    def place(self, views: list[WorkerView], queued_rows: int, max_batch: int, now: float) -> Placement | None:
-        """The next batch to send now, or None to keep the queue waiting."""
+    def place(
+        self, views: list[WorkerView], queued_rows: int, max_batch: int, now: float, unplaced: int = 0
+    ) -> Placement | None:
+        """The next batch to send now, or None to keep the queue waiting. ``unplaced``:
+        batches in flight that no worker was chosen for (Dask placed them)."""
 
     def pick(self, views: list[WorkerView], now: float) -> WorkerView | None:
         """A worker for one Python-API task (None: leave it to Dask)."""
@@ -197,8 +164,9 @@ class GpuAware:
 
     tuning: Tuning = field(default_factory=Tuning)
     name: str = "gpu-aware"
+    probes_idle: bool = True
 
-    def place(self, views, queued_rows, max_batch, now):
+    def place(self, views, queued_rows, max_batch, now, unplaced=0):
         usable = _usable(views, self.tuning)
         if not usable or queued_rows <= 0:
             return None
@@ -206,8 +174,7 @@ class GpuAware:
         starts = [v.remaining(now) + v.overhead for v in usable]
         shares, first = share_out(starts, self._per_row(usable, n, now, aged=True), queued_rows)
         # What the measurements alone justify: an idle worker's aged, optimistic
-        # estimate earns it a probe of one row, not a full share at a speed it has not
-        # shown (on a 4x slower worker such a share ran 3-4 rows, over a second).
+        # estimate earns it one row, not a full share at a speed it has not shown.
         measured = shares
         if any(v.service.confidence(now) < 1 for v in usable):
             measured, _ = share_out(starts, self._per_row(usable, n, now, aged=False), queued_rows)
@@ -232,6 +199,7 @@ class GpuAware:
 @dataclass
 class RoundRobin:
     name: str = "round-robin"
+    probes_idle: bool = False
     _turn: itertools.count = field(default_factory=itertools.count)
 
     def _next(self, views: list[WorkerView]) -> WorkerView | None:
@@ -242,7 +210,7 @@ class RoundRobin:
                 return v
         return None
 
-    def place(self, views, queued_rows, max_batch, now):
+    def place(self, views, queued_rows, max_batch, now, unplaced=0):
         v = self._next(views) if views else None
         return Placement(v, _even_split(views, queued_rows, max_batch)) if v else None
 
@@ -257,12 +225,13 @@ class LeastLoaded:
     workers share work instead of one taking all."""
 
     name: str = "least-loaded"
+    probes_idle: bool = False
 
     def _best(self, views: list[WorkerView], need_room: bool) -> WorkerView | None:
         ok = [v for v in views if v.responsive and (v.has_room or not need_room)]
         return min(ok, key=lambda v: (v.in_flight, v.batches), default=None)
 
-    def place(self, views, queued_rows, max_batch, now):
+    def place(self, views, queued_rows, max_batch, now, unplaced=0):
         v = self._best(views, need_room=True)
         return Placement(v, _even_split(views, queued_rows, max_batch)) if v else None
 
@@ -276,13 +245,10 @@ class DaskDefault:
     still holds the queue back to the cluster's total window, so batches still form."""
 
     name: str = "dask-default"
+    probes_idle: bool = False
 
-    def place(self, views, queued_rows, max_batch, now):
-        # In-flight batches of this policy are counted on a pseudo view by the caller.
-        return None
-
-    def place_unrestricted(self, views: list[WorkerView], in_flight: int, queued_rows: int, max_batch: int) -> Placement | None:
-        room = sum(v.window for v in views if v.responsive) - in_flight
+    def place(self, views, queued_rows, max_batch, now, unplaced=0):
+        room = sum(v.window for v in views if v.responsive) - unplaced
         if room <= 0 or queued_rows <= 0:
             return None
         return Placement(None, max(1, min(max_batch, -(-queued_rows // room))))
@@ -292,8 +258,8 @@ class DaskDefault:
 
 
 def seed_score(view: WorkerView) -> float:
-    """The old Go router's score (shared/research/old-system.md §2), on live numbers:
-    free-VRAM percent, minus queue/10, latency ms/10, utilisation/2, and 50 if hot."""
+    """The replaced Go router's score, on live numbers: free-VRAM percent, minus
+    queue/10, latency ms/10, utilisation/2, and 50 if hot."""
     if not view.responsive:
         return -1000.0
     g = view.gpu or {}
@@ -314,6 +280,7 @@ class SeedScore:
     """The old system's weighted random choice among the top 3 scores, for comparison."""
 
     name: str = "seed-score"
+    probes_idle: bool = False
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
     def _choose(self, views: list[WorkerView]) -> WorkerView | None:
@@ -329,7 +296,7 @@ class SeedScore:
                 return v
         return top[0]
 
-    def place(self, views, queued_rows, max_batch, now):
+    def place(self, views, queued_rows, max_batch, now, unplaced=0):
         v = self._choose([v for v in views if v.has_room and v.responsive])
         return Placement(v, _even_split(views, queued_rows, max_batch)) if v else None
 

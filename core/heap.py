@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 
-logger = logging.getLogger("router_api.heap")
+logger = logging.getLogger("core.heap")
 
 
 def freeze_startup_heap(what: str) -> int:

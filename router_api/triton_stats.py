@@ -1,4 +1,6 @@
-"""Triton's statistics extension (cumulative counters), kept per model by the front end."""
+"""Triton's statistics extension (``/v2/models/<name>/stats``): cumulative request and
+compute counters per model, counted as Triton counts them. The front end's latency
+histograms and HTTP outcomes, which Triton has no place for, are ``telemetry.py``."""
 
 from __future__ import annotations
 

@@ -9,9 +9,12 @@ when a sample of the tensor shrinks well (the test Dask's own ``maybe_compress``
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import numpy as np
+
+from core.protocol import Item, TensorItem
 
 SAMPLE = 64 * 1024
 MIN_RATIO = 0.7  # compress only when a sample shrinks to 70 % or less
@@ -27,24 +30,24 @@ def pays(data: np.ndarray | bytes | memoryview) -> bool:
     return len(zlib.compress(sample, 1)) <= MIN_RATIO * len(sample)
 
 
-def pack_item(item: dict) -> dict:
-    """A tensor item with its inputs zlib-compressed where that shrinks them; the item
-    itself is left as it is (a hedge to a near worker sends the raw one)."""
-    if item.get("kind") != "tensor":
+def pack_item(item: Item) -> Item:
+    """A tensor item with its inputs zlib-compressed where that shrinks them, as a new
+    item: the original stays as it is (a hedge to a near worker sends that one)."""
+    if not isinstance(item, TensorItem):
         return item
     packed, codecs = {}, {}
-    for name, data in item["inputs"].items():
+    for name, data in item.inputs.items():
         if pays(data):
             packed[name] = np.frombuffer(zlib.compress(memoryview(data).cast("B"), 1), dtype=np.uint8)
             codecs[name] = "zlib"
         else:
             packed[name] = data
-    return {**item, "inputs": packed, "codecs": codecs} if codecs else item
+    return dataclasses.replace(item, inputs=packed, codecs=codecs) if codecs else item
 
 
-def unpack_input(item: dict, name: str) -> bytes | memoryview | np.ndarray:
-    data = item["inputs"][name]
-    codec = (item.get("codecs") or {}).get(name)
+def unpack_input(item: TensorItem, name: str) -> bytes | memoryview | np.ndarray:
+    data = item.inputs[name]
+    codec = item.codecs.get(name)
     if codec is None:
         return data
     if codec != "zlib":

@@ -24,12 +24,8 @@ class ServiceCurve:
     Past ``fresh_for`` seconds without a batch the estimate shrinks, halving its excess
     over ``floor`` every ``half_life``, until the worker looks worth a batch again; that
     batch's measurement then replaces the stale figure rather than averaging with it.
-    The floor allows 4x optimism: enough to undo an estimate taken while the machine
-    was contended (2x in the placement benchmark's warm-up). Optimism only earns a
-    probe: ``GpuAware`` sizes the batch by what the measured curve justifies, at least
-    one row, so each probe costs one row the slow worker's latency. A run with 2x (floor
-    0.5) used the slow worker less and gave a worse p99 at 70 % load (800 vs 600-680 ms,
-    within this VM's noise).
+    The floor allows 4x optimism, enough to undo an estimate taken on a contended host;
+    optimism only earns a probe (``GpuAware`` sizes batches by the measured curve).
     """
 
     alpha: float = 0.3
@@ -37,6 +33,7 @@ class ServiceCurve:
     half_life: float = 3.0
     floor: float = 0.25
     points: dict[int, float] = field(default_factory=dict)
+    observed: set[int] = field(default_factory=set)  # buckets measured here, not adopted
     updated: float | None = None  # clock of the last observation
 
     def confidence(self, now: float | None) -> float:
@@ -49,6 +46,7 @@ class ServiceCurve:
         if rows <= 0 or seconds < 0:
             return
         b = bucket(rows)
+        self.observed.add(b)
         # Scale to the bucket's size so a 5-row batch informs the 8-row estimate.
         scaled = seconds * b / rows if rows < b else seconds
         alpha = 1 - (1 - self.alpha) * self.confidence(now)
@@ -64,14 +62,17 @@ class ServiceCurve:
         for k in self.points:
             self.points[k] *= step
 
-    def merge(self, reported: dict) -> None:
-        """Adopt a worker-reported curve (``{"8": seconds}``) for sizes not yet seen here."""
+    def adopt(self, reported: dict) -> None:
+        """Take a worker-reported curve (``{"8": seconds}``) for every size not measured
+        here: a view fed only by reports (the scheduler plugin's) follows them, one that
+        also sees replies (the front end's) keeps its own, fresher, measurements."""
         for key, value in (reported or {}).items():
             try:
                 b, v = int(key), float(value)
             except (TypeError, ValueError):
                 continue
-            self.points.setdefault(b, v)
+            if b not in self.observed and v >= 0:
+                self.points[b] = v
 
     @property
     def known(self) -> bool:
@@ -99,10 +100,6 @@ class ServiceCurve:
                 f = (rows - lo) / (hi - lo)
                 return trust * (self.points[lo] + f * (self.points[hi] - self.points[lo]))
         return None  # unreachable
-
-    def rows_per_second(self, rows: int, now: float | None = None) -> float | None:
-        t = self.estimate(rows, now)
-        return rows / t if t else None
 
     def as_dict(self) -> dict[str, float]:
         return {str(b): round(t, 6) for b, t in sorted(self.points.items())}

@@ -1,4 +1,6 @@
-"""Build the ONNX models the router serves, locally and deterministically.
+"""The models batch-router builds itself: the default ResNet-50, and a one-node model
+for measuring the router's own overhead. The scheduler serves the default when no model
+is given, building it into the cache on first use.
 
 A real ResNet-50 checkpoint would need a download (or torch) on every machine; the router
 only needs a model with ResNet-50's shapes and cost, so we write one with random weights
@@ -133,14 +135,13 @@ def build_trivial(path: Path) -> Path:
     return _save_atomic(_model(graph, "Per-channel mean; for measuring router overhead"), path)
 
 
-def _cache_dir() -> Path:
-    from router_api.config import cache_dir  # lazy: pulls in dask and the config defaults
-
-    return cache_dir()
-
-
 def default_model_path() -> Path:
-    return _cache_dir() / DEFAULT_NAME
+    """Where the default model lives: the model cache of ``batch-router.worker.cache-dir``."""
+    import dask.config
+
+    from core.config import cache_dir, parse
+
+    return cache_dir(parse(dask.config.get("batch-router", None))) / DEFAULT_NAME
 
 
 def ensure_default_model() -> Path:
@@ -149,17 +150,13 @@ def ensure_default_model() -> Path:
     return path if path.exists() else build_resnet50(path, seed=0)
 
 
-def trivial_model_path() -> Path:
-    return _cache_dir() / TRIVIAL_NAME
-
-
-def ensure_trivial_model() -> Path:
-    path = trivial_model_path()
-    return path if path.exists() else build_trivial(path)
+def default_name(path: str | Path) -> str:
+    """Like a Triton model repository: a model is named after its file, except ours."""
+    return "resnet50" if Path(path).resolve() == default_model_path().resolve() else Path(path).stem
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m worker_setup.resnet50",
+    parser = argparse.ArgumentParser(prog="python -m scheduler_plugins.builtin_models",
                                      description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--ensure", action="store_true",

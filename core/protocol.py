@@ -1,0 +1,170 @@
+"""The wire protocol between the rooms, defined once: the names Dask knows us by, the
+items a batch carries to a worker, and the reply that comes back.
+
+A batch goes out as one Dask task, ``RUN_BATCH(BatchSpec)``: Dask pickles the spec,
+and the numpy arrays in it (image bytes, tensors) travel as frames of their own, never
+copied into the pickle. The reply comes back on the worker's own stream as a Dask event
+(``log_event``), so it must be plain msgpack: ``BatchReply.to_wire`` packs each output
+tensor once, as the bytes ONNX Runtime produced, and the front end writes those bytes
+to HTTP as they arrive.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+import numpy as np
+
+# The key under which batch-router lives in ws.extra, ws.metrics, worker.extensions and
+# scheduler.extensions.
+EXTENSION = "batch-router"
+WORKERS_TOPIC = "batch-router-workers"  # membership events, plugin -> front ends
+STATE_TOPIC = "batch-router-state"  # every metrics interval: each worker's heartbeat metrics
+RESULTS_PREFIX = "batch-router-results-"  # + the front end's client id: batch replies
+# Task prefixes of the Python API (worker_setup.api): they need a worker with the model.
+API_PREFIXES = frozenset({"classify", "classify_files", "infer"})
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """A worker-side function, named rather than imported: the front end submits it
+    without loading what it needs (onnxruntime, Pillow); the worker resolves it."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+
+RUN_BATCH = TaskRef("worker_setup.execute", "run_batch")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One model input or output as the model file declares it."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int, ...]  # -1 for symbolic dims
+
+
+# -- front end -> worker ---------------------------------------------------------------
+
+
+@dataclass
+class ImageItem:
+    """One encoded image (JPEG or PNG), decoded on the worker; the answer is its top k."""
+
+    data: np.ndarray  # the file's bytes as uint8
+    top_k: int
+    rows: ClassVar[int] = 1
+
+
+@dataclass
+class TensorItem:
+    """One request's input tensors, ``rows`` rows each, as the client sent them."""
+
+    rows: int
+    inputs: dict[str, np.ndarray]  # little-endian row-major bytes as uint8 (zlib'd where codecs says)
+    shapes: dict[str, tuple[int, ...]]
+    outputs: tuple[str, ...]  # which outputs to return
+    codecs: dict[str, str] = field(default_factory=dict)  # input name -> "zlib"
+
+
+Item = Union[ImageItem, TensorItem]
+
+
+@dataclass
+class BatchSpec:
+    id: str
+    topic: str  # where the worker publishes the reply
+    items: list[Item]
+
+
+# -- worker -> front end ---------------------------------------------------------------
+
+
+@dataclass
+class TopK:
+    indices: list[int]
+    probabilities: list[float]
+
+
+@dataclass
+class Output:
+    dtype: str  # numpy dtype string, byte order included ("<f4")
+    shape: tuple[int, ...]
+    data: bytes  # row-major
+
+
+@dataclass
+class Tensors:
+    outputs: dict[str, Output]
+
+
+@dataclass
+class ItemError:
+    message: str
+    status: int  # 400: the request caused it; 500: the worker did
+
+
+Result = Union[TopK, Tensors, ItemError]
+
+
+@dataclass
+class Timings:
+    rows: int = 0  # rows that ran
+    input_ns: int = 0  # decoding and stacking
+    infer_ns: int = 0  # ONNX Runtime
+    output_ns: int = 0  # cutting the outputs per item
+    service_s: float | None = None  # how long the batch held the worker, all included
+    started: float = 0.0  # wall clock on the worker, for logs across hosts
+    finished: float = 0.0
+
+
+@dataclass
+class BatchReply:
+    id: str
+    worker: str
+    results: list[Result]
+    timings: Timings
+
+    def to_wire(self) -> dict:
+        t = self.timings
+        return {
+            "id": self.id,
+            "worker": self.worker,
+            "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s, t.started, t.finished],
+            "results": [_result_to_wire(r) for r in self.results],
+        }
+
+    @classmethod
+    def from_wire(cls, msg: dict) -> BatchReply:
+        """Raises ValueError for anything not shaped like ``to_wire``'s output."""
+        try:
+            timings = Timings(*msg["timings"])
+            return cls(str(msg["id"]), str(msg["worker"]), [_result_from_wire(r) for r in msg["results"]], timings)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"malformed batch reply: {type(e).__name__}: {e}") from None
+
+
+def _result_to_wire(r: Result) -> list:
+    if isinstance(r, TopK):
+        return ["topk", r.indices, r.probabilities]
+    if isinstance(r, Tensors):
+        return ["tensors", {name: [o.dtype, list(o.shape), o.data] for name, o in r.outputs.items()}]
+    return ["error", r.message, r.status]
+
+
+def _result_from_wire(w: list) -> Result:
+    kind = w[0]
+    if kind == "topk":
+        return TopK(list(w[1]), list(w[2]))
+    if kind == "tensors":
+        return Tensors({name: Output(o[0], tuple(o[1]), o[2]) for name, o in w[1].items()})
+    if kind == "error":
+        return ItemError(str(w[1]), int(w[2]))
+    raise ValueError(f"unknown result kind {kind!r}")

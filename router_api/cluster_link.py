@@ -1,0 +1,250 @@
+"""The front end's link to the Dask cluster: it turns what Dask says into Dispatcher
+events, and the Dispatcher's actions into Dask calls and answers to waiting requests.
+
+Everything here is I/O and timing; every decision is the Dispatcher's. Batches go out
+as ``client.submit(RUN_BATCH, spec)`` pinned to one worker; replies come back as events
+on the worker's own stream (``log_event`` -> ``subscribe_topic``), one hop instead of a
+gather's two, and without connecting to the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from core.config import Settings
+from core.protocol import RESULTS_PREFIX, RUN_BATCH, STATE_TOPIC, WORKERS_TOPIC, BatchReply, BatchSpec, Item
+from router_api.dispatch_events import (
+    Abort,
+    Answer,
+    Arrived,
+    Cancelled,
+    Closing,
+    Event,
+    Fail,
+    Forget,
+    Lost,
+    MetricsDigest,
+    NotSent,
+    Replied,
+    Request,
+    Send,
+    Tick,
+    Wake,
+    WorkerJoined,
+    WorkerLeft,
+    WorkersListed,
+)
+from router_api.dispatcher import Dispatcher
+
+logger = logging.getLogger("router_api.dispatch")
+
+WATCH_EVERY = 0.1  # seconds between watchdog ticks: O(batches in flight) each
+RESYNC_EVERY = 2.0  # seconds between membership resyncs and checks for failed tasks
+
+
+class ClusterLink:
+    def __init__(self, client, settings: Settings, model: dict) -> None:
+        self.client = client
+        self.dispatcher = Dispatcher(settings, model, f"batch-router-{uuid.uuid4().hex[:8]}")
+        self.topic = RESULTS_PREFIX + client.id
+        self.send_interval = settings.batched_send_interval
+        self.report_interval = settings.dashboard.interval
+        self.futures: dict[str, Any] = {}  # batch id -> distributed.Future, while in flight
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._wake_scheduled = False
+        self._tasks: list[asyncio.Task] = []
+        self._report_failing = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.client.subscribe_topic(self.topic, self._on_reply)
+        self.client.subscribe_topic(WORKERS_TOPIC, self._on_worker_event)
+        self.client.subscribe_topic(STATE_TOPIC, self._on_state)
+        await self._fast_streams(force=True)
+        await self._sync_workers()
+        self._tasks = [
+            asyncio.create_task(self._every(WATCH_EVERY, self._tick)),
+            asyncio.create_task(self._every(RESYNC_EVERY, self._resync)),
+        ]
+        if self.report_interval > 0:
+            self._tasks.append(asyncio.create_task(self._every(self.report_interval, self._report)))
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, answer everything queued and in flight, then stop."""
+        self.handle(Closing(self.now))
+        deadline = self.now + timeout
+        d = self.dispatcher
+        while not d.idle and self.now < deadline and d.views:
+            self._reap_failed()
+            await asyncio.sleep(0.05)
+        self.handle(Abort(self.now))
+        for task in self._tasks:
+            task.cancel()
+        if self._timer:
+            self._timer.cancel()
+
+    @property
+    def now(self) -> float:
+        return self.loop.time()
+
+    # -- what the handlers call --------------------------------------------------------
+
+    def submit(
+        self, item: Item, rows: int, priority: int = 0, timeout_us: int = 0, packed: Item | None = None
+    ) -> tuple[Request, asyncio.Future]:
+        """Queue one request; its future gets the Answer, or the error to answer with
+        (ValueError: 400, Unavailable: 503, DeadlineExceeded: 504)."""
+        future = self.loop.create_future()
+        request = Request(rows, priority, self.now, item=item, packed=packed, waiter=future, timeout_s=timeout_us / 1e6)
+        self.handle(Arrived(self.now, request))
+        if not future.done():
+            self._wake_soon()
+        return request, future
+
+    def cancel(self, request: Request) -> None:
+        self.handle(Cancelled(self.now, request))
+        request.waiter.cancel()
+
+    # -- events in, actions out ----------------------------------------------------------
+
+    def handle(self, event: Event) -> None:
+        for action in self.dispatcher.handle(event):
+            if isinstance(action, Send):
+                self._submit(action.batch)
+            elif isinstance(action, Answer):
+                if not action.request.waiter.done():
+                    action.request.waiter.set_result(action)
+            elif isinstance(action, Fail):
+                if not action.request.waiter.done():
+                    action.request.waiter.set_exception(action.error)
+            elif isinstance(action, Forget):
+                future = self.futures.pop(action.batch_id, None)
+                if future is not None:
+                    future.release()
+        self._arm_timer()
+
+    def _submit(self, batch) -> None:
+        spec = BatchSpec(batch.id, self.topic, batch.items)
+        where = {"workers": [batch.view.address], "allow_other_workers": False} if batch.view is not None else {}
+        try:
+            self.futures[batch.id] = self.client.submit(RUN_BATCH, spec, key=batch.id, pure=False, **where)
+        except Exception as e:
+            self.loop.call_soon(self.handle, NotSent(self.now, batch.id, str(e)))
+
+    def _wake_soon(self) -> None:
+        """Wake once the event loop has read every request already waiting: requests
+        that arrive in the same loop iteration then share one batch (one Dask task)
+        instead of each taking a free worker slot alone; a lone request still leaves
+        within the same millisecond."""
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            self.loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_scheduled = False
+        self.handle(Wake(self.now))
+
+    def _arm_timer(self) -> None:
+        wake = self.dispatcher.next_wakeup(self.now)
+        if self._timer is not None and (wake is None or self._timer.when() != wake):
+            self._timer.cancel()
+            self._timer = None
+        if wake is not None and self._timer is None:
+            self._timer = self.loop.call_at(wake, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.handle(Wake(self.now))
+
+    # -- what Dask says ----------------------------------------------------------------
+
+    def _on_reply(self, event: tuple) -> None:
+        _, msg = event
+        try:
+            reply = BatchReply.from_wire(msg)
+        except ValueError as e:
+            logger.error("%s from %s", e, msg.get("worker") if isinstance(msg, dict) else "?")
+            if isinstance(msg, dict) and "id" in msg:
+                self.handle(Lost(self.now, str(msg["id"]), str(e)))
+            return
+        self.handle(Replied(self.now, reply))
+
+    def _on_worker_event(self, event: tuple) -> None:
+        _, msg = event
+        version = msg.get("version", 0)
+        if msg["action"] == "add":
+            self.handle(WorkerJoined(self.now, msg["worker"], version))
+        else:
+            self.handle(WorkerLeft(self.now, msg["worker"]["address"], version))
+
+    def _on_state(self, event: tuple) -> None:
+        _, msg = event
+        self.handle(MetricsDigest(self.now, msg.get("workers", {})))
+
+    def _reap_failed(self) -> None:
+        """Batches whose task ended without replying. ``run_batch`` replies on every
+        error it can catch, so this is rare; polling the futures costs nothing per
+        batch, unlike a done-callback (a thread hop each)."""
+        for batch_id, future in list(self.futures.items()):
+            if future.status in ("error", "cancelled"):
+                self.handle(Lost(self.now, batch_id, future.status))
+
+    # -- periodic work ---------------------------------------------------------------
+
+    async def _every(self, seconds: float, step: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await step()
+            except Exception:  # a bug here must not stop the watchdog for good
+                logger.exception("%s failed", step.__name__)
+
+    async def _tick(self) -> None:
+        self.handle(Tick(self.now))
+
+    async def _resync(self) -> None:
+        """Membership events are the fast path; this catches anything they missed."""
+        self._reap_failed()
+        try:
+            await self._fast_streams()
+            await self._sync_workers()
+        except Exception as e:  # the scheduler may be briefly unreachable
+            logger.warning("could not refresh the worker list: %s", e)
+
+    async def _sync_workers(self) -> None:
+        snapshot = await self.client.scheduler.batch_router_workers()
+        self.handle(WorkersListed(self.now, snapshot["workers"], snapshot["version"]))
+
+    async def _fast_streams(self, force: bool = False) -> None:
+        """Dask coalesces client<->scheduler messages for 2-10 ms; we want none. Redone
+        after a reconnect, which creates new streams with Dask's defaults."""
+        comm = self.client.scheduler_comm
+        if comm is not None and (force or comm.interval != self.send_interval):
+            comm.interval = self.send_interval
+            await self.client.scheduler.batch_router_hello(client=self.client.id)
+
+    async def _report(self) -> None:
+        """Send the statistics snapshot to the dashboard's pages. A scheduler that cannot
+        take it (unreachable for a moment, or without the plugin) costs a warning when
+        it starts failing, never a request; the next interval simply tries again."""
+        d = self.dispatcher
+        try:
+            snapshot = d.telemetry.snapshot(d, self.now)
+            reply = await self.client.scheduler.batch_router_frontend(frontend=self.client.id, stats=snapshot)
+            if reply.get("status") != "OK":
+                raise ValueError(reply.get("message"))
+        except Exception as e:
+            if not self._report_failing:
+                logger.warning("could not send statistics to the dashboard: %s", e)
+            self._report_failing = True
+        else:
+            if self._report_failing:
+                logger.info("dashboard statistics reach the scheduler again")
+            self._report_failing = False

@@ -1,0 +1,455 @@
+"""The front end's dispatcher as a state machine: events in, actions out, no I/O.
+
+It holds the batch queue, the ledger of batches in flight (``batches``, indexed per
+worker by each view's ``flights``), and the worker views placement reads. Its rules:
+
+- Work-conserving, late binding: a batch leaves only for a worker with room, one Dask
+  task per batch; while every worker is at its window the queue grows into bigger
+  batches by itself. Which worker, and how many rows, is the placement policy's call.
+- Each request is answered once, by the first successful reply of any batch carrying
+  it. A request leaves the queue for good only when no batch still carries it.
+- Hedging: a batch well past its expected finish is also sent to the worker that would
+  finish it first, within a budget of copies.
+- Probing (policies with ``probes_idle``): an idle worker whose curve went stale gets a
+  copy of one request just sent elsewhere, so nobody waits on the slow worker to
+  re-measure it.
+- Watchdog: a worker holding a batch far past its expected time gets no new batches and
+  its batches go to the others; a request whose deadline passes in flight gets 504.
+
+``router_api.cluster_link`` feeds it Dask's events and performs its actions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+from core.codec import pack_item
+from core.config import Settings
+from core.placement import Tuning, current_weights, expected, make_policy
+from core.protocol import Item, ItemError
+from core.worker_view import Flight, WorkerView, adaptive_window, apply_metrics, learn_from_reply
+from router_api.batching import BatchQueue, QueueFull, resolve_priority, resolve_timeout
+from router_api.dispatch_events import (
+    Abort,
+    Action,
+    Answer,
+    Arrived,
+    Batch,
+    Cancelled,
+    Closing,
+    DeadlineExceeded,
+    Event,
+    Fail,
+    Forget,
+    Hedge,
+    Lost,
+    MetricsDigest,
+    NotSent,
+    Probe,
+    Replied,
+    Request,
+    Requeue,
+    Send,
+    Tick,
+    Unavailable,
+    Wake,
+    WorkerJoined,
+    WorkerLeft,
+    WorkersListed,
+)
+from router_api.telemetry import Telemetry
+from router_api.triton_stats import ModelStats
+
+logger = logging.getLogger("router_api.dispatch")
+
+
+def ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def due_for_probe(views: list[WorkerView], now: float, fresh_for: float) -> list[WorkerView]:
+    """Workers with room and nothing in flight whose curve is older than ``fresh_for``,
+    and not probed within it (a probe that failed measures nothing). Unmeasured workers
+    are left out: they borrow the fastest estimate and get work."""
+    return [
+        v
+        for v in views
+        if v.responsive
+        and v.has_room
+        and not v.flights
+        and v.service.known
+        and v.service.updated is not None
+        and now - v.service.updated > fresh_for
+        and now - v.probed_at > fresh_for
+    ]
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, model: dict, batch_prefix: str = "batch-router") -> None:
+        self.model_sha256 = model["sha256"]
+        self.window = settings.window
+        self.max_window = max(settings.window, settings.max_window)
+        self.levels = settings.priority_levels
+        self.default_level = settings.default_priority_level
+        self.default_timeout = settings.default_timeout
+        # A model with a fixed batch dimension caps every batch at that size.
+        shape = model["inputs"][0]["shape"]
+        batch_dim = shape[0] if shape else -1
+        most = min(settings.max_batch_size, batch_dim) if batch_dim > 0 else settings.max_batch_size
+        self.queue = BatchQueue(
+            max_batch_size=most,
+            max_queue_size=settings.max_queue_size,
+            priority_levels=self.levels,
+            max_queue_delay=settings.max_queue_delay,
+            starvation_limit=settings.starvation_limit,
+        )
+        p = settings.placement
+        self.tuning = Tuning(p.throttle_penalty, p.memory_headroom, p.error_penalty_window)
+        self.policy = make_policy(p.policy, self.tuning)
+        self.overdue_factor, self.overdue_min = p.overdue_factor, p.overdue_min
+        self.hedge_factor, self.hedge_min, self.hedge_budget = p.hedge_factor, p.hedge_min, p.hedge_budget
+        self.probe_after = p.probe_after if self.policy.probes_idle else None
+        self.compress_beyond = settings.compress_beyond
+        self.views: dict[str, WorkerView] = {}
+        self.batches: dict[str, Batch] = {}  # the ledger: every batch in flight
+        self.sent = self.hedges = self.probes = 0  # batches sent (the hedge budget's base), copies
+        self.received = 0  # requests ever queued
+        self.stats = ModelStats(model["name"])
+        self.telemetry = Telemetry()
+        self.closing = False
+        self.membership_version = 0  # the plugin's count of worker events applied so far
+        self._prefix = batch_prefix
+        self._ids = itertools.count()
+        self._out: list[Action] = []
+        self._handlers = {
+            Arrived: self._arrived,
+            Cancelled: self._cancelled,
+            Wake: lambda e: self._pump(e.now),
+            Tick: self._tick,
+            WorkerJoined: self._worker_joined,
+            WorkerLeft: self._worker_left,
+            WorkersListed: self._workers_listed,
+            MetricsDigest: self._metrics,
+            Replied: self._replied,
+            Lost: self._lost,
+            NotSent: self._not_sent,
+            Closing: self._closing,
+            Abort: self._abort,
+        }
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; return what the shell must do, in order."""
+        self._out = []
+        self._handlers[type(event)](event)
+        return self._out
+
+    # -- what the shell and the endpoints read ------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.views) and not self.closing
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing in flight."""
+        return not len(self.queue) and not self.batches
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When the queue changes by itself (a deadline, a delay ending): wake it then."""
+        return self.queue.next_wakeup(now)
+
+    def far_workers(self) -> bool:
+        """Some worker is far enough that tensors travel to it compressed: the front
+        end then compresses each tensor request on a thread as it arrives."""
+        return self.compress_beyond is not None and any(v.link >= self.compress_beyond for v in self.views.values())
+
+    def weights(self, now: float = 0.0) -> dict[str, float]:
+        return current_weights(list(self.views.values()), self.queue.max_batch_size, now, self.tuning)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _arrived(self, e: Arrived) -> None:
+        r = e.request
+        if self.closing:
+            self.stats.rejected["unavailable"] += 1
+            return self._fail(r, Unavailable("server is shutting down"))
+        try:
+            r.priority = resolve_priority(r.priority, self.levels, self.default_level)
+            timeout = resolve_timeout(r.timeout_s, self.default_timeout)
+            r.arrival, r.deadline = e.now, (e.now + timeout if timeout else None)
+            self.queue.push(r)
+        except QueueFull as err:
+            self.stats.rejected["queue_full"] += 1
+            return self._fail(r, Unavailable(str(err)))
+        except ValueError as err:
+            return self._fail(r, err)
+        self.received += 1
+
+    def _cancelled(self, e: Cancelled) -> None:
+        """Dropped if not sent yet; if on a worker, its answer is discarded and it is
+        not sent again should that worker die."""
+        r = e.request
+        if self.queue.cancel(r):
+            self.stats.rejected["cancelled"] += 1
+            r.item = r.packed = None  # its bytes need not wait for the entry to reach the head
+        r.done = True
+
+    def _pump(self, now: float) -> None:
+        """Send every batch that can go now, then probe idle workers."""
+        for r in self.queue.expire(now):
+            self.stats.rejected["timeout"] += not r.done
+            r.item = r.packed = None
+            self._fail(r, DeadlineExceeded("request timeout expired while queued"))
+        views = list(self.views.values())
+        sent: list[Batch] = []
+        while self.queue.ready(now):
+            unplaced = sum(1 for b in self.batches.values() if b.view is None)
+            placement = self.policy.place(views, self.queue.rows, self.queue.max_batch_size, now, unplaced)
+            if placement is None:
+                break
+            requests = self.queue.take(now, max_rows=placement.rows, skip=placement.skip)
+            if not requests:
+                break
+            sent.append(self._send(placement.view, requests, now, Send))
+        self._probe(sent, now)
+
+    def _send(self, view: WorkerView | None, requests: list[Request], now: float, kind: type[Send]) -> Batch:
+        far = view is not None and self.compress_beyond is not None and view.link >= self.compress_beyond
+        items = [self._packed(r) if far else r.item for r in requests]
+        batch = Batch(f"{self._prefix}-{next(self._ids)}", view, requests, items, sent_at=now, probe=kind is Probe)
+        if not batch.probe:  # a probe never holds a request back from being queued again
+            for r in requests:
+                r.carriers += 1
+            self.sent += 1
+        self.batches[batch.id] = batch
+        if view is None:
+            batch.due = now + self.overdue_min * self.overdue_factor
+        else:
+            cost = expected(view, batch.rows, list(self.views.values()), now, self.tuning)
+            batch.alone = not view.flights
+            finish = view.remaining(now) + view.overhead + cost
+            batch.due = now + max(self.overdue_min, self.overdue_factor * finish)
+            if self.hedge_budget > 0:
+                batch.hedge_at = now + max(self.hedge_min, self.hedge_factor * finish)
+            view.flights[batch.id] = Flight(now, cost, batch.rows)
+        self._out.append(kind(batch))
+        return batch
+
+    @staticmethod
+    def _packed(r: Request) -> Item:
+        if r.packed is None:
+            r.packed = pack_item(r.item)
+        return r.packed
+
+    # -- replies and losses --------------------------------------------------------------
+
+    def _replied(self, e: Replied) -> None:
+        reply, now = e.reply, e.now
+        batch = self.batches.pop(reply.id, None)
+        if batch is None:  # already answered (re-sent or abandoned); its worker lives, though
+            late = self.views.get(reply.worker)
+            if late is not None and not late.responsive:
+                late.responsive = True
+                self._pump(now)
+            return
+        t = reply.timings
+        view = batch.view or self.views.get(reply.worker)
+        self._release(batch)
+        if view is not None:
+            failed = any(isinstance(r, ItemError) and r.status >= 500 for r in reply.results)
+            learn_from_reply(view, batch.rows, t.rows, t.service_s, failed, now - batch.sent_at, batch.alone, now)
+            view.window = adaptive_window(view, self.window, self.max_window, max(1, view.rows // max(1, view.batches)))
+        # Triton's counts are of requests served: a copy that lost the race ran, but
+        # answered nobody, so it is not counted again.
+        served = [r for r, res in zip(batch.requests, reply.results) if not r.done and not isinstance(res, ItemError)]
+        if t.rows and served:
+            self.stats.batch_done(t.rows, sum(r.rows for r in served), len(served), t.input_ns, t.infer_ns, t.output_ns)
+        name = view.name if view is not None and view.name else reply.worker
+        round_trip, compute = now - batch.sent_at, t.service_s or 0.0
+        for r, result in zip(batch.requests, reply.results):
+            ok = not isinstance(result, ItemError)
+            if r.done or (not ok and r.carriers > 0):  # another batch still carries it: wait for that
+                continue
+            # Queue wait lasts until the batch that answered left (a hedged copy's
+            # requests waited through the first try).
+            queue = batch.sent_at - r.arrival
+            self.stats.request_done(ok, ns(now - r.arrival), ns(queue))
+            if ok:
+                self.telemetry.request_served(now - r.arrival, queue, round_trip, compute)
+            r.done = True
+            self._out.append(Answer(r, result, name, t.rows))
+        self._pump(now)
+
+    def _lost(self, e: Lost) -> None:
+        """The task ended without replying (it could not even be unpickled, say)."""
+        batch = self.batches.get(e.batch_id)
+        if batch is None:
+            return
+        where = batch.view.address if batch.view is not None else "a worker"
+        self._abandon(batch, RuntimeError(f"batch failed on {where}: {e.reason}"), e.now)
+        self._pump(e.now)
+
+    def _not_sent(self, e: NotSent) -> None:
+        """Dask refused the task (the client lost the scheduler): answer, never drop."""
+        batch = self.batches.pop(e.batch_id, None)
+        if batch is None:
+            return
+        logger.error("could not submit batch %s: %s", batch.id, e.reason)
+        self._release(batch)
+        if not batch.probe:
+            self.sent -= 1
+        for r in self._orphans(batch):  # a hedge's requests still run on the first try
+            self.stats.rejected["unavailable"] += 1
+            self._fail(r, Unavailable(f"cannot reach the scheduler: {e.reason}"))
+
+    def _release(self, batch: Batch) -> None:
+        """Take a batch off the ledger (answered, failed or re-sent)."""
+        self.batches.pop(batch.id, None)
+        if batch.view is not None:
+            batch.view.flights.pop(batch.id, None)
+        if not batch.probe:
+            for r in batch.requests:
+                r.carriers -= 1
+        self._out.append(Forget(batch.id))
+
+    @staticmethod
+    def _orphans(batch: Batch) -> list[Request]:
+        """Requests not answered that no batch in flight carries any more: only these
+        may be failed or queued again (a hedged copy may still answer the rest)."""
+        return [r for r in batch.requests if not r.done and r.carriers == 0]
+
+    def _abandon(self, batch: Batch, error: Exception, now: float) -> None:
+        self._release(batch)
+        for r in self._orphans(batch):
+            self.stats.request_done(False, ns(now - r.arrival), 0)
+            self._fail(r, error)
+
+    def _resend(self, batch: Batch, reason: str) -> None:
+        self._release(batch)
+        orphans = self._orphans(batch)
+        if orphans:
+            self.queue.requeue(orphans)
+            self._out.append(Requeue(orphans, reason))
+
+    def _fail(self, r: Request, error: Exception) -> None:
+        if not r.done:
+            r.done = True
+            self._out.append(Fail(r, error))
+
+    # -- the watchdog: hedges, stuck workers, deadlines in flight -------------------------
+
+    def _tick(self, e: Tick) -> None:
+        now = e.now
+        self._hedge(now)
+        stuck = {b.view for b in self.batches.values() if b.view is not None and now > b.due}
+        for view in stuck:
+            view.responsive = False
+            batches = [b for b in self.batches.values() if b.view is view]
+            logger.warning("worker %s is overdue on %d batches; sending them elsewhere and giving it no new "
+                           "batches until it answers", view.address, len(batches))  # fmt: skip
+            for batch in batches:
+                self._resend(batch, f"worker {view.address} is overdue")
+        for batch in list(self.batches.values()):
+            for r in batch.requests:
+                if r.deadline is not None and now >= r.deadline and not r.done:
+                    self.stats.rejected["timeout"] += 1
+                    self._fail(r, DeadlineExceeded("request timeout expired while in flight"))
+        if stuck:
+            self._pump(now)
+
+    def _hedge(self, now: float) -> None:
+        """A batch past ``hedge-factor`` x its expected finish (at least ``hedge-min``)
+        also goes to the worker that would finish it first, while copies stay within
+        ``hedge-budget`` of all batches. The slow worker is not written off: it may only
+        be briefly slow."""
+        for batch in list(self.batches.values()):
+            if batch.hedged or batch.view is None or now < batch.hedge_at:
+                continue
+            if self.hedges + 1 > self.hedge_budget * self.sent:
+                return
+            live = [r for r in batch.requests if not r.done]
+            others = [v for v in self.views.values() if v is not batch.view and v.responsive and v.has_room]
+            if not live or not others:
+                continue
+            views, rows = list(self.views.values()), sum(r.rows for r in live)
+            target = min(others, key=lambda v: v.remaining(now) + v.overhead + expected(v, rows, views, now, self.tuning))
+            copy = self._send(target, live, now, Hedge)
+            batch.hedged = copy.hedged = True
+            self.hedges += 1
+            logger.info("hedging batch %s: %.0f ms on %s, past its expected finish; a copy goes to %s",
+                        batch.id, 1e3 * (now - batch.sent_at), batch.view.address, target.address)  # fmt: skip
+
+    def _probe(self, sent: list[Batch], now: float) -> None:
+        """Copy the smallest request of a batch just sent to each idle, stale worker."""
+        if not sent or self.probe_after is None or self.closing:
+            return
+        for view in due_for_probe(list(self.views.values()), now, self.probe_after):
+            source = next((b for b in reversed(sent) if b.view is not view), None)
+            live = [r for r in source.requests if not r.done and r.item is not None] if source else []
+            if not live:
+                continue
+            view.probed_at = now
+            copy = self._send(view, [min(live, key=lambda r: r.rows)], now, Probe)
+            copy.hedged = True  # a probe is never hedged in turn
+            self.probes += 1
+            logger.debug("probing idle worker %s with a copy from batch %s", view.address, source.id)
+
+    # -- membership and metrics ----------------------------------------------------------
+
+    def _worker_joined(self, e: WorkerJoined) -> None:
+        self.membership_version = max(self.membership_version, e.version)
+        self._add_view(e.info)
+        self._pump(e.now)
+
+    def _worker_left(self, e: WorkerLeft) -> None:
+        self.membership_version = max(self.membership_version, e.version)
+        self._remove_view(e.address)
+        self._pump(e.now)
+
+    def _workers_listed(self, e: WorkersListed) -> None:
+        if e.version < self.membership_version:
+            return  # taken before an event already applied: it would undo it
+        self.membership_version = e.version
+        for info in e.workers.values():
+            self._add_view(info)
+        for address in set(self.views) - set(e.workers):
+            self._remove_view(address)
+        self._pump(e.now)
+
+    def _metrics(self, e: MetricsDigest) -> None:
+        for address, state in e.workers.items():
+            if (view := self.views.get(address)) is not None:
+                apply_metrics(view, state)
+        self._pump(e.now)
+
+    def _add_view(self, info: dict) -> None:
+        if info.get("sha256") != self.model_sha256:
+            return
+        view = self.views.get(info["address"])
+        if view is None:
+            self.views[info["address"]] = WorkerView(info["address"], info.get("name", ""), self.window, info)
+            logger.info("worker %s joined (%s, %s)", info["address"], info.get("device"), info.get("providers"))
+        else:
+            view.info = info
+
+    def _remove_view(self, address: str) -> None:
+        view = self.views.pop(address, None)
+        if view is None:
+            return
+        lost = [b for b in self.batches.values() if b.view is view]
+        logger.warning("worker %s left with %d batches in flight; re-queueing them", address, len(lost))
+        for batch in lost:
+            self._resend(batch, f"worker {address} left")
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def _closing(self, e: Closing) -> None:
+        self.closing = True
+
+    def _abort(self, e: Abort) -> None:
+        for r in self.queue.drain():
+            self.stats.rejected["unavailable"] += not r.done
+            self._fail(r, Unavailable("server is shutting down"))
+        for batch in list(self.batches.values()):
+            self._abandon(batch, Unavailable("server is shutting down"), e.now)
