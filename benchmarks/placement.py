@@ -39,7 +39,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmarks.httpload import Connection, closed_loop, open_loop, summarize
+from benchmarks.http_client import Connection
+from benchmarks.httpload import closed_loop, open_loop, summarize
 from benchmarks.loadtest import parse_duration
 from benchmarks.placement_figures import (
     BIN_S,

@@ -12,7 +12,7 @@ import subprocess
 from typing import Optional
 from urllib.parse import urlsplit
 
-from benchmarks.httpload import Connection
+from benchmarks.http_client import Connection
 from benchmarks.payloads import payload
 from benchmarks.servers import ROOT, spawn_router, stop
 from benchmarks.windows import get_json

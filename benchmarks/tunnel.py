@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from benchmarks.httpload import Connection, closed_loop, summarize
+from benchmarks.http_client import Connection
+from benchmarks.httpload import closed_loop, summarize
 from benchmarks.loadtest import parse_duration
 from benchmarks.payloads import make_jpeg
 from benchmarks.report import machine, write_json

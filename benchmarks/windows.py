@@ -15,7 +15,8 @@ import json
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from benchmarks.httpload import Connection, closed_loop, open_loop, summarize
+from benchmarks.http_client import Connection
+from benchmarks.httpload import closed_loop, open_loop, summarize
 from benchmarks.timeline import timeline
 
 

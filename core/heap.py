@@ -1,13 +1,10 @@
 """Keep CPython's full garbage collections from stalling every request in flight.
 
-Once Dask's scheduler, its Bokeh dashboard and Tornado are up, the front end's process
-tracks ~160k objects, and a worker's ~80k. A full (generation 2) collection walks every
-one of them while holding the GIL: on the development VM that stopped the front end's
-event loop for ~85 ms, and a worker's for 30-40 ms, every several seconds under load
-(it was the maximum latency of every concurrency-1 run). Nearly all of those objects live
-as long as the process, so once startup is done they are frozen into CPython's
-permanent generation, and later collections walk only what came since
-(``python -m benchmarks.probes.gc_pause`` measures both, side by side).
+Once Dask, its dashboard and Tornado are up, a process tracks some 100k objects that
+live as long as it does, and a full collection walks them all holding the GIL: tens of
+milliseconds during which no request moves. Frozen into CPython's permanent generation
+once startup is done, they are never walked again (measured in ``benchmarks/RESULTS.md``,
+"Full garbage collections").
 """
 
 from __future__ import annotations

@@ -29,35 +29,12 @@ from core.config import Settings
 from core.placement import Tuning, current_weights, expected, make_policy
 from core.protocol import Item, ItemError
 from core.worker_view import Flight, WorkerView, adaptive_window, apply_metrics, learn_from_reply
+from router_api import watchdog
 from router_api.batching import BatchQueue, QueueFull, resolve_priority, resolve_timeout
-from router_api.dispatch_events import (
-    Abort,
-    Action,
-    Answer,
-    Arrived,
-    Batch,
-    Cancelled,
-    Closing,
-    DeadlineExceeded,
-    Event,
-    Fail,
-    Forget,
-    Hedge,
-    Lost,
-    MetricsDigest,
-    NotSent,
-    Probe,
-    Replied,
-    Request,
-    Requeue,
-    Send,
-    Tick,
-    Unavailable,
-    Wake,
-    WorkerJoined,
-    WorkerLeft,
-    WorkersListed,
-)
+from router_api.dispatch_events import (Abort, Action, Answer, Arrived, Batch, Cancelled, Closing, DeadlineExceeded, Event,
+                                        Fail, Forget, Hedge, Lost, MetricsDigest, NotSent, Probe, Replied, Request,
+                                        Requeue, Send, Tick, Unavailable, Wake, WorkerJoined, WorkerLeft,
+                                        WorkersListed)  # fmt: skip
 from router_api.telemetry import Telemetry
 from router_api.triton_stats import ModelStats
 
@@ -66,23 +43,6 @@ logger = logging.getLogger("router_api.dispatch")
 
 def ns(seconds: float) -> int:
     return int(seconds * 1e9)
-
-
-def due_for_probe(views: list[WorkerView], now: float, fresh_for: float) -> list[WorkerView]:
-    """Workers with room and nothing in flight whose curve is older than ``fresh_for``,
-    and not probed within it (a probe that failed measures nothing). Unmeasured workers
-    are left out: they borrow the fastest estimate and get work."""
-    return [
-        v
-        for v in views
-        if v.responsive
-        and v.has_room
-        and not v.flights
-        and v.service.known
-        and v.service.updated is not None
-        and now - v.service.updated > fresh_for
-        and now - v.probed_at > fresh_for
-    ]
 
 
 class Dispatcher:
@@ -341,8 +301,14 @@ class Dispatcher:
 
     def _tick(self, e: Tick) -> None:
         now = e.now
-        self._hedge(now)
-        stuck = {b.view for b in self.batches.values() if b.view is not None and now > b.due}
+        for batch, target, live in watchdog.hedges(list(self.batches.values()), list(self.views.values()), now,
+                                                    self.tuning, lambda: self.hedges + 1 <= self.hedge_budget * self.sent):  # fmt: skip
+            copy = self._send(target, live, now, Hedge)
+            batch.hedged = copy.hedged = True
+            self.hedges += 1
+            logger.info("hedging batch %s: %.0f ms on %s, past its expected finish; a copy goes to %s",
+                        batch.id, 1e3 * (now - batch.sent_at), batch.view.address, target.address)  # fmt: skip
+        stuck = watchdog.stuck(self.batches.values(), now)
         for view in stuck:
             view.responsive = False
             batches = [b for b in self.batches.values() if b.view is view]
@@ -350,47 +316,20 @@ class Dispatcher:
                            "batches until it answers", view.address, len(batches))  # fmt: skip
             for batch in batches:
                 self._resend(batch, f"worker {view.address} is overdue")
-        for batch in list(self.batches.values()):
-            for r in batch.requests:
-                if r.deadline is not None and now >= r.deadline and not r.done:
-                    self.stats.rejected["timeout"] += 1
-                    self._fail(r, DeadlineExceeded("request timeout expired while in flight"))
+        for r in watchdog.expired(self.batches.values(), now):
+            self.stats.rejected["timeout"] += 1
+            self._fail(r, DeadlineExceeded("request timeout expired while in flight"))
         if stuck:
             self._pump(now)
 
-    def _hedge(self, now: float) -> None:
-        """A batch past ``hedge-factor`` x its expected finish (at least ``hedge-min``)
-        also goes to the worker that would finish it first, while copies stay within
-        ``hedge-budget`` of all batches. The slow worker is not written off: it may only
-        be briefly slow."""
-        for batch in list(self.batches.values()):
-            if batch.hedged or batch.view is None or now < batch.hedge_at:
-                continue
-            if self.hedges + 1 > self.hedge_budget * self.sent:
-                return
-            live = [r for r in batch.requests if not r.done]
-            others = [v for v in self.views.values() if v is not batch.view and v.responsive and v.has_room]
-            if not live or not others:
-                continue
-            views, rows = list(self.views.values()), sum(r.rows for r in live)
-            target = min(others, key=lambda v: v.remaining(now) + v.overhead + expected(v, rows, views, now, self.tuning))
-            copy = self._send(target, live, now, Hedge)
-            batch.hedged = copy.hedged = True
-            self.hedges += 1
-            logger.info("hedging batch %s: %.0f ms on %s, past its expected finish; a copy goes to %s",
-                        batch.id, 1e3 * (now - batch.sent_at), batch.view.address, target.address)  # fmt: skip
-
     def _probe(self, sent: list[Batch], now: float) -> None:
-        """Copy the smallest request of a batch just sent to each idle, stale worker."""
+        """Copy one request of a batch just sent to each idle worker whose curve went
+        stale: the first answer serves the request, the probe's re-measures the worker."""
         if not sent or self.probe_after is None or self.closing:
             return
-        for view in due_for_probe(list(self.views.values()), now, self.probe_after):
-            source = next((b for b in reversed(sent) if b.view is not view), None)
-            live = [r for r in source.requests if not r.done and r.item is not None] if source else []
-            if not live:
-                continue
+        for view, source, request in watchdog.probes(sent, list(self.views.values()), now, self.probe_after):
             view.probed_at = now
-            copy = self._send(view, [min(live, key=lambda r: r.rows)], now, Probe)
+            copy = self._send(view, [request], now, Probe)
             copy.hedged = True  # a probe is never hedged in turn
             self.probes += 1
             logger.debug("probing idle worker %s with a copy from batch %s", view.address, source.id)

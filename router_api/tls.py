@@ -1,9 +1,9 @@
 """Mutual TLS for a scheduler on the internet: a cluster CA, its certificates, and the
 join token that carries a worker's share of them.
 
-A Dask scheduler reachable without mutual TLS runs code for anyone who connects
-(shared/research/dask-internals.md §6). Dask's TLS always verifies both ends against
-the CA and never checks hostnames, so ``tls://bore.pub:PORT`` works through a tunnel.
+A Dask scheduler reachable without mutual TLS runs code for anyone who connects. Dask's
+TLS always verifies both ends against the CA and never checks hostnames, so
+``tls://bore.pub:PORT`` works through a tunnel.
 One CA per cluster lives in ``batch-router.tls.dir``; rotating it revokes every token
 ever printed, since their certificates no longer chain to it.
 """

@@ -37,7 +37,8 @@ from router_api.dispatch_events import (
     WorkerLeft,
     WorkersListed,
 )
-from router_api.dispatcher import Dispatcher, due_for_probe
+from router_api.dispatcher import Dispatcher
+from router_api.watchdog import due_for_probe
 
 MODEL = {"name": "m", "sha256": "x", "inputs": [{"shape": [-1, 3]}]}
 

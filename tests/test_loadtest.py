@@ -18,7 +18,8 @@ import tornado.netutil
 import tornado.web
 
 from benchmarks import loadtest, payloads, servers, windows
-from benchmarks.httpload import (Connection, Pool, closed_loop, open_loop, percentile,
+from benchmarks.http_client import Connection, Pool
+from benchmarks.httpload import (closed_loop, open_loop, percentile,
                                  poisson_arrivals, summarize)
 from benchmarks.rounds import round_figures, summarize_rounds
 

@@ -29,11 +29,6 @@ class ImageLayout:
     size: int = 224
     dtype: str = "float32"  # "uint8" inputs get raw pixels, no normalisation
 
-    @property
-    def row_shape(self) -> tuple[int, int, int]:
-        s = self.size
-        return (3, s, s) if self.layout == "NCHW" else (s, s, 3)
-
     @classmethod
     def from_shape(cls, shape: tuple[int, ...], dtype: str) -> "ImageLayout":
         """Infer layout from a 4-D input shape such as (-1, 3, 224, 224) or (-1, 224, 224, 3)."""

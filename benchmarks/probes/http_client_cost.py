@@ -82,7 +82,7 @@ async def child(client: str, case: str, url: str, n: int, c: int, server_pid: in
     u, full = urlsplit(url), url + INFER
     send: Send
     if client == "ours":
-        from benchmarks.httpload import Connection
+        from benchmarks.http_client import Connection
         conns = [Connection(u.hostname or "127.0.0.1", u.port or 80) for _ in range(c)]
 
         async def send(i: int) -> tuple[int, int]:
