@@ -9,6 +9,7 @@ import heapq
 import pytest
 
 from core.placement import (
+    POLICIES,
     DaskDefault,
     GpuAware,
     LeastLoaded,
@@ -324,3 +325,15 @@ def test_slow_worker_takes_rows_from_behind_those_the_busy_fast_one_will_finish_
     # The head rows wait for the fast worker (done by ~40 ms); the slow one takes a
     # row from behind them, which it also finishes by ~40 ms.
     assert p.view is slow and p.skip >= 2 and p.rows >= 1
+
+
+def test_every_policy_answers_the_same_interface():
+    """The dispatcher asks every policy the same questions; none needs special handling."""
+    for name in POLICIES:
+        views = [view("a", 0.010), view("b", 0.040)]
+        policy = make_policy(name)
+        placement = policy.place(views, queued_rows=4, max_batch=8, now=0.0, unplaced=0)
+        assert placement is not None and 1 <= placement.rows <= 8 and placement.skip >= 0, name
+        assert placement.view in (*views, None)
+        assert policy.pick(views, 0.0) in (*views, None)
+        assert policy.probes_idle == (name == "gpu-aware")

@@ -17,7 +17,7 @@ from worker_setup.execute import execute_items, top_k
 from worker_setup.model_cache import cached_path, ensure_model
 from worker_setup.preload import image_layout
 from worker_setup.preprocess import ImageError, ImageLayout, image_to_row
-from worker_setup.runtime import WorkerModel
+from worker_setup.worker_model import WorkerModel
 from worker_setup.session import ModelSession
 
 

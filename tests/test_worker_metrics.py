@@ -18,7 +18,7 @@ from tests.conftest import ARTIFACTS, make_image
 from worker_setup import gpu
 from worker_setup.gpu import NvmlSource, NvmlUnavailable, SimulatedSource, device_selector, open_source, throttle_reasons
 from worker_setup.metrics import ErrorLog, GpuSampler, guarded, worker_metric
-from worker_setup.runtime import InferenceStats, WorkerModel
+from worker_setup.worker_model import InferenceStats, WorkerModel
 from worker_setup.slow_device import SlowDevice
 
 

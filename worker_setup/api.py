@@ -82,7 +82,7 @@ def _infer(batch: np.ndarray) -> np.ndarray:
     """
     import time
 
-    from worker_setup.runtime import current_model
+    from worker_setup.worker_model import current_model
 
     model = current_model()
     t = model.session.inputs[0]
@@ -107,7 +107,7 @@ def _classify(images: Iterable[Image], top: int = 5, labels: str | None = None) 
     from core.labels import load_labels
     from worker_setup.execute import top_k
     from worker_setup.preprocess import image_to_row
-    from worker_setup.runtime import current_model
+    from worker_setup.worker_model import current_model
 
     model = current_model()
     if model.layout is None:

@@ -16,7 +16,7 @@ import numpy as np
 from core.codec import unpack_input
 from core.protocol import BatchReply, BatchSpec, ImageItem, Item, ItemError, Output, Result, Tensors, Timings, TopK
 from worker_setup.preprocess import ImageError, image_to_row
-from worker_setup.runtime import WorkerModel, current_model
+from worker_setup.worker_model import WorkerModel, current_model
 
 logger = logging.getLogger("worker_setup.execute")
 

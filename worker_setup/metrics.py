@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker_setup.gpu import GpuSource
-from worker_setup.runtime import WorkerModel
+from worker_setup.worker_model import WorkerModel
 
 logger = logging.getLogger("worker_setup.metrics")
 

@@ -20,7 +20,7 @@ from worker_setup.gpu import open_source
 from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
 from worker_setup.model_cache import ensure_model
 from worker_setup.preprocess import ImageLayout
-from worker_setup.runtime import WorkerModel
+from worker_setup.worker_model import WorkerModel
 from worker_setup.session import ModelSession
 from worker_setup.slow_device import SlowDevice
 
