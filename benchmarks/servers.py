@@ -71,9 +71,10 @@ def stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
 
 
 def spawn_router(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    exe = Path(sys.executable).parent / "batch-router"
     port = free_port()
-    cmd = [str(exe) if exe.exists() else "batch-router", "up", "--port", str(port),
+    # `python -m` from this tree, never a console script: that would run whichever copy
+    # is installed, and there is none where the package is only on PYTHONPATH.
+    cmd = [sys.executable, "-m", "router_api.cli", "up", "--port", str(port),
            "--dashboard-port", str(free_port()), "--scheduler-port", str(free_port())]
     if args.model_path:
         cmd += ["--model", str(args.model_path)]

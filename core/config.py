@@ -106,30 +106,21 @@ class Kind:
 
 
 @dataclass(frozen=True)
-class Int(Kind):
-    minimum: int = 0
-    maximum: int | None = None
-
-    def check(self, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{value!r} is not an integer")
-        if value < self.minimum or (self.maximum is not None and value > self.maximum):
-            top = "" if self.maximum is None else f"..{self.maximum}"
-            raise ValueError(f"{value} is outside {self.minimum}{top or '..'}")
-        return value
-
-
-@dataclass(frozen=True)
 class Number(Kind):
-    minimum: float = 0.0
+    minimum: float = 0
     maximum: float | None = None
+    integer: bool = False
 
-    def check(self, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{value!r} is not a number")
+    def check(self, value: Any) -> float | int:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            raise ValueError(f"{value!r} is not {'an integer' if self.integer else 'a number'}")
         if value < self.minimum or (self.maximum is not None and value > self.maximum):
             raise ValueError(f"{value} is outside {self.minimum:g}..{'' if self.maximum is None else f'{self.maximum:g}'}")
-        return float(value)
+        return value if self.integer else float(value)
+
+
+def Int(minimum: int = 0, maximum: int | None = None) -> Number:  # noqa: N802 - reads as a kind
+    return Number(minimum=minimum, maximum=maximum, integer=True)
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--join", metavar="TOKEN", default=os.environ.get("BATCH_ROUTER_JOIN_TOKEN"),
                    help="the scheduler's JOIN_TOKEN (or env BATCH_ROUTER_JOIN_TOKEN): address and TLS credentials")
     w.add_argument("--name", default=None)
-    w.add_argument("--slowdown", type=float, default=None, help="benchmark knob: stretch each batch by this factor")
+    w.add_argument("--slowdown", type=float, default=None, help="benchmark knob: the ONNX Runtime session runs this many times slower")
     w.add_argument("--contact-address", default=None,
                    help="the address this worker advertises; behind NAT nothing need reach it (replies ride its own connection)")
     workers(w)

@@ -1,5 +1,5 @@
 """How long a full garbage collection stops each of the router's processes, with the
-startup heap frozen (as shipped, router_api/heap.py) and without, side by side.
+startup heap frozen (as shipped, core/heap.py) and without, side by side.
 
 Spawns `batch-router up`, puts load on it, then, in every process (the front end with
 its scheduler, each worker), times ``gc.collect()`` as it is and again with the heap
