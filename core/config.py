@@ -39,15 +39,10 @@ DASK_SETTINGS = {
 }
 
 # Over a tunnel (bore.pub, 100-500 ms round trips, Colab runtimes that vanish): notice a
-# silent worker in about a minute, not Dask's default 5-10; retry a failed call to the
-# scheduler with back-off for about five minutes (distributed's ``retry_operation``
-# reads these), since a tunnel drops for a while and comes back.
+# silent worker in about a minute, not Dask's default 5-10.
 TUNNEL_SETTINGS = {
     "distributed.scheduler.worker-ttl": "60s",
     "distributed.comm.timeouts.connect": "60s",
-    "distributed.comm.retry.count": 10,
-    "distributed.comm.retry.delay.min": "1s",
-    "distributed.comm.retry.delay.max": "60s",
 }
 
 
@@ -63,11 +58,12 @@ _SECONDS = {
     "ns": 1e-9, "nanoseconds": 1e-9, "us": 1e-6, "µs": 1e-6, "microseconds": 1e-6,
     "ms": 1e-3, "milliseconds": 1e-3, "m": 60.0, "min": 60.0, "minute": 60.0,
     "minutes": 60.0, "h": 3600.0, "hour": 3600.0, "hours": 3600.0, "d": 86400.0,
-    "day": 86400.0, "days": 86400.0,
+    "day": 86400.0, "days": 86400.0, "w": 604800.0, "week": 604800.0, "weeks": 604800.0,
 }  # fmt: skip
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$")
-_BYTES = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_BYTES = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
+          "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}  # fmt: skip
 
 
 def seconds(value: Any) -> float:
@@ -97,7 +93,7 @@ class Kind:
     nullable: bool = False
 
     def parse(self, value: Any) -> Any:
-        if value is None and self.nullable:
+        if value in (None, "") and self.nullable:
             return None
         return self.check(value)
 
@@ -230,7 +226,7 @@ class Tls:
 class Worker:
     count: int = key(Int())
     device: str = key(Choice(values=("auto", "cpu", "cuda")))
-    intra_op_threads: int = key(Int())
+    intra_op_threads: int | None = key(Number(minimum=0, integer=True, nullable=True))  # 0 or null: cores / workers
     cache_dir: str | None = key(Text(nullable=True))
     gpu_metrics: str = key(Choice(values=("auto", "nvml", "simulated", "off")))
     gpu_index: int | str | None = key(Device(nullable=True))

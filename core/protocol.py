@@ -121,8 +121,6 @@ class Timings:
     infer_ns: int = 0  # ONNX Runtime
     output_ns: int = 0  # cutting the outputs per item
     service_s: float | None = None  # how long the batch held the worker, all included
-    started: float = 0.0  # wall clock on the worker, for logs across hosts
-    finished: float = 0.0
 
 
 @dataclass
@@ -137,7 +135,7 @@ class BatchReply:
         return {
             "id": self.id,
             "worker": self.worker,
-            "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s, t.started, t.finished],
+            "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s],
             "results": [_result_to_wire(r) for r in self.results],
         }
 

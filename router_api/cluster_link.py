@@ -40,7 +40,7 @@ from router_api.dispatch_events import (
 )
 from router_api.dispatcher import Dispatcher
 
-logger = logging.getLogger("router_api.dispatch")
+logger = logging.getLogger("router_api.cluster_link")
 
 WATCH_EVERY = 0.1  # seconds between watchdog ticks: O(batches in flight) each
 RESYNC_EVERY = 2.0  # seconds between membership resyncs and checks for failed tasks
@@ -100,12 +100,14 @@ class ClusterLink:
         self, item: Item, rows: int, priority: int = 0, timeout_us: int = 0, packed: Item | None = None
     ) -> tuple[Request, asyncio.Future]:
         """Queue one request; its future gets the Answer, or the error to answer with
-        (ValueError: 400, Unavailable: 503, DeadlineExceeded: 504)."""
+        (DeadlineExceeded: 504). A request refused at once raises here (ValueError: 400,
+        Unavailable: 503), so a multi-part request stops at its first refused part."""
         future = self.loop.create_future()
         request = Request(rows, priority, self.now, item=item, packed=packed, waiter=future, timeout_s=timeout_us / 1e6)
         self.handle(Arrived(self.now, request))
-        if not future.done():
-            self._wake_soon()
+        if future.done():
+            raise future.exception()
+        self._wake_soon()
         return request, future
 
     def cancel(self, request: Request) -> None:
@@ -128,6 +130,7 @@ class ClusterLink:
                 future = self.futures.pop(action.batch_id, None)
                 if future is not None:
                     future.release()
+            # Requeue needs nothing here: the Dispatcher has queued them and logged why.
         self._arm_timer()
 
     def _submit(self, batch) -> None:

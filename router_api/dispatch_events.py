@@ -8,7 +8,7 @@ Dispatcher never reads a clock, so tests drive it with a fake one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.protocol import BatchReply, Item, Result
@@ -49,6 +49,7 @@ class Batch:
     hedged: bool = False  # a copy was sent, or this is one: never hedge twice
     alone: bool = False  # its worker had nothing else in flight: the round trip is clean
     probe: bool = False  # a copy that re-measures an idle worker: it carries nobody
+    copy_of: Batch | None = field(default=None, repr=False)  # a hedge's or probe's original
 
     @property
     def rows(self) -> int:

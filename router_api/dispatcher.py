@@ -1,22 +1,13 @@
 """The front end's dispatcher as a state machine: events in, actions out, no I/O.
 
 It holds the batch queue, the ledger of batches in flight (``batches``, indexed per
-worker by each view's ``flights``), and the worker views placement reads. Its rules:
-
-- Work-conserving, late binding: a batch leaves only for a worker with room, one Dask
-  task per batch; while every worker is at its window the queue grows into bigger
-  batches by itself. Which worker, and how many rows, is the placement policy's call.
-- Each request is answered once, by the first successful reply of any batch carrying
-  it. A request leaves the queue for good only when no batch still carries it.
-- Hedging: a batch well past its expected finish is also sent to the worker that would
-  finish it first, within a budget of copies.
-- Probing (policies with ``probes_idle``): an idle worker whose curve went stale gets a
-  copy of one request just sent elsewhere, so nobody waits on the slow worker to
-  re-measure it.
-- Watchdog: a worker holding a batch far past its expected time gets no new batches and
-  its batches go to the others; a request whose deadline passes in flight gets 504.
-
-``router_api.cluster_link`` feeds it Dask's events and performs its actions.
+worker by each view's ``flights``) and the worker views placement reads. Its rules:
+work-conserving late binding (a batch leaves only for a worker with room, as big as the
+queue and the policy make it); each request answered once, by the first successful
+reply of any batch carrying it; hedged copies of slow batches and probe copies for idle,
+stale workers (decided in ``watchdog.py``); stuck workers written off until they answer;
+deadlines kept in flight. ``router_api.cluster_link`` feeds it Dask's events and
+performs its actions.
 """
 
 from __future__ import annotations
@@ -30,7 +21,7 @@ from core.placement import Tuning, current_weights, expected, make_policy
 from core.protocol import Item, ItemError
 from core.worker_view import Flight, WorkerView, adaptive_window, apply_metrics, learn_from_reply
 from router_api import watchdog
-from router_api.batching import BatchQueue, QueueFull, resolve_priority, resolve_timeout
+from router_api.batching import QUEUED, BatchQueue, QueueFull, resolve_priority, resolve_timeout
 from router_api.dispatch_events import (Abort, Action, Answer, Arrived, Batch, Cancelled, Closing, DeadlineExceeded, Event,
                                         Fail, Forget, Hedge, Lost, MetricsDigest, NotSent, Probe, Replied, Request,
                                         Requeue, Send, Tick, Unavailable, Wake, WorkerJoined, WorkerLeft,
@@ -38,7 +29,7 @@ from router_api.dispatch_events import (Abort, Action, Answer, Arrived, Batch, C
 from router_api.telemetry import Telemetry
 from router_api.triton_stats import ModelStats
 
-logger = logging.getLogger("router_api.dispatch")
+logger = logging.getLogger("router_api.dispatcher")
 
 
 def ns(seconds: float) -> int:
@@ -124,7 +115,7 @@ class Dispatcher:
         end then compresses each tensor request on a thread as it arrives."""
         return self.compress_beyond is not None and any(v.link >= self.compress_beyond for v in self.views.values())
 
-    def weights(self, now: float = 0.0) -> dict[str, float]:
+    def weights(self, now: float) -> dict[str, float]:
         return current_weights(list(self.views.values()), self.queue.max_batch_size, now, self.tuning)
 
     # -- requests ----------------------------------------------------------------------
@@ -174,10 +165,12 @@ class Dispatcher:
             sent.append(self._send(placement.view, requests, now, Send))
         self._probe(sent, now)
 
-    def _send(self, view: WorkerView | None, requests: list[Request], now: float, kind: type[Send]) -> Batch:
+    def _send(
+        self, view: WorkerView | None, requests: list[Request], now: float, kind: type[Send], copy_of: Batch | None = None
+    ) -> Batch:
         far = view is not None and self.compress_beyond is not None and view.link >= self.compress_beyond
         items = [self._packed(r) if far else r.item for r in requests]
-        batch = Batch(f"{self._prefix}-{next(self._ids)}", view, requests, items, sent_at=now, probe=kind is Probe)
+        batch = Batch(f"{self._prefix}-{next(self._ids)}", view, requests, items, sent_at=now, probe=kind is Probe, copy_of=copy_of)
         if not batch.probe:  # a probe never holds a request back from being queued again
             for r in requests:
                 r.carriers += 1
@@ -237,7 +230,7 @@ class Dispatcher:
             self.stats.request_done(ok, ns(now - r.arrival), ns(queue))
             if ok:
                 self.telemetry.request_served(now - r.arrival, queue, round_trip, compute)
-            r.done = True
+            self._settle(r)
             self._out.append(Answer(r, result, name, t.rows))
         self._pump(now)
 
@@ -259,6 +252,12 @@ class Dispatcher:
         self._release(batch)
         if not batch.probe:
             self.sent -= 1
+        if batch.copy_of is not None:  # a copy that never left: its original may be copied again
+            if batch.probe:
+                self.probes -= 1
+            else:
+                batch.copy_of.hedged = False
+                self.hedges -= 1
         for r in self._orphans(batch):  # a hedge's requests still run on the first try
             self.stats.rejected["unavailable"] += 1
             self._fail(r, Unavailable(f"cannot reach the scheduler: {e.reason}"))
@@ -275,9 +274,10 @@ class Dispatcher:
 
     @staticmethod
     def _orphans(batch: Batch) -> list[Request]:
-        """Requests not answered that no batch in flight carries any more: only these
-        may be failed or queued again (a hedged copy may still answer the rest)."""
-        return [r for r in batch.requests if not r.done and r.carriers == 0]
+        """Requests not answered that no batch in flight carries, nor the queue holds:
+        only these may be failed or queued again (a hedged copy may still answer the
+        rest, and a queued one will be sent again)."""
+        return [r for r in batch.requests if not r.done and r.carriers == 0 and r.state != QUEUED]
 
     def _abandon(self, batch: Batch, error: Exception, now: float) -> None:
         self._release(batch)
@@ -294,8 +294,14 @@ class Dispatcher:
 
     def _fail(self, r: Request, error: Exception) -> None:
         if not r.done:
-            r.done = True
+            self._settle(r)
             self._out.append(Fail(r, error))
+
+    def _settle(self, r: Request) -> None:
+        """Answered or failed for good: if it was queued again meanwhile (its batch was
+        re-sent while a probe carried it), it no longer needs to go out."""
+        r.done = True
+        self.queue.cancel(r)
 
     # -- the watchdog: hedges, stuck workers, deadlines in flight -------------------------
 
@@ -303,7 +309,7 @@ class Dispatcher:
         now = e.now
         for batch, target, live in watchdog.hedges(list(self.batches.values()), list(self.views.values()), now,
                                                     self.tuning, lambda: self.hedges + 1 <= self.hedge_budget * self.sent):  # fmt: skip
-            copy = self._send(target, live, now, Hedge)
+            copy = self._send(target, live, now, Hedge, copy_of=batch)
             batch.hedged = copy.hedged = True
             self.hedges += 1
             logger.info("hedging batch %s: %.0f ms on %s, past its expected finish; a copy goes to %s",
@@ -329,7 +335,7 @@ class Dispatcher:
             return
         for view, source, request in watchdog.probes(sent, list(self.views.values()), now, self.probe_after):
             view.probed_at = now
-            copy = self._send(view, [request], now, Probe)
+            copy = self._send(view, [request], now, Probe, copy_of=source)
             copy.hedged = True  # a probe is never hedged in turn
             self.probes += 1
             logger.debug("probing idle worker %s with a copy from batch %s", view.address, source.id)

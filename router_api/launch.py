@@ -35,7 +35,8 @@ SCHEDULER_PRELOAD = "scheduler_plugins.preload"
 WORKER_PRELOAD = "worker_setup.preload"
 
 
-RETRIES = 1_000_000  # a worker joined by token keeps trying to rejoin: ~a year at 30 s apart
+JOIN_ATTEMPTS = 8  # a round of attempts to join: 0, 1, 3, 7, 15, then 30 s apart
+SHORT_SESSION = 60.0  # a joined worker dropped sooner than this counts as a failed join
 
 
 class JoinFailed(OSError):
@@ -214,8 +215,11 @@ async def serve(settings: Settings, scheduler_address: str) -> None:
             await serve_until_signal(client, settings)
 
 
-async def serve_worker(address: str, name: str | None, security, contact: str | None) -> None:
-    """One Worker, from joining until it closes (it does when it loses its scheduler)."""
+async def serve_worker(address: str, name: str | None, security, contact: str | None, least: float = 0.0) -> None:
+    """One Worker, from joining until it closes (it does when it loses its scheduler). A
+    session shorter than ``least`` seconds counts as a failed join, so that a scheduler
+    that keeps dropping the worker is backed off from, not hammered."""
+    joined = asyncio.get_running_loop().time()
     try:
         worker = await Worker(
             address,
@@ -236,6 +240,8 @@ async def serve_worker(address: str, name: str | None, security, contact: str | 
         await worker.finished()
     finally:
         await worker.close()
+    if (lasted := asyncio.get_running_loop().time() - joined) < least:
+        raise JoinFailed(f"lost the scheduler at {address} {lasted:.0f} s after joining it; rejoining with back-off")
 
 
 async def run_worker(address: str | None, name: str | None, token: str | None = None, contact: str | None = None) -> None:
@@ -244,7 +250,7 @@ async def run_worker(address: str | None, name: str | None, token: str | None = 
 
     Dask workers do not reconnect: a worker that loses its scheduler closes. Joined
     with a token (a remote scheduler, through a tunnel that drops), this rejoins with a
-    fresh Worker, backing off with distributed's ``retry``, until it is told to stop.
+    fresh Worker until it is told to stop, backing off with distributed's ``retry``.
     """
     security = None
     if token:
@@ -259,7 +265,7 @@ async def run_worker(address: str | None, name: str | None, token: str | None = 
         raise SystemExit("give the scheduler's address (loopback) or --join TOKEN")
     dask.config.set(DASK_SETTINGS)
     if token:
-        join = partial(retry, partial(serve_worker, address, name, security, contact), count=RETRIES,
+        join = partial(retry, partial(serve_worker, address, name, security, contact, SHORT_SESSION), count=JOIN_ATTEMPTS,
                        delay_min=1.0, delay_max=30.0, retry_on_exceptions=(JoinFailed,), operation=f"joining {address}")  # fmt: skip
         work = asyncio.ensure_future(rejoin_forever(join, address))
     else:
@@ -279,6 +285,12 @@ async def run_worker(address: str | None, name: str | None, token: str | None = 
 
 
 async def rejoin_forever(join, address: str) -> None:
+    """A round of attempts at a time, each with its back-off; between rounds, the longest
+    wait. A worker that served a while rejoins at once when it is dropped."""
     while True:
-        await join()
-        logger.warning("lost the scheduler at %s; rejoining", address)
+        try:
+            await join()
+            logger.warning("lost the scheduler at %s; rejoining", address)
+        except JoinFailed as e:
+            logger.warning("%s; trying again in 30 s", e)
+            await asyncio.sleep(30.0)

@@ -35,11 +35,12 @@ class Telemetry:
         self.latency["transfer"].observe(max(0.0, round_trip_s - compute_s))
         self.latency["compute"].observe(compute_s)
 
-    def snapshot(self, dispatcher: Dispatcher, now: float = 0.0) -> dict:
+    def snapshot(self, dispatcher: Dispatcher, now: float | None = None) -> dict:
         """Everything the dashboard needs from this front end, cumulative where it can be
-        so that a lost update loses nothing but resolution."""
+        so that a lost update loses nothing but resolution. ``now`` is the dispatcher's
+        clock (the event loop's, ``time.monotonic``)."""
         stats, queue = dispatcher.stats, dispatcher.queue
-        weights = dispatcher.weights(now)
+        weights = dispatcher.weights(time.monotonic() if now is None else now)
         return {
             "time": time.time(),
             "clock": time.monotonic(),  # rates are measured on this clock: it never steps

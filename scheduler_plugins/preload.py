@@ -16,12 +16,13 @@ from scheduler_plugins.builtin_models import ensure_default_model
 from scheduler_plugins.dashboard import register
 from scheduler_plugins.plugin import BatchRouterPlugin
 
-# Dask imports a preload before it builds the dashboard: the pages must be known by then.
+# Dask imports a preload in the Scheduler's constructor, before it builds the dashboard
+# and its extensions: the pages must be known by then, and work stealing must be off.
 register()
+dask.config.set(DASK_SETTINGS)
 
 
 async def dask_setup(scheduler) -> None:
     settings = parse(dask.config.get("batch-router", None))  # a bad setting stops the scheduler here
-    dask.config.set(DASK_SETTINGS)  # for the streams opened from here on
     path = settings.model or str(await asyncio.to_thread(ensure_default_model))
     scheduler.add_plugin(BatchRouterPlugin(path, settings))

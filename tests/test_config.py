@@ -27,6 +27,8 @@ def test_overrides_arrive_the_ways_dask_gives_them():
     s = parse({"max-batch-size": 8, "placement": {"probe_after": "off"}, "worker": {"gpu_metrics": False}})
     assert s.max_batch_size == 8 and s.placement.probe_after is None
     assert s.worker.gpu_metrics == "off"  # YAML 1.1 reads a bare `off` as false
+    s = parse({"scheduler": {"public-address": ""}, "worker": {"intra-op-threads": None}})
+    assert s.scheduler.public_address is None and not s.worker.intra_op_threads  # unset, as before
 
 
 @pytest.mark.parametrize("tree, message", [
@@ -46,14 +48,14 @@ def test_a_bad_setting_is_an_error_naming_its_key(tree, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("text", ["0", "0ms", "500ms", "2s", "1.5s", "10m", "1h", "250us", "3 ms", "2"])
+@pytest.mark.parametrize("text", ["0", "0ms", "500ms", "2s", "1.5s", "10m", "1h", "2w", "250us", "3 ms", "2"])
 def test_durations_read_as_dask_reads_them(text):
     from dask.utils import parse_timedelta
 
     assert seconds(text) == pytest.approx(parse_timedelta(text, default="s"))
 
 
-@pytest.mark.parametrize("text", ["64MiB", "1GB", "512kB", "2GiB", "100", "1.5MB"])
+@pytest.mark.parametrize("text", ["64MiB", "1GB", "512kB", "2GiB", "100", "1.5MB", "64M", "64k", "64Mi"])
 def test_sizes_read_as_dask_reads_them(text):
     from dask.utils import parse_bytes
 

@@ -246,6 +246,14 @@ def test_a_slow_batch_is_hedged_to_the_other_worker_within_budget():
     assert sent(d.handle(Tick(0.02))) == []  # never twice
 
 
+def test_a_hedge_dask_would_not_take_can_be_tried_again():
+    d, r, first, copy = hedged()
+    assert failed(d.handle(NotSent(0.01, copy.id, "scheduler gone"))) == {}  # the first try still runs
+    assert not r.done and d.hedges == 0 and not first.hedged
+    (again,) = sent(d.handle(Tick(0.02)), Hedge)
+    assert again.requests == [r]
+
+
 def test_no_hedge_beyond_the_budget():
     d = dispatcher("A", "B", placement={"hedge-budget": 0.5, "hedge-min": 0})
     arrive(d, 0.0)
@@ -363,6 +371,15 @@ def test_when_the_first_tries_worker_dies_the_request_is_queued_again_despite_a_
     d.handle(WorkerLeft(60.1, "fast"))
     assert len(d.queue) == 1  # a probe carries nobody: queued again at once
     assert answered(reply(d, probe, 60.5))[r].worker == "slow"  # the probe's answer still serves it
+    assert len(d.queue) == 0  # and it need not go out again
+
+
+def test_a_lost_probe_never_fails_a_request_that_is_queued_again():
+    d = fast_and_stale()
+    r, first, probe = one_request(d)
+    d.views["slow"].window = d.views["fast"].window = 0
+    d.handle(WorkerLeft(60.1, "fast"))
+    assert failed(d.handle(Lost(60.2, probe.id, "error"))) == {} and not r.done and len(d.queue) == 1
 
 
 @pytest.mark.parametrize("settings, probes", [({}, 1), ({"placement": {"policy": "round-robin"}}, 0),

@@ -107,7 +107,7 @@ def run_batch(spec: BatchSpec) -> int:
     from distributed import get_worker
 
     worker = get_worker()
-    t0, started = time.perf_counter(), time.time()
+    t0 = time.perf_counter()
     try:
         model = current_model()
     except Exception as e:
@@ -125,6 +125,5 @@ def run_batch(spec: BatchSpec) -> int:
     # The time this batch held the worker: the front end learns each worker's service
     # time from it without waiting for a heartbeat.
     timings.service_s = time.perf_counter() - t0
-    timings.started, timings.finished = started, time.time()
     worker.log_event(spec.topic, BatchReply(spec.id, worker.address, results, timings).to_wire())
     return timings.rows

@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 import dask.config
-from distributed.utils_comm import retry_operation
+from distributed.utils_comm import retry
 
 from core.config import Settings, cache_dir, parse
 from core.heap import freeze_startup_heap
@@ -41,11 +41,12 @@ def image_layout(session: ModelSession) -> ImageLayout | None:
 
 
 async def model_info(worker) -> dict:
-    """The cluster's model, from the scheduler plugin. Through a tunnel the scheduler may
-    be unreachable for a while: ``retry_operation`` backs off and tries again for as
-    long as ``distributed.comm.retry`` says (set for tunnels by the join token)."""
+    """The cluster's model, from the scheduler plugin. The scheduler may be unreachable
+    for a while (a tunnel's outage, a restart): back off and try again for about ten
+    minutes, since Dask starts a worker whose preload failed, without a model."""
     try:
-        return await retry_operation(worker.scheduler.batch_router_model, operation="fetch the cluster's model")
+        return await retry(worker.scheduler.batch_router_model, count=24, delay_min=0.5, delay_max=30.0,
+                           retry_on_exceptions=(OSError,), operation="fetch the cluster's model")  # fmt: skip
     except OSError as e:
         raise RuntimeError(f"cannot reach the scheduler at {worker.scheduler.address}: {e}") from e
     except Exception as e:
@@ -62,7 +63,7 @@ async def dask_setup(worker) -> None:
     info = await model_info(worker)
     path = await ensure_model(worker.scheduler, info, cache_dir(settings))
     w = settings.worker
-    session = await asyncio.to_thread(ModelSession.load, str(path), w.device, w.intra_op_threads)
+    session = await asyncio.to_thread(ModelSession.load, str(path), w.device, w.intra_op_threads or 0)
     model = WorkerModel(session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session))
     if w.slowdown > 1 or w.batch_time > 0:
         model.session, model.slowdown = SlowDevice(session, w.slowdown, w.batch_time), w.slowdown
