@@ -70,7 +70,8 @@ def stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
             proc.wait()
 
 
-def spawn_router(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def spawn_router(args: argparse.Namespace, root: Path = ROOT) -> tuple[subprocess.Popen, str]:
+    """``batch-router up`` from the source tree ``root`` (this one unless comparing)."""
     port = free_port()
     # `python -m` from this tree, never a console script: that would run whichever copy
     # is installed, and there is none where the package is only on PYTHONPATH.
@@ -84,7 +85,7 @@ def spawn_router(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     log = tempfile.NamedTemporaryFile("w", prefix="batch-router-", suffix=".log", delete=False)
     print(f"spawning: {shlex.join(cmd)}\n  log: {log.name}", flush=True)
     # Own session: a terminal Ctrl-C reaches only us; we then stop the router ourselves.
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     log.close()
     url = f"http://127.0.0.1:{port}"

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from core.placement import POLICIES
+from core.placement import POLICIES, Tuning
 
 with Path(__file__).with_name("batch-router.yaml").open() as f:
     DEFAULTS: dict = yaml.safe_load(f)  # {"batch-router": {...}}, for dask.config.update_defaults
@@ -307,7 +307,14 @@ def _build(cls: type, tree: Any, where: str) -> Any:
     return cls(**values)
 
 
-# -- paths that follow from settings ---------------------------------------------------
+# -- what follows from settings ---------------------------------------------------------
+
+
+def placement_tuning(settings: Settings) -> Tuning:
+    """The placement policy's knobs, the same for the front end and the scheduler plugin."""
+    p = settings.placement
+    return Tuning(p.throttle_penalty, p.memory_headroom, p.error_penalty_window)
+
 
 
 def cache_dir(settings: Settings) -> Path:

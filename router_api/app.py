@@ -172,7 +172,7 @@ def make_app(router: Router) -> web.Application:
     )
 
 
-async def start_front_end(client, settings: Settings, host: str, port: int) -> tuple[Router, httpserver.HTTPServer]:
+async def start_front_end(client, settings: Settings) -> tuple[Router, httpserver.HTTPServer]:
     """Link a Dispatcher to the cluster behind ``client`` and listen for HTTP."""
     model = await client.scheduler.batch_router_model()
     link = ClusterLink(client, settings, model)
@@ -183,6 +183,7 @@ async def start_front_end(client, settings: Settings, host: str, port: int) -> t
     except Exception as e:  # an older plugin: the service runs, without the link
         logger.warning("the scheduler did not say where its dashboard is: %s", e)
     server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size)
+    host, port = settings.http.host, settings.http.port
     server.listen(port, address=host)
     logger.info("HTTP front end on http://%s:%d (model %s)", host, port, router.model_name)
     return router, server

@@ -16,8 +16,8 @@ import itertools
 import logging
 
 from core.codec import pack_item
-from core.config import Settings
-from core.placement import Tuning, current_weights, expected, make_policy
+from core.config import Settings, placement_tuning
+from core.placement import current_weights, expected, make_policy
 from core.protocol import Item, ItemError
 from core.worker_view import Flight, WorkerView, adaptive_window, apply_metrics, learn_from_reply
 from router_api import watchdog
@@ -56,7 +56,7 @@ class Dispatcher:
             starvation_limit=settings.starvation_limit,
         )
         p = settings.placement
-        self.tuning = Tuning(p.throttle_penalty, p.memory_headroom, p.error_penalty_window)
+        self.tuning = placement_tuning(settings)
         self.policy = make_policy(p.policy, self.tuning)
         self.overdue_factor, self.overdue_min = p.overdue_factor, p.overdue_min
         self.hedge_factor, self.hedge_min, self.hedge_budget = p.hedge_factor, p.hedge_min, p.hedge_budget
@@ -154,8 +154,8 @@ class Dispatcher:
             self._fail(r, DeadlineExceeded("request timeout expired while queued"))
         views = list(self.views.values())
         sent: list[Batch] = []
+        unplaced = sum(1 for b in self.batches.values() if b.view is None)  # dask-default's batches
         while self.queue.ready(now):
-            unplaced = sum(1 for b in self.batches.values() if b.view is None)
             placement = self.policy.place(views, self.queue.rows, self.queue.max_batch_size, now, unplaced)
             if placement is None:
                 break
@@ -163,6 +163,7 @@ class Dispatcher:
             if not requests:
                 break
             sent.append(self._send(placement.view, requests, now, Send))
+            unplaced += placement.view is None
         self._probe(sent, now)
 
     def _send(

@@ -84,7 +84,7 @@ async def serve_until_signal(client: Client, settings: Settings) -> None:
     from router_api.app import start_front_end
 
     host, port = settings.http.host, settings.http.port
-    router, server = await start_front_end(client, settings, host, port)
+    router, server = await start_front_end(client, settings)
     freeze_startup_heap("front end")
     print(f"batch-router: serving http://{host}:{port}/v2/models/{router.model_name}", flush=True)
     await wait_for_signal()

@@ -13,8 +13,8 @@ import time
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from core.config import Settings
-from core.placement import Tuning, make_policy, weights
+from core.config import Settings, placement_tuning
+from core.placement import make_policy, weights
 from core.protocol import API_PREFIXES, EXTENSION, STATE_TOPIC, WORKERS_TOPIC
 from core.worker_view import Flight, WorkerView, apply_metrics
 from scheduler_plugins.builtin_models import default_name
@@ -51,9 +51,8 @@ class BatchRouterPlugin(SchedulerPlugin):
         # left before an event from one taken after it.
         self.version = 0
         self.views: dict[str, WorkerView] = {}  # for placing Python-API tasks
-        p = settings.placement
-        self.tuning = Tuning(p.throttle_penalty, p.memory_headroom, p.error_penalty_window)
-        self.policy = make_policy(p.policy, self.tuning)
+        self.tuning = placement_tuning(settings)
+        self.policy = make_policy(settings.placement.policy, self.tuning)
         self._publisher = None
         # A front end silent for a few of its reporting intervals is gone.
         self.history = History(settings.dashboard.history, max(5.0, 4 * settings.dashboard.interval), settings.priority_levels)

@@ -16,37 +16,18 @@ import argparse
 import asyncio
 import json
 import re
-import signal
 import statistics
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from benchmarks.http_client import Connection
-from benchmarks.servers import ROOT, free_port
+from benchmarks.servers import ROOT, spawn_router, stop
 
 PHASES = ("request", "queue", "transfer", "compute")
-
-
-def start(tree: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "router_api.cli", "up", "--workers", "1", "--threads", "2", "--port", str(port),
-           "--scheduler-port", str(free_port()), "--dashboard-port", str(free_port())]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    for _ in range(480):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/workers", timeout=2) as r:
-                if json.load(r)["workers"]:
-                    return proc, port
-        except OSError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise SystemExit(f"batch-router up from {tree} did not become ready")
 
 
 def phase_sums(port: int) -> dict[str, tuple[float, float]]:
@@ -77,15 +58,16 @@ async def send(port: int, n: int) -> list[float]:
 
 
 def one_round(tree: Path, requests: int) -> dict:
-    proc, port = start(tree)
+    router = SimpleNamespace(model_path=None, model="resnet50", spawn_args="--workers 1 --threads 2")
+    proc, url = spawn_router(router, tree)
+    port = int(url.rsplit(":", 1)[1])
     try:
         asyncio.run(send(port, 30))  # warm-up
         before = phase_sums(port)
         latencies = asyncio.run(send(port, requests))
         after = phase_sums(port)
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        stop(proc)
     means = {p: 1e3 * (after[p][0] - before[p][0]) / max(1.0, after[p][1] - before[p][1]) for p in PHASES}
     return {"tree": str(tree), "client_p50_ms": 1e3 * statistics.median(latencies), "client_mean_ms": 1e3 * statistics.fmean(latencies),
             **{f"{p}_ms": v for p, v in means.items()}}  # fmt: skip
