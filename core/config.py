@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from core.buckets import check_buckets
 from core.placement import POLICIES, Tuning
 
 with Path(__file__).with_name("batch-router.yaml").open() as f:
@@ -44,6 +45,10 @@ TUNNEL_SETTINGS = {
     "distributed.scheduler.worker-ttl": "60s",
     "distributed.comm.timeouts.connect": "60s",
 }
+
+
+PRECISIONS = ("fp32", "fp16")
+CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
 
 class ConfigError(ValueError):
@@ -169,6 +174,22 @@ class Device(Kind):
         raise ValueError(f"{value!r} is neither a device index nor a UUID")
 
 
+@dataclass(frozen=True)
+class IntList(Kind):
+    def check(self, value: Any) -> tuple[int, ...]:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{value!r} is not a list of integers")
+        return tuple(value)
+
+
+@dataclass(frozen=True)
+class Flag(Kind):
+    def check(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not true or false")
+        return value
+
+
 def key(kind: Kind) -> Any:
     return field(metadata={"kind": kind})
 
@@ -223,6 +244,24 @@ class Tls:
 
 
 @dataclass(frozen=True)
+class Batching:
+    buckets: tuple[int, ...] | None = key(IntList(nullable=True))  # checked against max-batch-size by parse
+
+
+@dataclass(frozen=True)
+class Cuda:
+    """ONNX Runtime CUDA execution provider options, named as ORT's documentation does."""
+
+    cudnn_conv_algo_search: str = key(Choice(values=CONV_ALGO_SEARCH))
+    cudnn_conv_use_max_workspace: bool = key(Flag())
+    use_tf32: bool = key(Flag())
+    prefer_nhwc: bool = key(Flag())
+    arena_extend_strategy: str = key(Choice(values=("kNextPowerOfTwo", "kSameAsRequested")))
+    gpu_mem_limit: int | None = key(Size(nullable=True))
+    graphs: bool = key(Flag())  # enable_cuda_graph, one graph per bucket (gpu_graph_id)
+
+
+@dataclass(frozen=True)
 class Worker:
     count: int = key(Int())
     device: str = key(Choice(values=("auto", "cpu", "cuda")))
@@ -233,6 +272,10 @@ class Worker:
     metrics_interval: float = key(Duration())
     slowdown: float = key(Number(minimum=1.0))
     batch_time: float = key(Duration())
+    precision: str = key(Choice(values=PRECISIONS))
+    io_binding: bool = key(Flag())
+    warmup_cpu_max_rows: int = key(Int())
+    cuda: Cuda = section(Cuda)
 
 
 @dataclass(frozen=True)
@@ -252,6 +295,7 @@ class Settings:
     default_timeout: float = key(Duration())
     starvation_limit: float = key(Duration())
     retry_after: int = key(Int())
+    batching: Batching = section(Batching)
     placement: Placement = section(Placement)
     http: Http = section(Http)
     scheduler: Scheduler = section(Scheduler)
@@ -270,6 +314,16 @@ def parse(tree: Mapping | None = None) -> Settings:
     if settings.default_priority_level > settings.priority_levels:
         raise ConfigError(f"batch-router.default-priority-level: {settings.default_priority_level} "
                           f"exceeds priority-levels ({settings.priority_levels})")  # fmt: skip
+    try:
+        check_buckets(settings.batching.buckets, settings.max_batch_size)
+    except ValueError as e:
+        raise ConfigError(f"batch-router.batching.buckets: {e}") from None
+    if settings.worker.precision == "fp16" and settings.worker.device == "cpu":
+        raise ConfigError("batch-router.worker.precision: fp16 needs a CUDA device; ONNX Runtime's CPU provider "
+                          "runs an fp16 model in fp32 (no faster, measured), so there fp16 only adds error: use fp32")
+    if settings.worker.cuda.graphs and not settings.worker.io_binding:
+        raise ConfigError("batch-router.worker.cuda.graphs: CUDA graphs replay fixed device buffers, so they need "
+                          "worker.io-binding: true")
     return settings
 
 
@@ -315,6 +369,11 @@ def placement_tuning(settings: Settings) -> Tuning:
     p = settings.placement
     return Tuning(p.throttle_penalty, p.memory_headroom, p.error_penalty_window)
 
+
+
+def buckets(settings: Settings) -> tuple[int, ...]:
+    """The cluster's batch shapes (see ``core.buckets``)."""
+    return check_buckets(settings.batching.buckets, settings.max_batch_size)
 
 
 def cache_dir(settings: Settings) -> Path:

@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from core.buckets import bucket_for, floor_bucket
 from core.worker_view import WorkerView
 
 POLICIES = ("gpu-aware", "round-robin", "least-loaded", "dask-default", "seed-score")
@@ -117,6 +118,22 @@ def _even_split(views: list[WorkerView], queued_rows: int, max_batch: int) -> in
     worker while another idles (closed-loop clients arrive in waves)."""
     free = sum(max(0, v.window - v.in_flight) for v in views)
     return max(1, min(max_batch, -(-queued_rows // max(1, free))))
+
+
+def bucket_rows(view: WorkerView | None, rows: int, buckets: tuple[int, ...]) -> int:
+    """The rows a batch placed for ``rows`` should take, knowing it runs padded to a
+    bucket: cut to the bucket below (all real work), or kept and padded up, whichever
+    this worker's curve says serves more rows a second. On a GPU a few rows cost about
+    what one does, so small batches are padded; on a CPU time grows with rows, so
+    they are cut. A bucket not measured yet is padded to, which measures it (workers
+    report their warm-up times, so that is rare)."""
+    if not buckets or view is None:
+        return rows
+    lo, hi = floor_bucket(rows, buckets), bucket_for(rows, buckets)
+    if lo >= rows or hi not in view.service.points:
+        return rows
+    t_lo, t_hi = view.service.estimate(lo), view.service.estimate(hi)
+    return rows if t_lo and t_hi and rows / t_hi > lo / t_lo else lo
 
 
 def _cap(view: WorkerView, rows: int, tuning: Tuning) -> int:

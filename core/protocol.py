@@ -121,6 +121,7 @@ class Timings:
     infer_ns: int = 0  # ONNX Runtime
     output_ns: int = 0  # cutting the outputs per item
     service_s: float | None = None  # how long the batch held the worker, all included
+    padded: int = 0  # rows of padding run beside ``rows`` to fill the batch's bucket
 
 
 @dataclass
@@ -135,7 +136,7 @@ class BatchReply:
         return {
             "id": self.id,
             "worker": self.worker,
-            "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s],
+            "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s, t.padded],
             "results": [_result_to_wire(r) for r in self.results],
         }
 

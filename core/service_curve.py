@@ -1,18 +1,22 @@
 """How long a worker takes for a batch of n rows, learned from the batches it ran.
 
 GPUs are much faster per row at large batches and CPUs are not, so one rows/s figure
-would misplace either; the curve keeps one estimate per power-of-two batch size and
-interpolates between them.
+would misplace either; the curve keeps one estimate per bucket (``core.buckets``: the
+sizes batches are padded to; powers of two unless a cluster sets its own) and reads a
+batch's time at its bucket, since a padded batch costs what a full one does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.buckets import bucket_for
 
-def bucket(rows: int) -> int:
-    """The power of two at or above ``rows``: batches of 5..8 rows share one estimate."""
-    return 1 << max(0, int(rows) - 1).bit_length()
+
+def bucket(rows: int, buckets: tuple[int, ...] = ()) -> int:
+    """The bucket a batch of ``rows`` runs at: the power of two at or above it when no
+    bucket set is known, so batches of 5..8 rows share one estimate."""
+    return bucket_for(rows, buckets) if buckets else 1 << max(0, int(rows) - 1).bit_length()
 
 
 @dataclass
@@ -35,6 +39,7 @@ class ServiceCurve:
     points: dict[int, float] = field(default_factory=dict)
     observed: set[int] = field(default_factory=set)  # buckets measured here, not adopted
     updated: float | None = None  # clock of the last observation
+    buckets: tuple[int, ...] = ()  # the cluster's batch shapes, once known
 
     def confidence(self, now: float | None) -> float:
         if now is None or self.updated is None:
@@ -45,7 +50,7 @@ class ServiceCurve:
     def observe(self, rows: int, seconds: float, now: float | None = None) -> None:
         if rows <= 0 or seconds < 0:
             return
-        b = bucket(rows)
+        b = bucket(rows, self.buckets)
         self.observed.add(b)
         # Scale to the bucket's size so a 5-row batch informs the 8-row estimate.
         scaled = seconds * b / rows if rows < b else seconds
@@ -89,6 +94,8 @@ class ServiceCurve:
         """
         if not self.points:
             return None
+        if self.buckets:  # padded up: it costs its bucket
+            rows = bucket_for(rows, self.buckets)
         trust = self.floor + (1 - self.floor) * self.confidence(now)
         sizes = sorted(self.points)
         if rows <= sizes[0]:

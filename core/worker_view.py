@@ -79,11 +79,12 @@ class WorkerView:
 
 
 def learn_from_reply(
-    view: WorkerView, sent: int, ran: int, service_s: float | None, failed: bool, round_trip: float, alone: bool, now: float
+    view: WorkerView, sent: int, ran: int, service_s: float | None, failed: bool, round_trip: float, alone: bool, now: float,
+    padded: int = 0,
 ) -> None:
     """A reply proves the worker alive and says how long the batch (``sent`` rows, of
-    which ``ran`` decoded and ran) really took; the rest of a round trip with nothing
-    queued ahead of it is per-batch overhead."""
+    which ``ran`` decoded and ran beside ``padded`` rows of padding) really took; the
+    rest of a round trip with nothing queued ahead of it is per-batch overhead."""
     view.responsive = True
     view.batches += 1
     view.rows += sent
@@ -91,7 +92,7 @@ def learn_from_reply(
         view.errors.append(now)
     if service_s is None or not ran:
         return
-    view.service.observe(ran, service_s, now)
+    view.service.observe(ran + padded, service_s, now)
     if alone:
         extra = max(0.0, round_trip - service_s)
         view.overhead = extra if not view.overhead else view.overhead + 0.3 * (extra - view.overhead)

@@ -96,7 +96,10 @@ class Router:
         """One entry per worker: what it is, what it is doing, and how placement sees it.
         Startup info and metrics carry no secrets (no tokens, no keys)."""
         d = self.dispatcher
-        keys = ("device", "providers", "requested_providers", "cuda_fallback", "threads", "sha256")
+        # options: ONNX Runtime's CUDA provider options as the session reports them, and
+        # io_binding; warmup: each bucket's first and steady run, timed before it joined.
+        keys = ("device", "providers", "requested_providers", "cuda_fallback", "threads", "sha256", "precision", "buckets",
+                "options", "cuda_graphs", "warmup")  # fmt: skip
         now = self.link.now
         shares = d.weights(now)
         return [
@@ -113,6 +116,7 @@ class Router:
                 "rows_in_flight": v.rows_in_flight,
                 "batches": v.batches,
                 "rows": v.rows,
+                "padded_rows": v.reported.get("padded_rows"),
                 "service_s": v.service.as_dict(),
                 "overhead_s": round(v.overhead, 6),
                 "link_s": round(v.link, 6),

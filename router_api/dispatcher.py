@@ -17,7 +17,8 @@ import logging
 
 from core.codec import pack_item
 from core.config import Settings, placement_tuning
-from core.placement import current_weights, expected, make_policy
+from core.buckets import default_buckets, model_buckets
+from core.placement import bucket_rows, current_weights, expected, make_policy
 from core.protocol import Item, ItemError
 from core.worker_view import Flight, WorkerView, adaptive_window, apply_metrics, learn_from_reply
 from router_api import watchdog
@@ -48,6 +49,8 @@ class Dispatcher:
         shape = model["inputs"][0]["shape"]
         batch_dim = shape[0] if shape else -1
         most = min(settings.max_batch_size, batch_dim) if batch_dim > 0 else settings.max_batch_size
+        # The cluster's batch shapes (its scheduler's setting): workers pad to them.
+        self.buckets = model_buckets(shape[0] if shape else None, tuple(model.get("buckets") or default_buckets(most)))
         self.queue = BatchQueue(
             max_batch_size=most,
             max_queue_size=settings.max_queue_size,
@@ -159,7 +162,8 @@ class Dispatcher:
             placement = self.policy.place(views, self.queue.rows, self.queue.max_batch_size, now, unplaced)
             if placement is None:
                 break
-            requests = self.queue.take(now, max_rows=placement.rows, skip=placement.skip)
+            rows = bucket_rows(placement.view, placement.rows, self.buckets)
+            requests = self.queue.take(now, max_rows=rows, skip=placement.skip)
             if not requests:
                 break
             sent.append(self._send(placement.view, requests, now, Send))
@@ -212,13 +216,13 @@ class Dispatcher:
         self._release(batch)
         if view is not None:
             failed = any(isinstance(r, ItemError) and r.status >= 500 for r in reply.results)
-            learn_from_reply(view, batch.rows, t.rows, t.service_s, failed, now - batch.sent_at, batch.alone, now)
+            learn_from_reply(view, batch.rows, t.rows, t.service_s, failed, now - batch.sent_at, batch.alone, now, t.padded)
             view.window = adaptive_window(view, self.window, self.max_window, max(1, view.rows // max(1, view.batches)))
         # Triton's counts are of requests served: a copy that lost the race ran, but
         # answered nobody, so it is not counted again.
         served = [r for r, res in zip(batch.requests, reply.results) if not r.done and not isinstance(res, ItemError)]
         if t.rows and served:
-            self.stats.batch_done(t.rows, sum(r.rows for r in served), len(served), t.input_ns, t.infer_ns, t.output_ns)
+            self.stats.batch_done(t.rows, sum(r.rows for r in served), len(served), t.input_ns, t.infer_ns, t.output_ns, t.padded)
         name = view.name if view is not None and view.name else reply.worker
         round_trip, compute = now - batch.sent_at, t.service_s or 0.0
         for r, result in zip(batch.requests, reply.results):
@@ -374,7 +378,8 @@ class Dispatcher:
             return
         view = self.views.get(info["address"])
         if view is None:
-            self.views[info["address"]] = WorkerView(info["address"], info.get("name", ""), self.window, info)
+            view = self.views[info["address"]] = WorkerView(info["address"], info.get("name", ""), self.window, info)
+            view.service.buckets = self.buckets
             logger.info("worker %s joined (%s, %s)", info["address"], info.get("device"), info.get("providers"))
         else:
             view.info = info

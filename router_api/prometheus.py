@@ -99,6 +99,8 @@ class RouterCollector(Collector):
                    "shutting down), CANCELED client went away, BACKEND failed on a worker", failures),
             family(CounterMetricFamily, "nv_inference_count", "Inferences performed (a batch of n counts n)", [(model, s.inference_count)]),
             family(CounterMetricFamily, "nv_inference_exec_count", "Batches executed", [(model, s.execution_count)]),
+            family(CounterMetricFamily, "batch_router_padded_rows", "Rows of padding run to fill batches up to their "
+                   "bucket (nv_inference_count counts only real rows)", [(model, s.padded_count)]),
             family(GaugeMetricFamily, "nv_inference_pending_request_count", "Requests waiting in the front end's queue",
                    [(model, sum(snap["queue"]["levels"]))]),
         ]  # fmt: skip

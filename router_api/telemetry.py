@@ -51,6 +51,7 @@ class Telemetry:
             "rejected": dict(stats.rejected),
             "responses": {str(code): n for code, n in self.responses.items()},
             "rows": stats.inference_count,
+            "padded_rows": stats.padded_count,
             "batches": stats.execution_count,
             "batch_sizes": {str(size): d["compute_infer"][0] for size, d in stats.batch.items()},
             "latency": {phase: h.snapshot() for phase, h in self.latency.items()},

@@ -16,6 +16,7 @@ class ModelStats:
         self.durations = {f: [0, 0] for f in FIELDS}  # field -> [count, ns]
         self.batch = defaultdict(lambda: {f: [0, 0] for f in ("compute_input", "compute_infer", "compute_output")})
         self.inference_count = 0  # rows
+        self.padded_count = 0  # rows of padding run to fill batches up to their bucket
         self.execution_count = 0  # batches
         self.last_inference_ms = 0
         self.rejected = defaultdict(int)  # reason -> count (queue_full, timeout, cancelled, unavailable)
@@ -30,11 +31,16 @@ class ModelStats:
         if ok:
             self._add("queue", queue_ns)
 
-    def batch_done(self, size: int, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+    def batch_done(
+        self, size: int, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int, padded: int = 0
+    ) -> None:
         """One batch of ``size`` rows run, serving ``requests`` requests (``rows`` rows)
-        successfully. As in Triton, each request's compute took the whole batch's time;
-        ``batch_stats`` counts the batch once, by the size that ran."""
+        successfully, plus ``padded`` rows of padding. As in Triton, each request's
+        compute took the whole batch's time; ``batch_stats`` counts the batch once, by
+        the size that ran: its bucket."""
         self.inference_count += rows
+        self.padded_count += padded
+        size += padded
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)
         for field, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
@@ -53,6 +59,7 @@ class ModelStats:
             "last_inference": self.last_inference_ms,
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
+            "padded_count": self.padded_count,  # not Triton's: rows of padding, beside inference_count's real rows
             "inference_stats": {f: stat(d) for f, d in self.durations.items()},
             "batch_stats": [
                 {"batch_size": size, **{f: stat(d) for f, d in fields.items()}}

@@ -13,7 +13,7 @@ import time
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from core.config import Settings, placement_tuning
+from core.config import Settings, buckets, placement_tuning
 from core.placement import make_policy, weights
 from core.protocol import API_PREFIXES, EXTENSION, STATE_TOPIC, WORKERS_TOPIC
 from core.worker_view import Flight, WorkerView, apply_metrics
@@ -45,6 +45,10 @@ class BatchRouterPlugin(SchedulerPlugin):
         self.model_name = settings.model_name or default_name(model_path)
         self.model: ModelFile | None = None
         self.scheduler = None
+        # The cluster's batch shapes and precision: every worker and front end takes them
+        # from here, so a remote worker configured otherwise cannot disagree.
+        self.buckets = buckets(settings)
+        self.precision = settings.worker.precision
         self.interval = settings.batched_send_interval
         self.publish_every = settings.worker.metrics_interval or 0.5
         # Bumped on every membership event, so a front end can tell a snapshot that
@@ -125,7 +129,7 @@ class BatchRouterPlugin(SchedulerPlugin):
     # -- RPC handlers ------------------------------------------------------------
 
     def model_info(self) -> dict:
-        return self.model.describe()
+        return {**self.model.describe(), "buckets": list(self.buckets), "precision": self.precision}
 
     def model_chunk(self, offset: int) -> bytes:
         return self.model.read_chunk(int(offset))

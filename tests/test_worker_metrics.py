@@ -340,7 +340,7 @@ def test_metric_has_the_documented_schema():
     assert m["simulated"] is True and m["slowdown"] == 2.0 and m["errors"] == []
     assert m["gpu"]["source"] == "simulated"
     assert set(m["stats"]) == {
-        "batches", "rows", "errors", "in_flight", "rows_in_flight", "busy_s", "service", "rows_per_s", "memory_per_row"
+        "batches", "rows", "padded_rows", "errors", "in_flight", "rows_in_flight", "busy_s", "service", "rows_per_s", "memory_per_row"
     }  # fmt: skip
     msgpack.packb(m)
     plain = worker_metric(fake_model(), None, ErrorLog())(None)
@@ -368,6 +368,9 @@ def test_a_failing_metric_reaches_the_scheduler_as_an_error_and_is_logged(caplog
 def test_describe_carries_gpu_info_and_stays_msgpack_friendly():
     class S:
         device, providers, requested, cuda_fallback, threads = "cpu", ["CPUExecutionProvider"], ["CPUExecutionProvider"], False, 1
+
+        def describe(self):
+            return {"options": {"io_binding": True}, "cuda_graphs": False, "warmup": [{"bucket": 1, "first_ms": 3.0, "steady_ms": 3.0}]}
 
     info = {"source": "simulated", "index": None, "name": "Simulated GPU (not a real device)", "uuid": "SIM-1"}
     d = WorkerModel(session=S(), name="m", sha256="x", layout=None, slowdown=4.0, gpu=info).describe()  # type: ignore[arg-type]

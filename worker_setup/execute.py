@@ -1,4 +1,5 @@
-"""The Dask task that runs one batch: decode, stack, run once, cut per request, reply.
+"""The Dask task that runs one batch: decode, stack, pad to its bucket, run, cut per
+request, reply.
 
 A batch mixes requests from many clients, so everything is per item: an undecodable
 image fails its own item and never the others, and each item gets exactly its rows back.
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from core.buckets import Chunk, chunks
 from core.codec import unpack_input
 from core.protocol import BatchReply, BatchSpec, ImageItem, Item, ItemError, Output, Result, Tensors, Timings, TopK
 from worker_setup.preprocess import ImageError, image_to_row
@@ -42,6 +45,61 @@ def _item_inputs(model: WorkerModel, item: Item) -> dict[str, np.ndarray]:
     return {t.name: np.frombuffer(unpack_input(item, t.name), dtype=t.dtype).reshape(item.shapes[t.name]) for t in inputs}
 
 
+def _decode(model: WorkerModel, item: Item) -> dict[str, np.ndarray] | ItemError:
+    try:
+        return _item_inputs(model, item)
+    except ImageError as e:
+        return ItemError(str(e), 400)
+    except Exception as e:  # a malformed item fails alone, whatever went wrong
+        return ItemError(f"bad input: {e}", 400)
+
+
+_decoders: ThreadPoolExecutor | None = None
+
+
+def decode_all(model: WorkerModel, items: list[Item]) -> list[dict[str, np.ndarray] | ItemError]:
+    """Every item's rows. JPEG decoding and resizing release the GIL, so a batch of
+    images decodes on as many threads as the session has: at GPU rates one thread
+    could not keep up."""
+    global _decoders
+    images = sum(1 for item in items if isinstance(item, ImageItem))
+    if images < 2 or model.session.threads < 2:
+        return [_decode(model, item) for item in items]
+    if _decoders is None:
+        _decoders = ThreadPoolExecutor(model.session.threads, thread_name_prefix="batch-router-decode")
+    return list(_decoders.map(lambda item: _decode(model, item), items))
+
+
+def stack(rows: list[np.ndarray], size: int) -> np.ndarray:
+    """``rows`` stacked, then zeros up to ``size`` rows, written once."""
+    n = sum(len(r) for r in rows)
+    if n == size and len(rows) == 1:
+        return rows[0]
+    out = np.empty((size,) + rows[0].shape[1:], dtype=rows[0].dtype)
+    np.concatenate(rows, out=out[:n])
+    out[n:] = 0
+    return out
+
+
+def run_padded(model: WorkerModel, parts: list[dict[str, np.ndarray]], names: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """Run the stacked ``parts`` at bucket shapes only; outputs of the real rows, and how
+    many rows of padding ran. Padding rows are zeros and are cut off before anyone
+    sees them; a batch larger than the largest bucket runs as several."""
+    first = next(iter(parts[0]))
+    n = sum(len(p[first]) for p in parts)
+    plan = chunks(n, model.buckets) if model.buckets else [Chunk(0, n, n)]
+    if len(plan) == 1:
+        feeds = {name: stack([p[name] for p in parts], plan[0].bucket) for name in parts[0]}
+        outputs = model.session.run(feeds, names)
+        return {name: out[:n] for name, out in zip(names, outputs)}, plan[0].bucket - n
+    whole = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    pieces: list[list[np.ndarray]] = []
+    for c in plan:
+        feeds = {name: stack([rows[c.start : c.start + c.rows]], c.bucket) for name, rows in whole.items()}
+        pieces.append([out[: c.rows] for out in model.session.run(feeds, names)])
+    return {name: np.concatenate([p[i] for p in pieces]) for i, name in enumerate(names)}, sum(c.bucket - c.rows for c in plan)
+
+
 def execute_items(model: WorkerModel, items: list[Item]) -> tuple[list[Result], Timings]:
     """Run one batch; returns a result per item, and timings.
 
@@ -51,28 +109,19 @@ def execute_items(model: WorkerModel, items: list[Item]) -> tuple[list[Result], 
     t0 = time.perf_counter_ns()
     results: list[Result | None] = [None] * len(items)
     groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
-    for i, item in enumerate(items):
-        try:
-            feeds = _item_inputs(model, item)
-        except ImageError as e:
-            results[i] = ItemError(str(e), 400)
-            continue
-        except Exception as e:  # a malformed item fails alone, whatever went wrong
-            results[i] = ItemError(f"bad input: {e}", 400)
+    for i, feeds in enumerate(decode_all(model, items)):
+        if isinstance(feeds, ItemError):
+            results[i] = feeds
             continue
         key = tuple((name, arr.shape[1:]) for name, arr in feeds.items())
         groups.setdefault(key, []).append((i, feeds))
     t1 = time.perf_counter_ns()
-    infer_ns, rows = 0, 0
+    infer_ns, rows, padded = 0, 0, 0
     names = [t.name for t in model.session.outputs]
     for members in groups.values():
-        feeds = {
-            name: np.concatenate([f[name] for _, f in members]) if len(members) > 1 else members[0][1][name]
-            for name in members[0][1]
-        }
         t = time.perf_counter_ns()
         try:
-            outputs = dict(zip(names, model.session.run(feeds, names)))
+            outputs, pad = run_padded(model, [f for _, f in members], names)
         except Exception as e:  # this group fails, visibly; other groups still run
             logger.exception("inference failed")
             for i, _ in members:
@@ -85,8 +134,10 @@ def execute_items(model: WorkerModel, items: list[Item]) -> tuple[list[Result], 
             results[i] = _cut(items[i], outputs, start, n)
             start += n
         rows += start
+        padded += pad
     t3 = time.perf_counter_ns()
-    return results, Timings(rows=rows, input_ns=t1 - t0, infer_ns=infer_ns, output_ns=t3 - t1 - infer_ns)  # type: ignore[return-value]
+    timings = Timings(rows=rows, input_ns=t1 - t0, infer_ns=infer_ns, output_ns=t3 - t1 - infer_ns, padded=padded)
+    return results, timings  # type: ignore[return-value]
 
 
 def _cut(item: Item, outputs: dict[str, np.ndarray], start: int, n: int) -> Result:
@@ -121,7 +172,7 @@ def run_batch(spec: BatchSpec) -> int:
             logger.exception("batch %s failed", spec.id)
             results, timings = [ItemError(f"inference failed on {worker.address}: {e}", 500)] * len(spec.items), Timings()
         errors = sum(1 for r in results if isinstance(r, ItemError))
-        model.stats.finished(timings.rows, time.perf_counter() - t0, errors, planned)
+        model.stats.finished(timings.rows, time.perf_counter() - t0, errors, planned, timings.padded)
     # The time this batch held the worker: the front end learns each worker's service
     # time from it without waiting for a heartbeat.
     timings.service_s = time.perf_counter() - t0

@@ -13,12 +13,14 @@ import logging
 import dask.config
 from distributed.utils_comm import retry
 
+from core.buckets import default_buckets, model_buckets
 from core.config import Settings, cache_dir, parse
 from core.heap import freeze_startup_heap
 from core.protocol import EXTENSION
 from worker_setup.gpu import open_source
 from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
 from worker_setup.model_cache import ensure_model
+from worker_setup.precision import ensure_fp16
 from worker_setup.preprocess import ImageLayout
 from worker_setup.worker_model import WorkerModel
 from worker_setup.session import ModelSession
@@ -63,16 +65,49 @@ async def dask_setup(worker) -> None:
     info = await model_info(worker)
     path = await ensure_model(worker.scheduler, info, cache_dir(settings))
     w = settings.worker
-    session = await asyncio.to_thread(ModelSession.load, str(path), w.device, w.intra_op_threads or 0)
-    model = WorkerModel(session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session))
+    precision = info.get("precision", "fp32")  # the cluster's, from its scheduler
+    if precision == "fp16":
+        path, _ = await asyncio.to_thread(ensure_fp16, path, info["sha256"], cache_dir(settings))
+    session = await asyncio.to_thread(ModelSession.load, str(path), w.device, w.intra_op_threads or 0, w.cuda, w.io_binding)
+    if precision == "fp16" and session.device != "cuda":
+        raise RuntimeError(f"this cluster serves fp16, which needs CUDA, but ONNX Runtime runs this worker on "
+                           f"{session.device} (providers {session.providers}): not joining")  # fmt: skip
+    shapes = model_buckets(batch_dimension(session), tuple(info.get("buckets") or default_buckets(settings.max_batch_size)))
+    model = WorkerModel(session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session),
+                        buckets=shapes, precision=precision)  # fmt: skip
     if w.slowdown > 1 or w.batch_time > 0:
         model.session, model.slowdown = SlowDevice(session, w.slowdown, w.batch_time), w.slowdown
         logger.warning("benchmark knob: this worker's session runs %gx slower, at least %g s a run", w.slowdown, w.batch_time)
+    # Every bucket runs before the worker registers: the scheduler, and so every front
+    # end's /v2/health/ready, sees only warm workers, and their curves start measured.
+    table = await asyncio.to_thread(session.warm_up, shapes, w.warmup_cpu_max_rows, model.session)
+    model.stats.service.buckets = shapes
+    for row in table:
+        if "steady_ms" in row:
+            model.stats.service.points[row["bucket"]] = row["steady_ms"] / 1e3
+    logger.info("warm-up on %s (%s): %s", session.device, precision, warmup_line(table))
     worker.extensions[EXTENSION] = model
     await start_metrics(worker, model, settings)
     worker.startup_information[EXTENSION] = lambda w: model.describe()
     logger.info("batch-router worker ready: %s", model.describe())
     freeze_startup_heap("worker")
+
+
+def batch_dimension(session: ModelSession) -> int | None:
+    """The first input's batch dimension: -1 if dynamic, N if fixed, None if it has none."""
+    shape = session.inputs[0].shape if session.inputs else ()
+    return shape[0] if shape else None
+
+
+def warmup_line(table: list[dict]) -> str:
+    """The warm-up table as one log line: ``8: 120.3 -> 2.7 ms`` per bucket."""
+    parts = []
+    for row in table:
+        if "skipped" in row:
+            parts.append(f"{row['bucket']}: not warmed on cpu")
+        else:
+            parts.append(f"{row['bucket']}: {row['first_ms']:.1f} -> {row['steady_ms']:.1f} ms")
+    return ", ".join(parts)
 
 
 async def start_metrics(worker, model: WorkerModel, settings: Settings) -> None:

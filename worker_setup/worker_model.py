@@ -30,6 +30,7 @@ class InferenceStats:
 
     batches: int = 0
     rows: int = 0
+    padded: int = 0  # rows of zeros run to fill batches up to their bucket
     errors: int = 0
     in_flight: int = 0
     rows_in_flight: int = 0
@@ -52,8 +53,9 @@ class InferenceStats:
             self.rows_in_flight += rows
             self._max_rows_in_flight = max(self._max_rows_in_flight, self.rows_in_flight)
 
-    def finished(self, rows: int, seconds: float, errors: int, started_rows: int = 0) -> None:
-        """The batch ``started(started_rows)`` announced ran ``rows`` rows in ``seconds``."""
+    def finished(self, rows: int, seconds: float, errors: int, started_rows: int = 0, padded: int = 0) -> None:
+        """The batch ``started(started_rows)`` announced ran ``rows`` rows, and ``padded``
+        rows of padding, in ``seconds``: its cost is that of its bucket."""
         with self._lock:
             self.in_flight -= 1
             self.rows_in_flight -= started_rows
@@ -62,9 +64,10 @@ class InferenceStats:
                 self._busy_since = None
             self.batches += 1
             self.rows += rows
+            self.padded += padded
             self.errors += errors
             self.recent.append((rows, seconds))
-            self.service.observe(rows, seconds)
+            self.service.observe(rows + padded, seconds)
 
     def busy_seconds(self) -> float:
         """Wall time during which at least one batch was running, the open interval
@@ -104,6 +107,7 @@ class InferenceStats:
             out = {
                 "batches": self.batches,
                 "rows": self.rows,
+                "padded_rows": self.padded,
                 "errors": self.errors,
                 "in_flight": self.in_flight,
                 "rows_in_flight": self.rows_in_flight,
@@ -128,6 +132,8 @@ class WorkerModel:
     stats: InferenceStats = field(default_factory=InferenceStats)
     slowdown: float = 1.0  # benchmark knob: its session runs this many times slower (slow_device.py)
     gpu: dict | None = None  # static GPU info (source, index, name, uuid), None without a GPU source
+    buckets: tuple[int, ...] = ()  # the batch sizes the session runs; () = never padded (no batch dimension)
+    precision: str = "fp32"
 
     def describe(self) -> dict:
         """Startup information for the scheduler (msgpack-friendly)."""
@@ -140,6 +146,9 @@ class WorkerModel:
             "requested_providers": s.requested,
             "cuda_fallback": s.cuda_fallback,
             "threads": s.threads,
+            "precision": self.precision,
+            "buckets": list(self.buckets),
+            **s.describe(),  # ORT's options as it reports them, and the warm-up table
             "gpu": dict(self.gpu) if self.gpu is not None else None,
             "simulated": self.simulated,
             "slowdown": self.slowdown,
