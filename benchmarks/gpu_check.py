@@ -1,190 +1,266 @@
-"""The one prepared check for a GPU machine (a session gets ~15 minutes of device time).
+"""The one prepared check for a GPU machine: every GPU mode, side by side with raw ONNX
+Runtime run with the same options, in one run of under 6 minutes on an H100/H200.
 
-It records which providers ONNX Runtime really uses, raw ONNX Runtime CUDA throughput on
-ResNet-50 at batch 32 and 128, and throughput through the router (one CUDA worker) with
-batches of 32 and 128 rows, side by side in one run; then, on the batch-32 router, the
-c=1 latency target (router p50 minus raw ORT batch-1 p50, alternating windows). While the router runs it samples the
-worker's NVML metrics from /v1/workers, idle and then under load (utilisation and power
-must rise with load), scrapes ``/metrics`` halfway through the load, and checks that the
-dashboard pages answer. Everything goes to ``--out`` (``$OUT`` on the device machine), as
-JSON and text, plus the router logs.
+Modes (``--device cuda``): fp32 at batch 32 and 128, fp16, CUDA graphs on (off is the
+fp32 mode), each one router worker, closed loop with at least 4x the batch's rows in
+flight; on the batch-32 router also c=1 (router p50 minus raw batch-1 p50) and the tail
+at 70 % of the measured load (p99 <= 2 x p50 once warm); then ``/v1/classify`` with the
+load test's JPEG (CPU decode on the workers). For each: raw img/s, router img/s, the
+ratio, GPU utilisation under load, the ``/metrics`` split (queue, transfer, compute) and
+the workers' warm-up tables. fp16's accuracy against fp32 is measured on fixed images.
+A mode that fails is reported as FAILED in the summary and the exit code is 1.
 
     PYTHONPATH=/tmp/site:. python3 -m benchmarks.gpu_check --out "$OUT"
     .venv/bin/python -m benchmarks.gpu_check --device cpu --quick --out /tmp/gpu-check  # rehearsal
+
+fp16 needs onnxconverter-common there: stage it with
+``../shared/device/stage-wheels.sh onnxconverter-common==1.16.0``.
+On a CPU (``--quick``) fp16 is refused by design: the rehearsal checks that refusal and
+measures fp16's accuracy on ONNX Runtime's CPU provider instead; CUDA graphs are asked
+for, and the session reports it has none.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
-import statistics
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
+import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dask.config
-import numpy as np
 
-from benchmarks.servers import ROOT, free_port, _wait_ready, stop
+from benchmarks.gpu_measure import GpuSampler, fp16_accuracy, open_session, raw_throughput, scrape, split
+from benchmarks.servers import ROOT, _wait_ready, free_port, stop
 from core.config import cache_dir, parse
 
 
-def raw_throughput(path: str, device: str, batch: int, seconds: float) -> dict:
-    """Rows/s of session.run on numpy input, the way a worker runs a batch."""
-    from worker_setup.session import ModelSession
-
-    s = ModelSession.load(path, device=device)
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-    s.run({"input": x})
-    runs, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        s.run({"input": x})
-        runs += 1
-    elapsed = time.perf_counter() - t0
-    return {"batch": batch, "img_per_s": round(runs * batch / elapsed, 1), "ms_per_batch": round(1e3 * elapsed / runs, 2),
-            "providers": s.providers, "device": s.device, "cuda_fallback": s.cuda_fallback}
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    batch: int
+    precision: str = "fp32"
+    graphs: bool = False
+    c1: bool = False  # also the c=1 latency and the 70 % tail on this router
 
 
-GPU_FIELDS = ("utilization_gpu", "utilization_memory", "memory_used", "temperature", "power", "sm_clock", "throttle_reasons")
+def modes(quick: bool) -> list[Mode]:
+    small, large = (4, 8) if quick else (32, 128)
+    return [Mode(f"fp32-b{small}", small, c1=True), Mode(f"fp32-b{large}", large), Mode(f"fp16-b{large}", large, "fp16"),
+            Mode(f"fp32-b{small}-graphs", small, graphs=True)]  # fmt: skip
 
 
-def sample_gpu(url: str, phase: str, samples: list, stop_at: threading.Event, every: float = 0.5) -> None:
-    """The worker's latest GPU sample as the front end sees it, every ``every`` seconds."""
-    while not stop_at.is_set():
+class Router:
+    """``python -m router_api.cli up`` (never a console script: PYTHONPATH installs)."""
+
+    def __init__(self, out: Path, name: str, device: str, args: list[str], gpu_metrics: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = out / f"router-{name}.log"
+        self.cmd = [sys.executable, "-m", "router_api.cli", "up", "--device", device, "--port", str(self.port),
+                    "--scheduler-port", str(free_port()), "--dashboard-port", str(free_port()),
+                    "--gpu-metrics", gpu_metrics, *args]  # fmt: skip
+
+    def __enter__(self) -> "Router":
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            for w in json.load(urllib.request.urlopen(url + "/v1/workers", timeout=5))["workers"]:
-                g = w.get("gpu") or {}
-                samples.append({"t": round(time.time(), 3), "phase": phase, "worker": w["name"], "source": g.get("source"),
-                                "simulated": w.get("simulated"), **{k: g.get(k) for k in GPU_FIELDS}})
-        except OSError:
-            pass
-        stop_at.wait(every)
+            _wait_ready(self.proc, self.url, 300, "router")
+        except SystemExit as e:
+            self.__exit__()
+            raise RuntimeError(f"{e}; last lines of {self.log_path}:\n{tail(self.log_path)}") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop(self.proc)
+        self.log.close()
+
+    def workers(self) -> list[dict]:
+        import urllib.request
+
+        return json.load(urllib.request.urlopen(self.url + "/v1/workers", timeout=10))["workers"]
 
 
-def scrape_midway(url: str, path: Path, delay: float, found: dict) -> None:
-    """``/metrics`` halfway through the load (GPU gauges are the latest sample, so
-    under load is when they say something), and whether the dashboard pages answer."""
-    time.sleep(delay)
-    try:
-        path.write_bytes(urllib.request.urlopen(url + "/metrics", timeout=10).read())
-        pages = json.load(urllib.request.urlopen(url + "/v1/dashboard", timeout=10))["pages"]
-        found.update({name: urllib.request.urlopen(page, timeout=10).status for name, page in pages.items()})
-    except (OSError, ValueError, KeyError) as e:  # a failed scrape is recorded, never fatal
-        found["error"] = f"{type(e).__name__}: {e}"
+def tail(path: Path, n: int = 15) -> str:
+    return "".join(path.read_text(errors="replace").splitlines(True)[-n:])
 
 
-def gpu_rise(samples: list) -> dict:
-    """Mean utilisation and power, idle vs under load."""
-    out = {}
-    for key in ("utilization_gpu", "power", "memory_used", "temperature", "sm_clock"):
-        by = {ph: [s[key] for s in samples if s["phase"] == ph and s.get(key) is not None] for ph in ("idle", "load")}
-        out[key] = {ph: (round(statistics.fmean(v), 1) if v else None) for ph, v in by.items()}
-    return out
+def load(url: str, out: Path, mode: str, seconds: float, clients: int = 0, rows: int = 1, rate: float = 0.0) -> dict:
+    """One load window from ``benchmarks.loadtest``: closed loop, or open at ``rate``."""
+    result = out / f"load-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "benchmarks.loadtest", "--url", url, "--mode", mode, "--duration", f"{seconds}s",
+           "--quiet", "--json", str(result)]  # fmt: skip
+    cmd += ["--batch-rows", str(rows)] if mode == "infer" else []
+    cmd += ["--rate", str(rate), "--max-connections", "256"] if rate else ["--concurrency", str(clients)]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return json.loads(result.read_text())["router"]
 
 
-def latency_c1(url: str, seconds: str, rounds: int, out: Path) -> dict:
-    """Issue 2's c=1 target where it means most: one client, one row, router p50 against
-    raw ORT batch-1 p50 (CUDA when there is one), windows alternating."""
-    result = out / "c1.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--url", url, "--mode", "infer", "--concurrency", "1",
-                    "--duration", seconds, "--rounds", str(rounds), "--baseline", "--baseline-batch-sizes", "1",
-                    "--quiet", "--json", str(result)], cwd=ROOT, check=True)
-    r = json.loads(result.read_text())
-    return {"rounds_summary": r.get("rounds_summary"), "ratios": r.get("ratios"), "raw_providers": (r.get("raw_session") or {}).get("providers")}
+def check_device(workers: list[dict], device: str) -> None:
+    """Loud, never silent: a CUDA check whose workers run on CPU measured nothing."""
+    for w in workers:
+        if w.get("device") != device or w.get("cuda_fallback"):
+            raise RuntimeError(f"worker {w['name']} runs on {w.get('device')} (providers {w.get('providers')}), not {device}")
 
 
-def router_throughput(device: str, batch: int, seconds: str, out: Path, gpu_metrics: str = "auto", c1: tuple | None = None) -> dict:
-    """One worker behind the router; clients send requests of up to 32 rows that the
-    router batches up to ``batch`` rows. ``c1``: (seconds, rounds) of the c=1 check to
-    run on this router afterwards."""
-    port = free_port()
-    log = open(out / f"router-b{batch}.log", "w")
-    cmd = [sys.executable, "-m", "router_api.cli", "up", "--workers", "1", "--device", device,
-           "--max-batch-size", str(batch), "--port", str(port), "--gpu-metrics", gpu_metrics,
-           "--scheduler-port", str(free_port()), "--dashboard-port", str(free_port())]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(proc, url, 300, "router")
-        workers = json.load(urllib.request.urlopen(url + "/v1/workers"))["workers"]
-        rows = min(32, batch)
-        clients = max(2, 2 * batch // rows)
-        result = out / f"router-b{batch}.json"
-        samples: list = []
-        idle = threading.Event()
-        sample_gpu_thread = threading.Thread(target=sample_gpu, args=(url, "idle", samples, idle))
-        sample_gpu_thread.start()
-        time.sleep(3)
-        idle.set()
-        sample_gpu_thread.join()
-        busy = threading.Event()
-        sample_gpu_thread = threading.Thread(target=sample_gpu, args=(url, "load", samples, busy))
-        sample_gpu_thread.start()
-        pages: dict = {}
-        seconds_s = float(seconds.rstrip("s"))
-        scrape = threading.Thread(target=scrape_midway, args=(url, out / f"metrics-b{batch}.txt", 2 + seconds_s / 2, pages))
-        scrape.start()
-        try:
-            subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--url", url, "--mode", "infer", "--batch-rows",
-                            str(rows), "--concurrency", str(clients), "--duration", seconds, "--quiet",
-                            "--json", str(result)], cwd=ROOT, check=True)
-        finally:
-            busy.set()
-            sample_gpu_thread.join()
-            scrape.join()
-        router = json.loads(result.read_text())["router"]
-        found = {"batch": batch, "clients": clients, "rows_per_request": rows, "workers": workers, "router": router,
-                 "gpu_rise": gpu_rise(samples), "gpu_samples": samples, "dashboard_pages": pages}
-        if c1:
-            try:
-                found["c1"] = latency_c1(url, *c1, out)
-            except subprocess.CalledProcessError as e:  # recorded; the throughput figures stand
-                found["c1"] = {"error": str(e)}
+def run_mode(m: Mode, path: str, args, settings, out: Path) -> dict:
+    """Raw ORT with the router's options, then the router under saturating load."""
+    found: dict = {"mode": asdict(m)}
+    if m.precision == "fp16":
+        path, found["accuracy"] = fp16_model(path, args.device, settings)
+    session = open_session(path, args.device, settings, m.graphs)
+    found["raw"] = raw_throughput(session, m.batch, args.raw_s)
+    raw_b1 = raw_throughput(session, 1, args.raw_s) if m.c1 else None
+    del session  # frees the GPU memory before the router's worker takes its own
+    rows = min(32, m.batch)
+    clients = max(2, math.ceil(4 * m.batch / rows))  # >= 4x the bucket's rows in flight
+    flags = ["--workers", "1", "--max-batch-size", str(m.batch), "--precision", m.precision]
+    if args.device == "cpu" and m.precision == "fp16":
+        found["router"] = refused(out, m, flags)
         return found
-    finally:
-        stop(proc)
-        log.close()
+    with Router(out, m.name, args.device, flags + (["--cuda-graphs"] if m.graphs else []), args.gpu_metrics) as r:
+        workers = r.workers()
+        check_device(workers, args.device)
+        found["worker"] = {k: workers[0].get(k) for k in ("device", "providers", "precision", "buckets", "options", "cuda_graphs", "warmup")}
+        gpu = GpuSampler(r.url)
+        gpu.start()
+        time.sleep(2)
+        gpu.phase = "load"
+        before = scrape(r.url)
+        found["router"] = load(r.url, out, "infer", args.load_s, clients=clients, rows=rows)
+        found["split"] = split(before, scrape(r.url))
+        found["gpu"] = gpu.stop()
+        found["clients"], found["rows_per_request"] = clients, rows
+        if m.c1:
+            found["c1"] = c1_latency(r.url, out, args, raw_b1)
+            found["tail_70"] = tail_at(r.url, out, args, 0.7 * found["router"]["req_per_s"], rows)
+    img_s = found["router"].get("img_per_s")
+    found["ratio"] = round(img_s / found["raw"]["img_per_s"], 3) if img_s else None
+    return found
+
+
+def fp16_model(path: str, device: str, settings) -> tuple[str, dict]:
+    """The fp16 model as workers make it, and its accuracy against fp32 (on this device;
+    on a CPU, ONNX Runtime runs it in fp32 arithmetic, so the figure is the weights' loss)."""
+    from worker_setup.precision import ensure_fp16
+
+    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    path16, _ = ensure_fp16(Path(path), sha, cache_dir(settings))
+    fp32, fp16 = open_session(path, device, settings, False), open_session(str(path16), device, settings, False)
+    return str(path16), fp16_accuracy(fp32, fp16)
+
+
+def refused(out: Path, m: Mode, flags: list[str]) -> dict:
+    """On a CPU, fp16 must be refused at startup with the setting's name."""
+    cmd = [sys.executable, "-m", "router_api.cli", "up", "--device", "cpu", "--port", str(free_port()), *flags]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    said = (p.stderr + p.stdout).strip().splitlines()
+    if p.returncode == 0 or not any("precision: fp16 needs a CUDA device" in line for line in said):
+        raise RuntimeError(f"fp16 on CPU was not refused as designed (exit {p.returncode}): {said[-3:]}")
+    return {"refused": said[-1], "img_per_s": None}
+
+
+def c1_latency(url: str, out: Path, args, raw_b1: dict) -> dict:
+    """One client, one row: router p50 minus raw batch-1 p50 (issue 2's <= 2 ms)."""
+    r = load(url, out, "infer", args.c1_s, clients=1, rows=1)
+    p50 = r["latency_ms"]["p50"]
+    return {"router_p50_ms": p50, "raw_b1_p50_ms": raw_b1["ms_p50"], "delta_ms": round(p50 - raw_b1["ms_p50"], 3)}
+
+
+def tail_at(url: str, out: Path, args, rate: float, rows: int) -> dict:
+    """Open loop at 70 % of the closed loop's rate: once warm, no request waits on a
+    shape search, so p99 <= 2 x p50."""
+    r = load(url, out, "infer", args.load_s, rows=rows, rate=max(1.0, round(rate, 1)))
+    lat = r["latency_ms"]
+    return {"rate": rate, "p50_ms": lat["p50"], "p99_ms": lat["p99"], "p99_over_p50": round(lat["p99"] / lat["p50"], 2),
+            "img_per_s": r["img_per_s"], "errors": r["error_count"]}  # fmt: skip
+
+
+def classify(args, out: Path) -> dict:
+    """/v1/classify with the load test's JPEG, decoded on the workers' CPUs."""
+    workers = "2" if args.device == "cuda" else "1"
+    with Router(out, "classify", args.device, ["--workers", workers, "--max-batch-size", "32"], args.gpu_metrics) as r:
+        check_device(r.workers(), args.device)
+        gpu = GpuSampler(r.url)
+        gpu.start()
+        gpu.phase = "load"
+        before = scrape(r.url)
+        router = load(r.url, out, "classify", args.load_s, clients=args.classify_clients)
+        return {"workers": int(workers), "clients": args.classify_clients, "router": router,
+                "split": split(before, scrape(r.url)), "gpu": gpu.stop()}  # fmt: skip
+
+
+def summary(report: dict) -> list[str]:
+    lines = [f"{'mode':<22}{'raw img/s':>11}{'router':>10}{'ratio':>7}{'GPU %':>7}{'queue':>8}{'transfer':>9}{'compute':>9}  note"]
+    for name, f in report["modes"].items():
+        if "error" in f:
+            lines.append(f"{name:<22}  FAILED: {f['error'].splitlines()[-1][:110]}")
+            continue
+        s, g = f.get("split") or {}, ((f.get("gpu") or {}).get("utilization_gpu") or {}).get("load")
+        note = f.get("router", {}).get("refused", "") or (f"accuracy {f['accuracy']}" if "accuracy" in f else "")
+        lines.append(f"{name:<22}{f['raw']['img_per_s']:>11}{str(f['router'].get('img_per_s')):>10}{str(f.get('ratio')):>7}"
+                     f"{str(g):>7}{str(s.get('queue_ms')):>8}{str(s.get('transfer_ms')):>9}{str(s.get('compute_ms')):>9}  {note}")  # fmt: skip
+    c = report.get("classify") or {}
+    lines.append(f"classify: {c.get('router', {}).get('img_per_s')} img/s" if "error" not in c else f"classify: FAILED: {c['error'][-110:]}")
+    first = next(iter(report["modes"].values()), {})
+    if "c1" in first:
+        lines.append(f"c=1: router p50 - raw batch-1 p50 = {first['c1']['delta_ms']} ms (target <= 2 ms)")
+        lines.append(f"70 % load: p99/p50 = {first['tail_70']['p99_over_p50']} (target <= 2)")
+    for name, f in report["modes"].items():
+        warm = (f.get("worker") or {}).get("warmup")
+        if warm:
+            lines.append(f"warm-up {name}: " + ", ".join(f"{w['bucket']}: {w.get('first_ms', '-')}->{w.get('steady_ms', 'skipped')} ms" for w in warm))
+    return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--quick", action="store_true", help="short windows and batch 4/8 (a CPU rehearsal)")
+    p.add_argument("--quick", action="store_true", help="short windows, batches 4 and 8 (a CPU rehearsal)")
     p.add_argument("--gpu-metrics", default="auto", help="auto (NVML); 'simulated' only to rehearse on a CPU")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.raw_s, args.load_s, args.c1_s = (2.0, 4.0, 2.0) if args.quick else (5.0, 15.0, 5.0)
+    args.classify_clients = 8 if args.quick else 64
     from scheduler_plugins.builtin_models import ensure_default_model
 
     import onnxruntime as ort
 
-    batches, raw_s, load = ((4, 8), 3.0, "3s") if args.quick else ((32, 128), 10.0, "20s")
-    c1 = ("2s", 2) if args.quick else ("5s", 3)
-    report = {
-        "ort_version": ort.__version__,
-        "available_providers": ort.get_available_providers(),
-        "nvidia_smi": subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout if args.device == "cuda" else None,
-        "cache_dir": str(cache_dir(parse(dask.config.get("batch-router", None)))),
-    }
+    settings = parse(dask.config.get("batch-router", None))
+    report: dict = {"ort_version": ort.__version__, "available_providers": ort.get_available_providers(), "device": args.device,
+                    "nvidia_smi": subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout if args.device == "cuda" else None,
+                    "modes": {}}  # fmt: skip
     path = str(ensure_default_model())
-    report["raw"] = [raw_throughput(path, args.device, b, raw_s) for b in batches]
-    print(json.dumps(report["raw"], indent=1), flush=True)
-    report["through_router"] = [
-        router_throughput(args.device, b, load, args.out, args.gpu_metrics, c1 if i == 0 else None) for i, b in enumerate(batches)
-    ]
-    for raw, routed in zip(report["raw"], report["through_router"]):
-        img_s = routed["router"]["img_per_s"]
-        routed["ratio_vs_raw"] = round(img_s / raw["img_per_s"], 3) if img_s else None
-        print(f"batch {raw['batch']}: raw {raw['img_per_s']} img/s on {raw['providers'][0]}; "
-              f"router {img_s} img/s; ratio {routed['ratio_vs_raw']}; GPU idle->load {routed['gpu_rise']}", flush=True)
-    c1_found = report["through_router"][0].get("c1") or {}
-    print(f"c=1: router p50 - raw batch-1 p50 = {(c1_found.get('ratios') or {}).get('latency_p50_delta_ms')} ms "
-          f"(raw on {c1_found.get('raw_providers')}; target <= 2 ms)", flush=True)
+    failed = False
+    for m in modes(args.quick):
+        print(f"--- {m.name}", flush=True)
+        try:
+            report["modes"][m.name] = run_mode(m, path, args, settings, args.out)
+        except Exception as e:  # loud, and the others still run
+            failed = True
+            report["modes"][m.name] = {"mode": asdict(m), "error": traceback.format_exc()}
+            print(f"!!! MODE {m.name} FAILED: {e}", file=sys.stderr, flush=True)
+        (args.out / "gpu-check.json").write_text(json.dumps(report, indent=1))
+    print("--- classify", flush=True)
+    try:
+        report["classify"] = classify(args, args.out)
+    except Exception as e:
+        failed = True
+        report["classify"] = {"error": traceback.format_exc()}
+        print(f"!!! CLASSIFY FAILED: {e}", file=sys.stderr, flush=True)
+    report["summary"] = summary(report)
     (args.out / "gpu-check.json").write_text(json.dumps(report, indent=1))
+    print("\n".join(report["summary"]), flush=True)
+    if failed:
+        print("!!! SOME MODES FAILED: see above and gpu-check.json", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

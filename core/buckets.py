@@ -47,6 +47,14 @@ def model_buckets(batch_dim: int | None, buckets: tuple[int, ...]) -> tuple[int,
     return (batch_dim,) if batch_dim > 0 else buckets
 
 
+def batch_shapes(batch_dim: int | None, max_batch: int, cluster: list[int] | None) -> tuple[int, tuple[int, ...]]:
+    """A front end's largest batch and the buckets its batches run at: a fixed batch
+    dimension caps batches at that size; the buckets are the cluster's (its scheduler's
+    setting, which every worker pads to), else the defaults."""
+    most = min(max_batch, batch_dim) if batch_dim is not None and batch_dim > 0 else max_batch
+    return most, model_buckets(batch_dim, tuple(cluster or default_buckets(most)))
+
+
 def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket that holds ``rows`` (the largest when none does)."""
     for b in buckets:

@@ -74,12 +74,15 @@ class Router:
 
     def model_metadata(self) -> dict:
         meta = kserve.model_metadata(self.model_name, self.version, "onnx_onnxv1", self.inputs, self.outputs)
-        meta["parameters"] = {"sha256": self.model["sha256"], **self.notes}
+        meta["parameters"] = {"sha256": self.model["sha256"], **self.notes,
+                              "precision": self.model.get("precision", "fp32")}  # fmt: skip
         return meta
 
     def model_config(self) -> dict:
         q = self.dispatcher.queue
         batching = {
+            # Triton's preferred sizes, enforced: every batch is padded up to one of them.
+            "preferred_batch_size": list(self.dispatcher.buckets),
             "max_queue_delay_microseconds": int(q.max_queue_delay * 1e6),
             "priority_levels": self.dispatcher.levels,
             "default_priority_level": self.dispatcher.default_level,

@@ -31,6 +31,9 @@ KEYS = {
     "slowdown": "worker.slowdown",
     "workers": "worker.count",
     "public_address": "scheduler.public-address",
+    "precision": "worker.precision",
+    "buckets": "batching.buckets",
+    "cuda_graphs": "worker.cuda.graphs",
 }
 ROLE_KEYS = {
     "up": {"host": "http.host", "port": "http.port", "scheduler_port": "scheduler.port"},
@@ -57,6 +60,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"batch-router: bad setting: {e}") from None
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,8,32: {text!r}") from None
+
+
 def _factors(text: str) -> list[float]:
     try:
         factors = [float(x) for x in text.split(",") if x.strip()]
@@ -79,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--model-name", help="name under /v2/models/ (default resnet50)")
         sp.add_argument("--labels", help="class names, one per line")
         sp.add_argument("--policy", choices=POLICIES, help="batch placement policy (default gpu-aware)")
+        sp.add_argument("--buckets", type=_sizes, help="batch sizes batches are padded to, e.g. 1,8,32 (default powers of two)")
+        sp.add_argument("--precision", choices=["fp32", "fp16"], help="what workers run (default fp32; fp16 needs CUDA)")
 
     def workers(sp):
         sp.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per worker")
@@ -88,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
             choices=["auto", "nvml", "simulated", "off"],
             help="GPU metrics source (default auto: NVML when a GPU is visible; simulated is labelled as such)",
         )
+        sp.add_argument("--cuda-graphs", action="store_const", const=True, default=None,
+                        help="replay one CUDA graph per batch size (ONNX Runtime's enable_cuda_graph)")  # fmt: skip
 
     up = sub.add_parser("up", help="scheduler, dashboard, N local workers and the HTTP front end")
     up.add_argument("--workers", type=int, default=None, help="local worker processes (default 2)")
@@ -117,6 +131,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dashboard-port", type=int, default=None)
     s.add_argument("--model")
     s.add_argument("--model-name")
+    # The cluster's batch shapes and precision: its workers take them from here.
+    s.add_argument("--max-batch-size", type=int, help="rows per batch (default 32)")
+    s.add_argument("--buckets", type=_sizes, help="batch sizes batches are padded to, e.g. 1,8,32 (default powers of two)")
+    s.add_argument("--precision", choices=["fp32", "fp16"], help="what the workers run (default fp32; fp16 needs CUDA)")
     s.add_argument(
         "--public-address",
         help="HOST:PORT workers dial (e.g. bore.pub:41234), or 'bore' to start `bore local` and use the "

@@ -17,7 +17,7 @@ import logging
 
 from core.codec import pack_item
 from core.config import Settings, placement_tuning
-from core.buckets import default_buckets, model_buckets
+from core.buckets import batch_shapes
 from core.placement import bucket_rows, current_weights, expected, make_policy
 from core.protocol import Item, ItemError
 from core.worker_view import Flight, WorkerView, adaptive_window, apply_metrics, learn_from_reply
@@ -45,12 +45,8 @@ class Dispatcher:
         self.levels = settings.priority_levels
         self.default_level = settings.default_priority_level
         self.default_timeout = settings.default_timeout
-        # A model with a fixed batch dimension caps every batch at that size.
         shape = model["inputs"][0]["shape"]
-        batch_dim = shape[0] if shape else -1
-        most = min(settings.max_batch_size, batch_dim) if batch_dim > 0 else settings.max_batch_size
-        # The cluster's batch shapes (its scheduler's setting): workers pad to them.
-        self.buckets = model_buckets(shape[0] if shape else None, tuple(model.get("buckets") or default_buckets(most)))
+        most, self.buckets = batch_shapes(shape[0] if shape else None, settings.max_batch_size, model.get("buckets"))
         self.queue = BatchQueue(
             max_batch_size=most,
             max_queue_size=settings.max_queue_size,

@@ -35,6 +35,10 @@ SCHEDULER_PRELOAD = "scheduler_plugins.preload"
 WORKER_PRELOAD = "worker_setup.preload"
 
 
+# Two task threads: while one batch runs on the device, the next one decodes and
+# stacks, so a GPU does not idle between batches (the session itself runs one at a time).
+TASK_THREADS = 2
+
 JOIN_ATTEMPTS = 8  # a round of attempts to join: 0, 1, 3, 7, 15, then 30 s apart
 SHORT_SESSION = 60.0  # a joined worker dropped sooner than this counts as a failed join
 
@@ -223,7 +227,7 @@ async def serve_worker(address: str, name: str | None, security, contact: str | 
     try:
         worker = await Worker(
             address,
-            nthreads=1,
+            nthreads=TASK_THREADS,
             name=name,
             preload=[WORKER_PRELOAD],
             host="127.0.0.1",

@@ -41,18 +41,7 @@ class Cluster:
         return f"tcp://127.0.0.1:{self.scheduler_port}"
 
     def start(self, timeout: float = 180.0) -> "Cluster":
-        cmd = [
-            sys.executable, "-m", "router_api.cli", "up",
-            "--workers", str(self.workers),
-            "--port", str(self.port),
-            "--scheduler-port", str(self.scheduler_port),
-            "--dashboard-port", str(self.dashboard_port),
-            *self.args,
-        ]  # fmt: skip
-        out = open(self.log, "w") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.start_process()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -65,6 +54,22 @@ class Cluster:
             time.sleep(0.25)
         self.stop()
         raise TimeoutError(f"cluster not ready after {timeout}s; log: {self.log}")
+
+    def start_process(self) -> subprocess.Popen:
+        """``batch-router up`` started, not waited for."""
+        cmd = [
+            sys.executable, "-m", "router_api.cli", "up",
+            "--workers", str(self.workers),
+            "--port", str(self.port),
+            "--scheduler-port", str(self.scheduler_port),
+            "--dashboard-port", str(self.dashboard_port),
+            *self.args,
+        ]  # fmt: skip
+        out = open(self.log, "w") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        return self.proc
 
     def get(self, path: str) -> dict:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:

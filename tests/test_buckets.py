@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.buckets import bucket_for, check_buckets, chunks, default_buckets, floor_bucket, model_buckets
+from core.buckets import batch_shapes, bucket_for, check_buckets, chunks, default_buckets, floor_bucket, model_buckets
 from core.config import ConfigError, buckets, parse
 from core.placement import bucket_rows
 from core.service_curve import ServiceCurve
@@ -80,6 +80,10 @@ def test_a_fixed_batch_dimension_is_the_only_bucket_and_no_batch_dimension_none(
     assert model_buckets(-1, (1, 2, 4)) == (1, 2, 4)
     assert model_buckets(8, (1, 2, 4)) == (8,)
     assert model_buckets(None, (1, 2, 4)) == ()
+    # What a front end makes of it: its largest batch, and the cluster's buckets.
+    assert batch_shapes(-1, 32, [1, 8, 32]) == (32, (1, 8, 32))
+    assert batch_shapes(-1, 16, None) == (16, (1, 2, 4, 8, 16))
+    assert batch_shapes(4, 32, [1, 8, 32]) == (4, (4,))
 
 
 def test_a_curve_reads_a_batch_at_its_bucket_since_padding_costs_the_same():

@@ -217,16 +217,33 @@ def test_simulated_gpu_follows_real_busy_time_and_says_it_is_simulated():
 
 
 def test_service_time_is_the_service_curve_and_memory_per_row_needs_a_gpu():
-    s = InferenceStats()
-    for rows, seconds in [(3, 1.0), (4, 2.0), (0, 9.0)]:
+    t = {"now": 0.0}
+    s = InferenceStats(clock=lambda: t["now"])
+    for rows, seconds in [(3, 1.0), (4, 2.0), (0, 9.0)]:  # one after another
         s.started(rows)
-        s.finished(rows, seconds, errors=0, started_rows=rows)
+        t["now"] += seconds
+        assert s.finished(rows, seconds, errors=0, started_rows=rows) == seconds
     snap = s.snapshot()
     # 3 rows stand for a 4-row batch (4/3 s), then an EWMA step towards 2 s; 0 rows: nothing.
     assert snap["service"] == {"4": pytest.approx(4 / 3 + 0.3 * (2.0 - 4 / 3), abs=1e-6)}
     assert snap["memory_per_row"] is None and snap["in_flight"] == 0 and snap["rows_in_flight"] == 0
     assert snap["batches"] == 3 and snap["rows"] == 7
     msgpack.packb(snap)
+
+
+def test_a_batch_that_overlapped_another_costs_only_the_time_it_added():
+    """Two task threads: batch 2 decodes while batch 1 computes, so the worker's
+    capacity, and its curve, count batch 2 from batch 1's end."""
+    t = {"now": 0.0}
+    s = InferenceStats(clock=lambda: t["now"])
+    s.started(8)
+    t["now"] = 0.5
+    s.started(8)  # batch 2 starts decoding
+    t["now"] = 1.0
+    assert s.finished(8, 1.0, 0, 8) == 1.0
+    t["now"] = 1.8
+    assert s.finished(8, 1.3, 0, 8) == pytest.approx(0.8)  # not its 1.3 s of wall time
+    assert s.snapshot()["service"] == {"8": pytest.approx(1.0 + 0.3 * (0.8 - 1.0))}
 
 
 def test_memory_per_row_from_growth_over_the_warm_baseline():

@@ -172,9 +172,8 @@ def run_batch(spec: BatchSpec) -> int:
             logger.exception("batch %s failed", spec.id)
             results, timings = [ItemError(f"inference failed on {worker.address}: {e}", 500)] * len(spec.items), Timings()
         errors = sum(1 for r in results if isinstance(r, ItemError))
-        model.stats.finished(timings.rows, time.perf_counter() - t0, errors, planned, timings.padded)
-    # The time this batch held the worker: the front end learns each worker's service
-    # time from it without waiting for a heartbeat.
-    timings.service_s = time.perf_counter() - t0
+        # The time this batch held the worker: the front end learns each worker's
+        # service time from it without waiting for a heartbeat.
+        timings.service_s = model.stats.finished(timings.rows, time.perf_counter() - t0, errors, planned, timings.padded)
     worker.log_event(spec.topic, BatchReply(spec.id, worker.address, results, timings).to_wire())
     return timings.rows

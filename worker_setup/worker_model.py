@@ -39,6 +39,7 @@ class InferenceStats:
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     _busy: float = 0.0  # closed busy intervals
     _busy_since: float | None = None  # start of the open interval, while a batch runs
+    _last_end: float | None = None  # when the latest batch finished
     _max_rows_in_flight: int = 0
     _memory_base: int | None = None  # GPU memory used at the first sample, after warm-up
     _memory_peak: int | None = None
@@ -53,10 +54,19 @@ class InferenceStats:
             self.rows_in_flight += rows
             self._max_rows_in_flight = max(self._max_rows_in_flight, self.rows_in_flight)
 
-    def finished(self, rows: int, seconds: float, errors: int, started_rows: int = 0, padded: int = 0) -> None:
+    def finished(self, rows: int, seconds: float, errors: int, started_rows: int = 0, padded: int = 0) -> float:
         """The batch ``started(started_rows)`` announced ran ``rows`` rows, and ``padded``
-        rows of padding, in ``seconds``: its cost is that of its bucket."""
+        rows of padding, in ``seconds``: its cost is that of its bucket.
+
+        Returns the time it added to the worker's timeline: two task threads overlap one
+        batch's decoding with another's compute, so a batch that began while another
+        ran costs only from that one's end. That, not its wall time, is the worker's
+        capacity, and what its service curve learns."""
         with self._lock:
+            end = self.clock()
+            start = end - seconds
+            added = end - max(start, self._last_end) if self._last_end is not None else seconds
+            self._last_end = end if self._last_end is None else max(self._last_end, end)
             self.in_flight -= 1
             self.rows_in_flight -= started_rows
             if self.in_flight == 0 and self._busy_since is not None:
@@ -66,8 +76,9 @@ class InferenceStats:
             self.rows += rows
             self.padded += padded
             self.errors += errors
-            self.recent.append((rows, seconds))
-            self.service.observe(rows + padded, seconds)
+            self.recent.append((rows, added))
+            self.service.observe(rows + padded, added)
+            return added
 
     def busy_seconds(self) -> float:
         """Wall time during which at least one batch was running, the open interval
