@@ -5,7 +5,8 @@ Modes (``--device cuda``): fp32 at batch 32 and 128, fp16, CUDA graphs on (off i
 fp32 mode), each one router worker, closed loop with at least 4x the batch's rows in
 flight; on the batch-32 router also c=1 (router p50 minus raw batch-1 p50) and the tail
 at 70 % of the measured load (p99 <= 2 x p50 once warm); then ``/v1/classify`` with the
-load test's JPEG (CPU decode on the workers). For each: raw img/s, router img/s, the
+load test's JPEG (CPU decode on the workers), and the path's own ceiling (a one-node
+model at the same request size). For each: raw img/s, router img/s, the
 ratio, GPU utilisation under load, the ``/metrics`` split (queue, transfer, compute) and
 the workers' warm-up tables. fp16's accuracy against fp32 is measured on fixed images.
 A mode that fails is reported as FAILED in the summary and the exit code is 1.
@@ -196,6 +197,21 @@ def classify(args, out: Path) -> dict:
                 "split": split(before, scrape(r.url)), "gpu": gpu.stop()}  # fmt: skip
 
 
+def path_ceiling(args, out: Path) -> dict:
+    """What the path alone carries (HTTP, the front end, Dask, the worker's decode and
+    reply) at the fp32 modes' request size: the one-node model on a CPU worker, whose
+    compute is next to nothing. A router mode far below this is held back by its device
+    or its worker; one near it, by the path (issue 14's uint8 wire cuts its bytes 4x)."""
+    from scheduler_plugins.builtin_models import build_trivial
+
+    model = build_trivial(out / "trivial.onnx")
+    with Router(out, "path", "cpu", ["--workers", "1", "--max-batch-size", "32", "--model", str(model)], "off") as r:
+        before = scrape(r.url)
+        router = load(r.url, out, "infer", args.load_s, clients=4, rows=32)
+        return {"router": router, "split": split(before, scrape(r.url)),
+                "mb_per_s": round(router["img_per_s"] * 3 * 224 * 224 * 4 / 1e6, 1)}  # fmt: skip
+
+
 def summary(report: dict) -> list[str]:
     lines = [f"{'mode':<22}{'raw img/s':>11}{'router':>10}{'ratio':>7}{'GPU %':>7}{'queue':>8}{'transfer':>9}{'compute':>9}  note"]
     for name, f in report["modes"].items():
@@ -203,11 +219,18 @@ def summary(report: dict) -> list[str]:
             lines.append(f"{name:<22}  FAILED: {f['error'].splitlines()[-1][:110]}")
             continue
         s, g = f.get("split") or {}, ((f.get("gpu") or {}).get("utilization_gpu") or {}).get("load")
-        note = f.get("router", {}).get("refused", "") or (f"accuracy {f['accuracy']}" if "accuracy" in f else "")
+        if g is not None and "simulated" in (f.get("gpu") or {}).get("source", []):
+            g = f"{g}sim"  # a simulated GPU's figure, labelled wherever it shows
+        acc = f.get("accuracy")
+        note = (f"max|dlogit| {acc['max_abs_logit_diff']}, top1 {acc['top1_agreement']}, top5 {acc['top5_agreement']}; " if acc else "")
+        note += "refused on CPU, as designed" if f.get("router", {}).get("refused") else ""
         lines.append(f"{name:<22}{f['raw']['img_per_s']:>11}{str(f['router'].get('img_per_s')):>10}{str(f.get('ratio')):>7}"
                      f"{str(g):>7}{str(s.get('queue_ms')):>8}{str(s.get('transfer_ms')):>9}{str(s.get('compute_ms')):>9}  {note}")  # fmt: skip
     c = report.get("classify") or {}
     lines.append(f"classify: {c.get('router', {}).get('img_per_s')} img/s" if "error" not in c else f"classify: FAILED: {c['error'][-110:]}")
+    pc = report.get("path") or {}
+    lines.append(f"path ceiling (one-node model, 32-row fp32 requests): {pc.get('router', {}).get('img_per_s')} img/s, "
+                 f"{pc.get('mb_per_s')} MB/s" if "error" not in pc else f"path ceiling: FAILED: {pc['error'][-110:]}")
     first = next(iter(report["modes"].values()), {})
     if "c1" in first:
         lines.append(f"c=1: router p50 - raw batch-1 p50 = {first['c1']['delta_ms']} ms (target <= 2 ms)")
@@ -215,7 +238,9 @@ def summary(report: dict) -> list[str]:
     for name, f in report["modes"].items():
         warm = (f.get("worker") or {}).get("warmup")
         if warm:
-            lines.append(f"warm-up {name}: " + ", ".join(f"{w['bucket']}: {w.get('first_ms', '-')}->{w.get('steady_ms', 'skipped')} ms" for w in warm))
+            lines.append(f"warm-up {name}: " + ", ".join(
+                f"{w['bucket']}: {w['first_ms']} -> {w['steady_ms']} ms" if "steady_ms" in w else f"{w['bucket']}: skipped ({w['skipped']})"
+                for w in warm))  # fmt: skip
     return lines
 
 
@@ -227,7 +252,7 @@ def main() -> None:
     p.add_argument("--gpu-metrics", default="auto", help="auto (NVML); 'simulated' only to rehearse on a CPU")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    args.raw_s, args.load_s, args.c1_s = (2.0, 4.0, 2.0) if args.quick else (5.0, 15.0, 5.0)
+    args.raw_s, args.load_s, args.c1_s = (2.0, 4.0, 2.0) if args.quick else (5.0, 12.0, 5.0)
     args.classify_clients = 8 if args.quick else 64
     from scheduler_plugins.builtin_models import ensure_default_model
 
@@ -248,13 +273,14 @@ def main() -> None:
             report["modes"][m.name] = {"mode": asdict(m), "error": traceback.format_exc()}
             print(f"!!! MODE {m.name} FAILED: {e}", file=sys.stderr, flush=True)
         (args.out / "gpu-check.json").write_text(json.dumps(report, indent=1))
-    print("--- classify", flush=True)
-    try:
-        report["classify"] = classify(args, args.out)
-    except Exception as e:
-        failed = True
-        report["classify"] = {"error": traceback.format_exc()}
-        print(f"!!! CLASSIFY FAILED: {e}", file=sys.stderr, flush=True)
+    for name, check in (("classify", classify), ("path", path_ceiling)):
+        print(f"--- {name}", flush=True)
+        try:
+            report[name] = check(args, args.out)
+        except Exception as e:
+            failed = True
+            report[name] = {"error": traceback.format_exc()}
+            print(f"!!! {name.upper()} FAILED: {e}", file=sys.stderr, flush=True)
     report["summary"] = summary(report)
     (args.out / "gpu-check.json").write_text(json.dumps(report, indent=1))
     print("\n".join(report["summary"]), flush=True)

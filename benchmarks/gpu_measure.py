@@ -95,10 +95,10 @@ class GpuSampler(threading.Thread):
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.url, self.samples, self.phase, self._stop = url, [], "idle", threading.Event()
+        self.url, self.samples, self.phase, self._done = url, [], "idle", threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             try:
                 for w in json.load(urllib.request.urlopen(self.url + "/v1/workers", timeout=5))["workers"]:
                     g = w.get("gpu") or {}
@@ -106,10 +106,10 @@ class GpuSampler(threading.Thread):
                                          **{k: g.get(k) for k in GPU_FIELDS}})  # fmt: skip
             except OSError:
                 pass
-            self._stop.wait(0.5)
+            self._done.wait(0.5)
 
     def stop(self) -> dict:
-        self._stop.set()
+        self._done.set()
         self.join()
         out = {}
         for key in ("utilization_gpu", "power", "memory_used"):

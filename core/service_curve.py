@@ -52,8 +52,9 @@ class ServiceCurve:
             return
         b = bucket(rows, self.buckets)
         self.observed.add(b)
-        # Scale to the bucket's size so a 5-row batch informs the 8-row estimate.
-        scaled = seconds * b / rows if rows < b else seconds
+        # Scale to the bucket's size so a 5-row batch informs the 8-row estimate (and a
+        # batch run as several of the largest bucket, one of them).
+        scaled = seconds * b / rows if rows != b else seconds
         alpha = 1 - (1 - self.alpha) * self.confidence(now)
         if now is not None:
             self.updated = now

@@ -108,7 +108,7 @@ class BatchRouterPlugin(SchedulerPlugin):
             metrics = ws.metrics.get(EXTENSION)
             state = dict(metrics) if isinstance(metrics, dict) else {"error": "no batch-router metrics in heartbeat"}
             digest[address] = state
-            view = self.views.get(address) or self.views.setdefault(address, WorkerView(address, str(ws.name)))
+            view = self.views.get(address) or self.views.setdefault(address, self._view(address, str(ws.name)))
             apply_metrics(view, state)
             view.flights = running(ws)
         for address in set(self.views) - set(digest):
@@ -125,6 +125,11 @@ class BatchRouterPlugin(SchedulerPlugin):
         )
         if digest:
             self.scheduler.log_event(STATE_TOPIC, {"workers": digest})
+
+    def _view(self, address: str, name: str) -> WorkerView:
+        view = WorkerView(address, name)
+        view.service.buckets = self.buckets  # its curve reads batches at their bucket, as workers run them
+        return view
 
     # -- RPC handlers ------------------------------------------------------------
 
@@ -222,7 +227,7 @@ class BatchRouterPlugin(SchedulerPlugin):
         eligible = set(self.workers_info()) if api else set()
         if not eligible:
             return
-        views = [self.views.get(a) or WorkerView(a, str(scheduler.workers[a].name)) for a in eligible]
+        views = [self.views.get(a) or self._view(a, str(scheduler.workers[a].name)) for a in eligible]
         for view in views:
             view.flights = running(scheduler.workers[view.address])
         for ts in api:

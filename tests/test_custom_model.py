@@ -76,3 +76,8 @@ def test_a_fixed_batch_dimension_caps_every_batch(custom):
         responses = list(pool.map(lambda s: classify(custom.url, make_image(s)), range(8)))
     assert [r.status for r in responses] == [200] * 8
     assert all(r.json()["batch_size"] == 1 for r in responses)
+    # Its one bucket is its batch dimension: warmed, and the only shape it is run at.
+    (worker,) = custom.get("/v1/workers")["workers"]
+    assert worker["buckets"] == [1] and [w["bucket"] for w in worker["warmup"]] == [1]
+    config = request(custom.url, "GET", "/v2/models/colours/config").json()
+    assert config["dynamic_batching"]["preferred_batch_size"] == [1]

@@ -68,6 +68,18 @@ def test_preprocessing_is_resize_crop_and_imagenet_normalisation():
     assert raw.shape == (224, 224, 3) and raw.dtype == np.uint8
 
 
+def test_the_lookup_table_gives_exactly_the_normalisation_formula():
+    from worker_setup.preprocess import MEAN, STD, decode
+
+    data = make_image(3, size=(320, 240))
+    pixels = np.asarray(decode(data, 224), dtype=np.uint8)
+    formula = ((pixels.astype(np.float32) * (1 / 255.0) - MEAN) / STD).transpose(2, 0, 1)
+    row = image_to_row(data, ImageLayout())
+    assert row.flags["C_CONTIGUOUS"] and np.array_equal(row, formula)
+    nhwc = image_to_row(data, ImageLayout(layout="NHWC"))  # the other layout keeps the formula itself
+    assert np.array_equal(nhwc, formula.transpose(1, 2, 0))
+
+
 def test_undecodable_bytes_raise_image_error():
     with pytest.raises(ImageError, match="cannot decode image"):
         image_to_row(b"GIF89a but not really", ImageLayout())

@@ -15,6 +15,9 @@ from PIL import Image, UnidentifiedImageError
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# Every normalised value a pixel can take, per channel: one table lookup a pixel,
+# written straight into the channel-first row, instead of four passes over the image.
+NORMALISED = ((np.arange(256, dtype=np.float32)[None, :] * (1 / 255.0) - MEAN[:, None]) / STD[:, None]).astype(np.float32)
 
 
 class ImageError(ValueError):
@@ -66,6 +69,11 @@ def decode(data: bytes | np.ndarray, size: int) -> Image.Image:
 def image_to_row(data: bytes | np.ndarray, layout: ImageLayout = ImageLayout()) -> np.ndarray:
     """One image -> one input row (without the batch dimension)."""
     pixels = np.asarray(decode(data, layout.size), dtype=np.uint8)  # H, W, 3
+    if layout.dtype == "float32" and layout.layout == "NCHW":
+        row = np.empty((3,) + pixels.shape[:2], dtype=np.float32)
+        for c in range(3):
+            np.take(NORMALISED[c], pixels[..., c], out=row[c])
+        return row
     if layout.dtype == "uint8":
         row = pixels
     else:
