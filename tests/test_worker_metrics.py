@@ -4,6 +4,7 @@ really arrives in ``ws.metrics["batch-router"]`` on the scheduler."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from types import SimpleNamespace
 
@@ -290,6 +291,33 @@ def test_a_slow_device_sleeps_the_extra_time_instead_of_spinning(monkeypatch):
     # A device of fixed speed: a 50 ms batch on a 200 ms device sleeps the other ~150.
     SlowDevice(Session(), batch_time=0.2).run({})
     assert len(slept) == 2 and 0.1 < slept[1] <= 0.15
+
+
+def test_a_slow_devices_stretch_keeps_the_next_run_waiting(monkeypatch):
+    """Two task threads overlap decoding with a run, never two runs: a stretched run
+    holds the device while it sleeps, or a slowed worker would serve twice its speed."""
+    events = []
+
+    class Session:
+        def run(self, feeds, names=None):
+            events.append(("run", feeds["n"]))
+            return []
+
+    def sleep(seconds):
+        events.append(("sleep", threading.current_thread().name))
+        time_sleep(0.05)  # the other thread tries to run meanwhile
+        events.append(("woke", threading.current_thread().name))
+
+    time_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", sleep)
+    device = SlowDevice(Session(), batch_time=1.0)
+    threads = [threading.Thread(target=device.run, args=({"n": i},), name=f"t{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kinds = [e[0] for e in events]
+    assert kinds == ["run", "sleep", "woke", "run", "sleep", "woke"], events
 
 
 # ---- sampler and metric ----------------------------------------------------------------

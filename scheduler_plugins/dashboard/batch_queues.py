@@ -84,7 +84,7 @@ class BatchQueues:
         rate = _timeseries("Dispatch rate (per second)", "dispatch-rate", x_range=x)
         rate.line("time", "batches_per_s", source=self.timeline, line_width=2, legend_label="batches")
         rate.line("time", "requests_per_s", source=self.timeline, line_width=2, color="#2ca02c", legend_label="requests")
-        sizes = figure(title="Batch sizes (batches run)", height=210, sizing_mode="stretch_width", tools="", name="batch-sizes")
+        sizes = figure(title="Batches run, by bucket (rows padded up to it)", height=210, sizing_mode="stretch_width", tools="", name="batch-sizes")
         sizes.vbar("size", top="count", width=0.8, source=self.sizes)
         sizes.xaxis.axis_label = "rows per batch"
         sizes.xaxis.ticker = AdaptiveTicker(min_interval=1)
