@@ -73,7 +73,8 @@ def scrape(url: str) -> dict[str, float]:
 def split(before: dict, after: dict) -> dict:
     """Where a request's time went, per successful request, between two scrapes: queued
     in the front end, on the worker (decode/stack, run, cut), and everything else
-    (HTTP, Dask's hops, moving the tensors): transfer."""
+    (HTTP, Dask's hops, moving the tensors, a batch waiting for its worker's device):
+    transfer."""
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     n = d.get("nv_inference_request_success", 0.0)
     if not n:

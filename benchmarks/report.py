@@ -55,13 +55,14 @@ def print_summary(title: str, s: dict) -> None:
                    for k in ("p50", "p95", "p99", "max"))
     errs = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "none"
     why = "".join(f"\n    {k}: {v!r}" for k, v in s.get("error_samples", {}).items())
-    mb = s.get("mean_batch")
+    mb, pad = s.get("mean_batch"), s.get("padded_fraction")
+    padding = "" if pad is None else f" rows ({100 * pad:.1f} % of the rows run were padding)"
     print(f"{title}\n"
           f"  throughput  {s['req_per_s']:.1f} req/s  {s['img_per_s']:.1f} img/s"
           f"  ({s['ok']} ok in {s['duration_s']:.1f} s)\n"
           f"  latency ms  {ms}\n"
           f"  errors      {errs}{why}\n"
-          f"  mean batch  {'n/a' if mb is None else f'{mb:.2f}'}", flush=True)
+          f"  mean batch  {'n/a' if mb is None else f'{mb:.2f}'}{padding}", flush=True)
 
 
 def _fmt(value: Any, fmt: str) -> str:

@@ -85,7 +85,7 @@ def pooled_summary(windows: list[tuple[Any, Optional[dict]]], duration: float,
     lat: list[float] = []
     errors: dict[str, int] = {}
     samples: dict[str, str] = {}
-    ok = inference = execution = 0
+    ok = inference = execution = padded = 0
     for rec, delta in windows:
         lat += rec.latencies
         ok += rec.completed_ok
@@ -96,7 +96,8 @@ def pooled_summary(windows: list[tuple[Any, Optional[dict]]], duration: float,
         if delta:
             inference += delta["inference_count"]
             execution += delta["execution_count"]
-    delta = {"inference_count": inference, "execution_count": execution} if execution \
+            padded += delta.get("padded_count", 0)
+    delta = {"inference_count": inference, "execution_count": execution, "padded_count": padded} if execution \
         else None
     return window_summary(lat, errors, ok, duration * len(windows), rows, samples, delta)
 

@@ -40,10 +40,11 @@ async def get_json(host: str, port: int, path: str) -> Optional[dict]:
         return None
 
 
-def _counts(stats: Optional[dict]) -> Optional[tuple[int, int]]:
+def _counts(stats: Optional[dict]) -> Optional[tuple[int, int, int]]:
+    """Rows, batches, and rows of padding (0 from a server that pads nothing)."""
     try:
         s = stats["model_stats"][0]  # type: ignore[index]
-        return int(s["inference_count"]), int(s["execution_count"])
+        return int(s["inference_count"]), int(s["execution_count"]), int(s.get("padded_count", 0))
     except (TypeError, KeyError, IndexError, ValueError):
         return None
 
@@ -76,7 +77,7 @@ async def load_window(url: str, args: argparse.Namespace, path: str, headers: di
     c0, c1 = _counts(await before), _counts(await get_json(host, port, stats_path))
     delta = None
     if c0 and c1 and c1[1] > c0[1]:
-        delta = {"inference_count": c1[0] - c0[0], "execution_count": c1[1] - c0[1]}
+        delta = {"inference_count": c1[0] - c0[0], "execution_count": c1[1] - c0[1], "padded_count": c1[2] - c0[2]}
     return rec, delta
 
 
@@ -89,6 +90,8 @@ def window_summary(latencies: list[float], errors: dict, completed_ok: int, dura
     if delta and delta["execution_count"] > 0:
         out["mean_batch"] = round(delta["inference_count"] / delta["execution_count"], 3)
         out["stats_delta"] = delta
+        if delta.get("padded_count") is not None:  # rows run as padding, of all rows run
+            out["padded_fraction"] = round(delta["padded_count"] / (delta["inference_count"] + delta["padded_count"]), 4)
     return out
 
 

@@ -120,3 +120,18 @@ def test_io_binding_hands_out_results_the_next_batch_cannot_overwrite(session):
 
 def test_the_batch_dimension_is_read_from_the_model(session):
     assert batch_dimension(session) == -1
+
+
+def test_a_batch_waiting_for_the_device_does_not_count_the_wait_as_compute(session):
+    """Two task threads: the second batch decodes while the first runs, then waits for
+    the device. Its compute time is its own run, not the other's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker_setup.slow_device import SlowDevice
+
+    model = WorkerModel(session=SlowDevice(session, batch_time=0.3), name="t", sha256="x", layout=None, buckets=BUCKETS)  # type: ignore[arg-type]
+    x = np.ones((2, 3, 224, 224), np.float32)
+    with ThreadPoolExecutor(2) as pool:
+        timings = [t for _, t in pool.map(lambda _: execute_items(model, [tensor_item(x)]), range(2))]
+    assert all(0.3e9 <= t.infer_ns < 0.5e9 for t in timings), [t.infer_ns for t in timings]  # one run each, ~0.3 s
+    assert all(t.output_ns < 0.1e9 for t in timings)  # and the wait is not output either

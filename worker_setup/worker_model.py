@@ -145,6 +145,9 @@ class WorkerModel:
     gpu: dict | None = None  # static GPU info (source, index, name, uuid), None without a GPU source
     buckets: tuple[int, ...] = ()  # the batch sizes the session runs; () = never padded (no batch dimension)
     precision: str = "fp32"
+    # One batch on the device at a time; the task threads wait here, and the wait is
+    # not counted as compute.
+    device: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def describe(self) -> dict:
         """Startup information for the scheduler (msgpack-friendly)."""
