@@ -17,11 +17,14 @@ import numpy as np
 from core.config import Settings
 
 
-def open_session(path: str, device: str, settings: Settings, graphs: bool):
-    """A session exactly as a router worker opens one: same provider options, IOBinding."""
+def open_session(path: str, device: str, settings: Settings, graphs: bool, tf32: bool | None = None):
+    """A session exactly as a router worker opens one: same provider options, IOBinding,
+    one device thread on CUDA."""
     from worker_setup.session import ModelSession
 
     cuda = replace(settings.worker.cuda, graphs=graphs)
+    if tf32 is not None:
+        cuda = replace(cuda, use_tf32=tf32)
     return ModelSession.load(path, device=device, cuda=cuda, io_binding=settings.worker.io_binding)
 
 

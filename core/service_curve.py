@@ -95,7 +95,12 @@ class ServiceCurve:
         """
         if not self.points:
             return None
-        if self.buckets:  # padded up: it costs its bucket
+        if self.buckets:  # padded up: it costs its bucket; past the largest, several
+            top = self.buckets[-1]
+            if rows > top:  # run as several of the largest bucket and one for the rest
+                rest = rows % top
+                tail = (self.estimate(rest, now) or 0.0) if rest else 0.0
+                return (rows // top) * (self.estimate(top, now) or 0.0) + tail
             rows = bucket_for(rows, self.buckets)
         trust = self.floor + (1 - self.floor) * self.confidence(now)
         sizes = sorted(self.points)

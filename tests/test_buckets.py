@@ -92,6 +92,8 @@ def test_a_curve_reads_a_batch_at_its_bucket_since_padding_costs_the_same():
     c.observe(32, 0.010)
     assert c.estimate(5) == c.estimate(8) == pytest.approx(0.004)
     assert c.estimate(9) == c.estimate(32) == pytest.approx(0.010)
+    c.observe(1, 0.001)
+    assert c.estimate(70) == pytest.approx(2 * 0.010 + 0.004)  # past the largest: two 32s and an 8
     plain = ServiceCurve()  # no bucket set known: linear between powers of two, as before
     plain.observe(8, 0.004)
     plain.observe(32, 0.010)

@@ -10,7 +10,8 @@ from core.protocol import ImageItem, ItemError, TensorItem
 from scheduler_plugins.builtin_models import build_trivial
 from tests.conftest import make_image
 from worker_setup.execute import execute_items
-from worker_setup.preload import batch_dimension, image_layout, warmup_line
+from core.service_curve import ServiceCurve
+from worker_setup.preload import batch_dimension, image_layout, seed_curve, warmup_line
 from worker_setup.session import ModelSession
 from worker_setup.worker_model import WorkerModel
 
@@ -135,3 +136,41 @@ def test_a_batch_waiting_for_the_device_does_not_count_the_wait_as_compute(sessi
         timings = [t for _, t in pool.map(lambda _: execute_items(model, [tensor_item(x)]), range(2))]
     assert all(0.3e9 <= t.infer_ns < 0.5e9 for t in timings), [t.infer_ns for t in timings]  # one run each, ~0.3 s
     assert all(t.output_ns < 0.1e9 for t in timings)  # and the wait is not output either
+
+
+def test_the_warm_up_starts_the_workers_curve_at_every_warmed_bucket():
+    curve = ServiceCurve()
+    seed_curve(curve, [{"bucket": 1, "first_ms": 90.0, "steady_ms": 2.0}, {"bucket": 8, "first_ms": 300.0, "steady_ms": 3.0},
+                       {"bucket": 32, "skipped": "cpu"}], (1, 8, 32))  # fmt: skip
+    assert curve.as_dict() == {"1": 0.002, "8": 0.003} and curve.buckets == (1, 8, 32)
+    none = ServiceCurve()  # a model without a batch dimension: one run, no size
+    seed_curve(none, [{"bucket": None, "first_ms": 5.0, "steady_ms": 5.0}], ())
+    none.observe(1, 0.004)
+    assert none.as_dict() == {"1": 0.004}
+
+
+def test_on_one_device_thread_every_run_and_the_warm_up_run_on_that_thread(tmp_path):
+    """ONNX Runtime keeps CUDA graphs per calling thread: the graph the warm-up captured
+    must be the one Dask's task threads replay, so every run goes through one thread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    class ThreadSpy:
+        """The ONNX Runtime session, remembering which threads ran it."""
+
+        def __init__(self, session) -> None:
+            self.session, self.threads = session, set()
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run_with_iobinding(self, *args):
+            self.threads.add(threading.current_thread().name)
+            return self.session.run_with_iobinding(*args)
+
+    s = ModelSession.load(str(build_trivial(tmp_path / "t.onnx")), device="cpu", threads=1, io_binding=True, one_thread=True)
+    s.session = spy = ThreadSpy(s.session)  # type: ignore[assignment]
+    s.warm_up(BUCKETS, cpu_max_rows=8)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda n: s.run({"input": np.ones((n, 3, 224, 224), np.float32)}), [1, 2, 4, 8]))
+    assert len(spy.threads) == 1 and next(iter(spy.threads)).startswith("batch-router-device"), spy.threads

@@ -10,6 +10,7 @@ needs a connection *to* the worker: that is what makes workers behind NAT work.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -55,6 +56,7 @@ def _decode(model: WorkerModel, item: Item) -> dict[str, np.ndarray] | ItemError
 
 
 _decoders: ThreadPoolExecutor | None = None
+_decoders_made = threading.Lock()  # two task threads may ask for the pool at once
 
 
 def decode_all(model: WorkerModel, items: list[Item]) -> list[dict[str, np.ndarray] | ItemError]:
@@ -65,8 +67,9 @@ def decode_all(model: WorkerModel, items: list[Item]) -> list[dict[str, np.ndarr
     images = sum(1 for item in items if isinstance(item, ImageItem))
     if images < 2 or model.session.threads < 2:
         return [_decode(model, item) for item in items]
-    if _decoders is None:
-        _decoders = ThreadPoolExecutor(model.session.threads, thread_name_prefix="batch-router-decode")
+    with _decoders_made:
+        if _decoders is None:
+            _decoders = ThreadPoolExecutor(model.session.threads, thread_name_prefix="batch-router-decode")
     return list(_decoders.map(lambda item: _decode(model, item), items))
 
 

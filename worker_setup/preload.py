@@ -15,6 +15,7 @@ from distributed.utils_comm import retry
 
 from core.buckets import default_buckets, model_buckets
 from core.config import Settings, cache_dir, parse
+from core.service_curve import ServiceCurve
 from core.heap import freeze_startup_heap
 from core.protocol import EXTENSION
 from worker_setup.gpu import open_source
@@ -81,16 +82,23 @@ async def dask_setup(worker) -> None:
     # Every bucket runs before the worker registers: the scheduler, and so every front
     # end's /v2/health/ready, sees only warm workers, and their curves start measured.
     table = await asyncio.to_thread(session.warm_up, shapes, w.warmup_cpu_max_rows, model.session)
-    model.stats.service.buckets = shapes
-    for row in table:
-        if "steady_ms" in row:
-            model.stats.service.points[row["bucket"]] = row["steady_ms"] / 1e3
+    seed_curve(model.stats.service, table, shapes)
     logger.info("warm-up on %s (%s): %s", session.device, precision, warmup_line(table))
     worker.extensions[EXTENSION] = model
     await start_metrics(worker, model, settings)
     worker.startup_information[EXTENSION] = lambda w: model.describe()
     logger.info("batch-router worker ready: %s", model.describe())
     freeze_startup_heap("worker")
+
+
+def seed_curve(curve: ServiceCurve, table: list[dict], shapes: tuple[int, ...]) -> None:
+    """The warm-up's steady times start the worker's service curve, so placement knows
+    every warmed bucket's cost before the first batch. A model without a batch
+    dimension has no buckets, and its one warm-up run no size to file it under."""
+    curve.buckets = shapes
+    for row in table:
+        if "steady_ms" in row and row["bucket"] is not None:
+            curve.points[row["bucket"]] = row["steady_ms"] / 1e3
 
 
 def batch_dimension(session: ModelSession) -> int | None:

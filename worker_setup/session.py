@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,6 +108,10 @@ class ModelSession:
     warmup: list[dict] = field(default_factory=list)  # per bucket: first and steady run times
     _bound: dict[int, Bound] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # On CUDA every run goes through one thread: ONNX Runtime keeps captured CUDA graphs
+    # (and cuDNN/cuBLAS handles and their workspaces) per calling thread, so a graph the
+    # warm-up captured would be captured again by each of Dask's task threads, on requests.
+    _device_thread: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @property
     def device(self) -> str:
@@ -118,8 +123,10 @@ class ModelSession:
 
     @classmethod
     def load(
-        cls, path: str, device: str = "auto", threads: int = 0, cuda: Cuda | None = None, io_binding: bool = False
+        cls, path: str, device: str = "auto", threads: int = 0, cuda: Cuda | None = None, io_binding: bool = False,
+        one_thread: bool | None = None,
     ) -> "ModelSession":
+        """``one_thread``: every run on one thread of its own (default: on CUDA)."""
         requested = requested_providers(device)
         if CUDA in requested and hasattr(ort, "preload_dlls"):
             try:
@@ -148,6 +155,8 @@ class ModelSession:
             outputs=_tensors(session.get_outputs()),
             io_binding=io_binding,
         )
+        if one_thread or (one_thread is None and self.device == "cuda"):
+            self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="batch-router-device")
         if self.device == "cuda":
             # What ORT reports it runs with, not what we asked: the two differ if it ignored one.
             self.options = dict(session.get_provider_options().get(CUDA, {}))
@@ -193,12 +202,19 @@ class ModelSession:
 
     def run(self, feeds: dict[str, np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
         """One batch, all outputs (or ``names``), as numpy arrays the caller owns."""
+        if self._device_thread is not None:
+            return self._device_thread.submit(self._run, feeds, names).result()
+        return self._run(feeds, names)
+
+    def _run(self, feeds: dict[str, np.ndarray], names: list[str] | None) -> list[np.ndarray]:
         with self._lock:
             if not self.io_binding:
                 return self.session.run(names, feeds)
             bound = self._bind(len(next(iter(feeds.values()))))
             for name, value in feeds.items():
                 bound.inputs[name].update_inplace(np.ascontiguousarray(value))
+            if self.device == "cuda":  # a copy from pageable memory may return before it lands
+                bound.binding.synchronize_inputs()
             self.session.run_with_iobinding(bound.binding, bound.run_options)
             values = bound.outputs if bound.outputs is not None else bound.binding.get_outputs()
             # A CPU OrtValue's numpy() is a view of the buffer the next batch overwrites.
