@@ -222,7 +222,7 @@ def path_ceiling(args, out: Path) -> dict:
 
 
 def summary(report: dict) -> list[str]:
-    lines = [f"{'mode':<22}{'raw img/s':>11}{'router':>10}{'ratio':>8}{'GPU %':>9}{'queue ms':>10}{'transfer':>10}{'compute':>10}  note"]
+    lines = [f"{'mode':<22}{'raw img/s':>11}{'router':>10}{'ratio':>8}{'GPU %':>9}{'queue ms':>10}{'wait':>9}{'transfer':>10}{'compute':>10}  note"]
     for name, f in report["modes"].items():
         if "error" in f:
             lines.append(f"{name:<22}  FAILED: {f['error'].splitlines()[-1][:110]}")
@@ -234,7 +234,7 @@ def summary(report: dict) -> list[str]:
         note = (f"max|dlogit| {acc['max_abs_logit_diff']}, top1 {acc['top1_agreement']}, top5 {acc['top5_agreement']}; " if acc else "")
         note += "refused on CPU, as designed" if f.get("router", {}).get("refused") else ""
         lines.append(f"{name:<22}{f['raw']['img_per_s']:>11}{str(f['router'].get('img_per_s')):>10}{str(f.get('ratio')):>8}"
-                     f"{str(g):>9}{str(s.get('queue_ms')):>10}{str(s.get('transfer_ms')):>10}{str(s.get('compute_ms')):>10}  {note}")  # fmt: skip
+                     f"{str(g):>9}{str(s.get('queue_ms')):>10}{str(s.get('device_wait_ms')):>9}{str(s.get('transfer_ms')):>10}{str(s.get('compute_ms')):>10}  {note}")  # fmt: skip
     if (c := report.get("classify")) is not None:
         lines.append(f"classify: {c['router']['img_per_s']} img/s ({c['workers']} workers, {c['clients']} clients; target >= 1500 on an H200 host)"
                      if "error" not in c else f"classify: FAILED: {c['error'].splitlines()[-1][:110]}")  # fmt: skip

@@ -59,7 +59,7 @@ def fp16_accuracy(fp32, fp16, n: int = 16) -> dict:
     return compare_precision(runner(fp32), runner(fp16), images)
 
 
-_SAMPLE = re.compile(r'^(nv_inference_\w+|batch_router_padded_rows_total)\{[^}]*\} ([0-9.eE+-]+)$')
+_SAMPLE = re.compile(r'^(nv_inference_\w+|batch_router_\w+)\{[^}]*\} ([0-9.eE+-]+)$')
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -75,19 +75,20 @@ def scrape(url: str) -> dict[str, float]:
 
 def split(before: dict, after: dict) -> dict:
     """Where a request's time went, per successful request, between two scrapes: queued
-    in the front end, on the worker (decode/stack, run, cut), and everything else
-    (HTTP, Dask's hops, moving the tensors, a batch waiting for its worker's device):
-    transfer."""
+    in the front end, waiting on the worker for its device (another batch on it),
+    compute on the worker (decode/stack, run, cut), and everything else (HTTP, Dask's
+    hops, moving the tensors): transfer."""
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     n = d.get("nv_inference_request_success", 0.0)
     if not n:
         return {"requests": 0}
     ms = {k: d.get(f"nv_inference_{k}_duration_us", 0.0) / n / 1e3 for k in ("request", "queue", "compute_input", "compute_infer", "compute_output")}
     compute = ms["compute_input"] + ms["compute_infer"] + ms["compute_output"]
+    wait = d.get("batch_router_device_wait_duration_us", 0.0) / n / 1e3
     rows, padded = d.get("nv_inference_count", 0.0), d.get("batch_router_padded_rows_total", 0.0)
     return {"requests": int(n), "request_ms": round(ms["request"], 3), "queue_ms": round(ms["queue"], 3),
-            "compute_ms": round(compute, 3), "compute_infer_ms": round(ms["compute_infer"], 3),
-            "transfer_ms": round(ms["request"] - ms["queue"] - compute, 3),
+            "device_wait_ms": round(wait, 3), "compute_ms": round(compute, 3), "compute_infer_ms": round(ms["compute_infer"], 3),
+            "transfer_ms": round(ms["request"] - ms["queue"] - wait - compute, 3),
             "padded_fraction": round(padded / (rows + padded), 4) if rows + padded else None}  # fmt: skip
 
 

@@ -122,6 +122,7 @@ class Timings:
     output_ns: int = 0  # cutting the outputs per item
     service_s: float | None = None  # how long the batch held the worker, all included
     padded: int = 0  # rows of padding run beside ``rows`` to fill the batch's bucket
+    wait_ns: int = 0  # waiting on the worker for its device, while another batch ran
 
 
 @dataclass
@@ -136,7 +137,7 @@ class BatchReply:
         return {
             "id": self.id,
             "worker": self.worker,
-            "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s, t.padded],
+            "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s, t.padded, t.wait_ns],
             "results": [_result_to_wire(r) for r in self.results],
         }
 

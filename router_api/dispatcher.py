@@ -218,7 +218,7 @@ class Dispatcher:
         # answered nobody, so it is not counted again.
         served = [r for r, res in zip(batch.requests, reply.results) if not r.done and not isinstance(res, ItemError)]
         if t.rows and served:
-            self.stats.batch_done(t.rows, sum(r.rows for r in served), len(served), t.input_ns, t.infer_ns, t.output_ns, t.padded)
+            self.stats.batch_done(t.rows, sum(r.rows for r in served), len(served), t.input_ns, t.infer_ns, t.output_ns, t.padded, t.wait_ns)
         name = view.name if view is not None and view.name else reply.worker
         round_trip, compute = now - batch.sent_at, t.service_s or 0.0
         for r, result in zip(batch.requests, reply.results):

@@ -112,6 +112,9 @@ class RouterCollector(Collector):
             ("compute_output", "nv_inference_compute_output_duration_us", "Cumulative compute output duration"),
         ):
             out.append(family(CounterMetricFamily, name, text + " (microseconds)", [(model, s.durations[field][1] * us)]))
+        out.append(family(CounterMetricFamily, "batch_router_device_wait_duration_us", "Cumulative time requests' "
+                          "batches waited on their worker for its device while another batch ran (microseconds)",
+                          [(model, s.device_wait[1] * us)]))  # fmt: skip
         return out
 
     def latency(self) -> list[Metric | None]:

@@ -17,6 +17,7 @@ class ModelStats:
         self.batch = defaultdict(lambda: {f: [0, 0] for f in ("compute_input", "compute_infer", "compute_output")})
         self.inference_count = 0  # rows
         self.padded_count = 0  # rows of padding run to fill batches up to their bucket
+        self.device_wait = [0, 0]  # [requests, ns] waiting on a worker for its device; not a Triton field
         self.execution_count = 0  # batches
         self.last_inference_ms = 0
         self.rejected = defaultdict(int)  # reason -> count (queue_full, timeout, cancelled, unavailable)
@@ -32,7 +33,8 @@ class ModelStats:
             self._add("queue", queue_ns)
 
     def batch_done(
-        self, size: int, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int, padded: int = 0
+        self, size: int, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int, padded: int = 0,
+        wait_ns: int = 0,
     ) -> None:
         """One batch of ``size`` rows run, serving ``requests`` requests (``rows`` rows)
         successfully, plus ``padded`` rows of padding. As in Triton, each request's
@@ -40,6 +42,8 @@ class ModelStats:
         the size that ran: its bucket."""
         self.inference_count += rows
         self.padded_count += padded
+        self.device_wait[0] += requests
+        self.device_wait[1] += wait_ns * requests
         size += padded
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)

@@ -136,6 +136,7 @@ def test_a_batch_waiting_for_the_device_does_not_count_the_wait_as_compute(sessi
         timings = [t for _, t in pool.map(lambda _: execute_items(model, [tensor_item(x)]), range(2))]
     assert all(0.3e9 <= t.infer_ns < 0.5e9 for t in timings), [t.infer_ns for t in timings]  # one run each, ~0.3 s
     assert all(t.output_ns < 0.1e9 for t in timings)  # and the wait is not output either
+    assert max(t.wait_ns for t in timings) >= 0.2e9  # it is counted as what it is: a wait for the device
 
 
 def test_the_warm_up_starts_the_workers_curve_at_every_warmed_bucket():

@@ -55,6 +55,16 @@ def test_request_counts_and_failures_by_reason():
     assert m["nv_inference_pending_request_count"].type == "gauge"
 
 
+def test_padding_and_the_wait_for_a_device_are_counted_beside_tritons_figures():
+    stats = ModelStats("resnet50")
+    stats.batch_done(5, 5, 2, 1000, 4_000_000, 1000, padded=3, wait_ns=2_000_000)  # 5 rows run as 8, after 2 ms
+    m = scrape(stats)
+    assert value(m, "nv_inference_count", "nv_inference_count_total") == 5  # real rows only
+    assert value(m, "batch_router_padded_rows", "batch_router_padded_rows_total") == 3
+    assert value(m, "batch_router_device_wait_duration_us", "batch_router_device_wait_duration_us_total") == 4000  # per request
+    assert stats.as_triton()["batch_stats"][0]["batch_size"] == 8  # the batch ran at its bucket
+
+
 def test_latency_histograms_are_cumulative_and_end_at_inf():
     t = Telemetry()
     for s in (0.004, 0.004, 0.2):

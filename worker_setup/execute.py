@@ -84,10 +84,10 @@ def stack(rows: list[np.ndarray], size: int) -> np.ndarray:
     return out
 
 
-def run_padded(model: WorkerModel, parts: list[dict[str, np.ndarray]], names: list[str]) -> tuple[dict[str, np.ndarray], int, int, int]:
+def run_padded(model: WorkerModel, parts: list[dict[str, np.ndarray]], names: list[str]) -> tuple[dict[str, np.ndarray], int, Timings]:
     """Run the stacked ``parts`` at bucket shapes only: outputs of the real rows, rows
-    of padding run, nanoseconds spent stacking, and nanoseconds the device was held
-    (waiting for it excluded).
+    of padding run, and the time spent stacking (``input_ns``), holding the device
+    (``infer_ns``) and waiting for it (``wait_ns``).
     Padding rows are zeros and are cut off before anyone sees them; a batch larger
     than the largest bucket runs as several."""
     first = next(iter(parts[0]))
@@ -95,23 +95,26 @@ def run_padded(model: WorkerModel, parts: list[dict[str, np.ndarray]], names: li
     plan = chunks(n, model.buckets) if model.buckets else [Chunk(0, n, n)]
     whole = None if len(plan) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     pieces: list[list[np.ndarray]] = []
-    held = prep = 0
+    spent = Timings()
     for c in plan:
         t = time.perf_counter_ns()
         if whole is None:
             feeds = {name: stack([p[name] for p in parts], c.bucket) for name in parts[0]}
         else:
             feeds = {name: stack([rows[c.start : c.start + c.rows]], c.bucket) for name, rows in whole.items()}
-        prep += time.perf_counter_ns() - t
+        t1 = time.perf_counter_ns()
         with model.device:
-            t = time.perf_counter_ns()
+            t2 = time.perf_counter_ns()
             outputs = model.session.run(feeds, names)
-            held += time.perf_counter_ns() - t
+            t3 = time.perf_counter_ns()
+        spent.input_ns += t1 - t
+        spent.wait_ns += t2 - t1
+        spent.infer_ns += t3 - t2
         pieces.append([out[: c.rows] for out in outputs])
     padded = sum(c.bucket - c.rows for c in plan)
     if len(pieces) == 1:
-        return dict(zip(names, pieces[0])), padded, prep, held
-    return {name: np.concatenate([p[i] for p in pieces]) for i, name in enumerate(names)}, padded, prep, held
+        return dict(zip(names, pieces[0])), padded, spent
+    return {name: np.concatenate([p[i] for p in pieces]) for i, name in enumerate(names)}, padded, spent
 
 
 def execute_items(model: WorkerModel, items: list[Item]) -> tuple[list[Result], Timings]:
@@ -130,28 +133,29 @@ def execute_items(model: WorkerModel, items: list[Item]) -> tuple[list[Result], 
         key = tuple((name, arr.shape[1:]) for name, arr in feeds.items())
         groups.setdefault(key, []).append((i, feeds))
     t1 = time.perf_counter_ns()
-    input_ns, infer_ns, output_ns, rows, padded = t1 - t0, 0, 0, 0, 0
+    timings = Timings(input_ns=t1 - t0)
     names = [t.name for t in model.session.outputs]
     for members in groups.values():
         try:
-            outputs, pad, prep, held = run_padded(model, [f for _, f in members], names)
+            outputs, pad, spent = run_padded(model, [f for _, f in members], names)
         except Exception as e:  # this group fails, visibly; other groups still run
             logger.exception("inference failed")
             for i, _ in members:
                 results[i] = ItemError(f"inference failed: {e}", 500)
             continue
-        input_ns, infer_ns = input_ns + prep, infer_ns + held
+        timings.input_ns += spent.input_ns
+        timings.infer_ns += spent.infer_ns
+        timings.wait_ns += spent.wait_ns
         t = time.perf_counter_ns()
         start = 0
         for i, f in members:
             n = len(next(iter(f.values())))
             results[i] = _cut(items[i], outputs, start, n)
             start += n
-        output_ns += time.perf_counter_ns() - t
-        rows += start
-        padded += pad
+        timings.output_ns += time.perf_counter_ns() - t
+        timings.rows += start
+        timings.padded += pad
     # Triton's three compute phases; waiting for the device (another batch on it) is none of them.
-    timings = Timings(rows=rows, input_ns=input_ns, infer_ns=infer_ns, output_ns=output_ns, padded=padded)
     return results, timings  # type: ignore[return-value]
 
 
