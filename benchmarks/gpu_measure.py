@@ -63,9 +63,14 @@ _SAMPLE = re.compile(r'^(nv_inference_\w+|batch_router_\w+)\{[^}]*\} ([0-9.eE+-]
 
 
 def scrape(url: str) -> dict[str, float]:
-    """Triton's cumulative counters from ``/metrics``."""
+    """Triton's cumulative counters, and ours, from ``/metrics``."""
+    return counters(urllib.request.urlopen(url + "/metrics", timeout=10).read().decode())
+
+
+def counters(text: str) -> dict[str, float]:
+    """Every ``nv_inference_*`` and ``batch_router_*`` sample of a scrape, summed over
+    labels (failure reasons left out), by the name the text gives it."""
     out: dict[str, float] = {}
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     for line in text.splitlines():
         m = _SAMPLE.match(line)
         if m and 'reason="' not in line:
@@ -84,7 +89,7 @@ def split(before: dict, after: dict) -> dict:
         return {"requests": 0}
     ms = {k: d.get(f"nv_inference_{k}_duration_us", 0.0) / n / 1e3 for k in ("request", "queue", "compute_input", "compute_infer", "compute_output")}
     compute = ms["compute_input"] + ms["compute_infer"] + ms["compute_output"]
-    wait = d.get("batch_router_device_wait_duration_us", 0.0) / n / 1e3
+    wait = d.get("batch_router_device_wait_duration_us_total", 0.0) / n / 1e3
     rows, padded = d.get("nv_inference_count", 0.0), d.get("batch_router_padded_rows_total", 0.0)
     return {"requests": int(n), "request_ms": round(ms["request"], 3), "queue_ms": round(ms["queue"], 3),
             "device_wait_ms": round(wait, 3), "compute_ms": round(compute, 3), "compute_infer_ms": round(ms["compute_infer"], 3),
