@@ -120,17 +120,22 @@ def _even_split(views: list[WorkerView], queued_rows: int, max_batch: int) -> in
     return max(1, min(max_batch, -(-queued_rows // max(1, free))))
 
 
-def bucket_rows(view: WorkerView | None, rows: int, buckets: tuple[int, ...]) -> int:
+def bucket_rows(view: WorkerView | None, rows: int, buckets: tuple[int, ...], queued: int = 0) -> int:
     """The rows a batch placed for ``rows`` should take, knowing it runs padded to a
-    bucket: cut to the bucket below (all real work), or kept and padded up, whichever
-    this worker's curve says serves more rows a second. On a GPU a few rows cost about
-    what one does, so small batches are padded; on a CPU time grows with rows, so
-    they are cut. A bucket not measured yet is padded to, which measures it (workers
-    report their warm-up times, so that is rare)."""
+    bucket. Nearer the bucket above, with that many rows ``queued``: filled up to it
+    (more rows for the same shape, no padding). Otherwise cut to the bucket below (all
+    real work) or kept and padded up, whichever this worker's curve says serves more
+    rows a second: on a GPU a few rows cost about what one does, so small batches are
+    padded; on a CPU time grows with rows, so they are cut. A bucket not measured yet is
+    padded to, which measures it (workers report their warm-up times, so that is rare)."""
     if not buckets or view is None:
         return rows
     lo, hi = floor_bucket(rows, buckets), bucket_for(rows, buckets)
-    if lo >= rows or hi not in view.service.points:
+    if lo >= rows:
+        return rows
+    if queued >= hi and hi - rows <= rows - lo:
+        return hi
+    if hi not in view.service.points:
         return rows
     t_lo, t_hi = view.service.estimate(lo), view.service.estimate(hi)
     return rows if t_lo and t_hi and rows / t_hi > lo / t_lo else lo

@@ -158,7 +158,7 @@ class Dispatcher:
             placement = self.policy.place(views, self.queue.rows, self.queue.max_batch_size, now, unplaced)
             if placement is None:
                 break
-            rows = bucket_rows(placement.view, placement.rows, self.buckets)
+            rows = bucket_rows(placement.view, placement.rows, self.buckets, self.queue.rows - placement.skip)
             requests = self.queue.take(now, max_rows=rows, skip=placement.skip)
             if not requests:
                 break

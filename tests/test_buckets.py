@@ -116,3 +116,11 @@ def test_placement_pads_where_rows_are_nearly_free_and_cuts_where_they_cost():
     assert bucket_rows(unmeasured, 6, unmeasured.service.buckets) == 6  # padded, which measures 8
     assert bucket_rows(None, 6, (1, 2, 4, 8)) == 6  # Dask places it: the worker pads
     assert bucket_rows(gpu, 6, ()) == 6  # a model without a batch dimension
+
+
+def test_a_batch_nearer_the_bucket_above_fills_it_from_the_queue():
+    cpu = gpu_like({1: 0.02, 2: 0.04, 4: 0.08, 8: 0.16})
+    assert bucket_rows(cpu, 3, cpu.service.buckets, queued=10) == 4  # 3 is as near 4 as 2: a full 4, no padding
+    assert bucket_rows(cpu, 6, cpu.service.buckets, queued=10) == 8
+    assert bucket_rows(cpu, 5, cpu.service.buckets, queued=10) == 4  # nearer 4: cut, the rest waits
+    assert bucket_rows(cpu, 3, cpu.service.buckets, queued=3) == 2  # not queued: the curve decides
