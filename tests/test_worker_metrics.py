@@ -295,13 +295,18 @@ def test_a_slow_device_sleeps_the_extra_time_instead_of_spinning(monkeypatch):
 
 def test_a_slow_devices_stretch_keeps_the_next_run_waiting(monkeypatch):
     """Two task threads overlap decoding with a run, never two runs: a stretched run
-    holds the device while it sleeps, or a slowed worker would serve twice its speed."""
+    holds the worker's device while it sleeps, or a slowed worker would serve twice its speed."""
+    from core.protocol import TensorInfo, TensorItem
+    from worker_setup.execute import execute_items
+
     events = []
 
     class Session:
+        inputs = outputs = (TensorInfo("n", "float32", (-1, 1)),)
+
         def run(self, feeds, names=None):
-            events.append(("run", feeds["n"]))
-            return []
+            events.append(("run", float(feeds["n"][0, 0])))
+            return [feeds["n"]]
 
     def sleep(seconds):
         events.append(("sleep", threading.current_thread().name))
@@ -310,8 +315,13 @@ def test_a_slow_devices_stretch_keeps_the_next_run_waiting(monkeypatch):
 
     time_sleep = time.sleep
     monkeypatch.setattr(time, "sleep", sleep)
-    device = SlowDevice(Session(), batch_time=1.0)
-    threads = [threading.Thread(target=device.run, args=({"n": i},), name=f"t{i}") for i in range(2)]
+    model = WorkerModel(session=SlowDevice(Session(), batch_time=1.0), name="m", sha256="x", layout=None, buckets=(1,))  # type: ignore[arg-type]
+
+    def one_batch(i: int) -> None:
+        x = np.full((1, 1), i, np.float32)
+        execute_items(model, [TensorItem(rows=1, inputs={"n": np.frombuffer(x.tobytes(), np.uint8)}, shapes={"n": (1, 1)}, outputs=("n",))])
+
+    threads = [threading.Thread(target=one_batch, args=(i,), name=f"t{i}") for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:

@@ -107,6 +107,7 @@ class ModelSession:
     options: dict = field(default_factory=dict)  # what /v1/workers shows: ORT's names and values
     warmup: list[dict] = field(default_factory=list)  # per bucket: first and steady run times
     _bound: dict[int, Bound] = field(default_factory=dict, repr=False)
+    _output_names: list[str] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # On CUDA every run goes through one thread: ONNX Runtime keeps captured CUDA graphs
     # (and cuDNN/cuBLAS handles and their workspaces) per calling thread, so a graph the
@@ -155,6 +156,7 @@ class ModelSession:
             outputs=_tensors(session.get_outputs()),
             io_binding=io_binding,
         )
+        self._output_names = [t.name for t in self.outputs]
         if one_thread or (one_thread is None and self.device == "cuda"):
             self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="batch-router-device")
         if self.device == "cuda":
@@ -219,10 +221,9 @@ class ModelSession:
             values = bound.outputs if bound.outputs is not None else bound.binding.get_outputs()
             # A CPU OrtValue's numpy() is a view of the buffer the next batch overwrites.
             arrays = [v.numpy().copy() if self.device == "cpu" else v.numpy() for v in values]
-        if names is None:
+        if names is None or names == self._output_names:
             return arrays
-        index = {t.name: i for i, t in enumerate(self.outputs)}
-        return [arrays[index[n]] for n in names]
+        return [arrays[self._output_names.index(n)] for n in names]
 
     def _bind(self, rows: int) -> Bound:
         """This bucket's buffers, made on first use (the warm-up's run)."""

@@ -9,7 +9,6 @@ asks for it: the request path itself never checks for the knob.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -17,20 +16,18 @@ import numpy as np
 
 
 class SlowDevice:
-    """The stretch holds the device like the run itself: a worker's two task threads
-    overlap decoding with a run, never two runs, so its sleep must not overlap either."""
+    """The stretch is part of the run: the worker calls it holding its device
+    (``WorkerModel.device``), so a second task thread waits through the sleep too."""
 
     def __init__(self, session: Any, slowdown: float = 1.0, batch_time: float = 0.0) -> None:
         self.session, self.slowdown, self.batch_time = session, slowdown, batch_time
-        self._device = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:  # inputs, outputs, providers, device...
         return getattr(self.session, name)
 
     def run(self, feeds: dict[str, np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
-        with self._device:
-            t0 = time.perf_counter()
-            out = self.session.run(feeds, names)
-            took = time.perf_counter() - t0
-            time.sleep(max(0.0, (self.slowdown - 1) * took, self.batch_time - took))
+        t0 = time.perf_counter()
+        out = self.session.run(feeds, names)
+        took = time.perf_counter() - t0
+        time.sleep(max(0.0, (self.slowdown - 1) * took, self.batch_time - took))
         return out
