@@ -34,7 +34,8 @@ GPU = {"source": "nvml", "name": "T4", "uuid": "GPU-x", "utilization_gpu": 50, "
 
 def front_end(n_workers: int, requests: int) -> tuple[SimpleNamespace, Telemetry]:
     views = {f"tcp://w{i}": WorkerView(f"tcp://w{i}", f"w{i}", rows=i) for i in range(n_workers)}
-    d = SimpleNamespace(stats=ModelStats("resnet50"), queue=BatchQueue(32, priority_levels=3), views=views, hedges=0,
+    stats = ModelStats("resnet50")
+    d = SimpleNamespace(stats=stats, entry_stats={stats.name: stats}, queue=BatchQueue(32, priority_levels=3), views=views, hedges=0,
                         weights=lambda now=0.0: {a: 1 / n_workers for a in views})  # fmt: skip
     t = Telemetry()
     for i in range(requests):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
 
+from core.entries import SUFFIX
 from benchmarks.windows import get
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,11 +139,20 @@ def spawn_bare(meta: Optional[dict]) -> tuple[subprocess.Popen, str, Optional[st
 
 
 def _model_path(args: argparse.Namespace) -> Path:
-    if args.model_path is not None:
-        return args.model_path
+    """The file raw ONNX Runtime runs: the model's, or for a ``-uint8`` name the same
+    graph a worker builds for it (preprocessing merged ahead), so both take one payload."""
     from scheduler_plugins.builtin_models import ensure_default_model
 
-    return ensure_default_model()
+    path = args.model_path if args.model_path is not None else ensure_default_model()
+    if not args.model.endswith(SUFFIX):
+        return path
+    import dask.config
+
+    from core.config import cache_dir, parse
+    from scheduler_plugins.model_store import sha256_file
+    from worker_setup.preprocess_graph import ensure_uint8
+
+    return ensure_uint8(Path(path), sha256_file(path), cache_dir(parse(dask.config.get("batch-router", None))))
 
 
 def run_raw(args: argparse.Namespace, duration: float) -> dict:

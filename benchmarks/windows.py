@@ -41,10 +41,14 @@ async def get_json(host: str, port: int, path: str) -> Optional[dict]:
 
 
 def _counts(stats: Optional[dict]) -> Optional[tuple[int, int, int]]:
-    """Rows, batches, and rows of padding (0 from a server that pads nothing)."""
+    """Rows, batches, and rows of padding (0 from a server that pads nothing), summed
+    over the models listed."""
     try:
-        s = stats["model_stats"][0]  # type: ignore[index]
-        return int(s["inference_count"]), int(s["execution_count"]), int(s.get("padded_count", 0))
+        listed = stats["model_stats"]  # type: ignore[index]
+        if not listed:
+            return None
+        return tuple(sum(int(s.get(k, 0) if k == "padded_count" else s[k]) for s in listed)
+                     for k in ("inference_count", "execution_count", "padded_count"))  # type: ignore[return-value]
     except (TypeError, KeyError, IndexError, ValueError):
         return None
 
@@ -55,7 +59,9 @@ async def load_window(url: str, args: argparse.Namespace, path: str, headers: di
     """Warm up, measure one window, drain: (Recorder, server stats delta or None)."""
     u = urlsplit(url)
     host, port, base = u.hostname or "127.0.0.1", u.port or 80, u.path.rstrip("/")
-    stats_path = f"{base}/v2/models/{args.model}/stats"
+    # /v1/classify runs on whichever model name the router feeds images to (the
+    # -uint8 one where there is one): count every model's batches.
+    stats_path = f"{base}/v2/models/stats" if path.endswith("/v1/classify") else f"{base}/v2/models/{args.model}/stats"
     full = base + path
     warmup = args.warmup if warmup is None else warmup
 

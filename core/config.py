@@ -284,6 +284,7 @@ class Settings:
 
     model: str | None = key(Text(nullable=True))
     model_name: str | None = key(Text(nullable=True))
+    uint8_model: bool = key(Flag())
     labels: str | None = key(Text(nullable=True))
     max_batch_size: int = key(Int(minimum=1))
     max_queue_delay: float = key(Duration())

@@ -72,6 +72,7 @@ class TensorItem:
     shapes: dict[str, tuple[int, ...]]
     outputs: tuple[str, ...]  # which outputs to return
     codecs: dict[str, str] = field(default_factory=dict)  # input name -> "zlib"
+    entry: str = ""  # "uint8": the model name with in-graph preprocessing (core.entries)
 
 
 Item = Union[ImageItem, TensorItem]

@@ -7,11 +7,13 @@ process (``batch-router up``) or connected over TCP (``batch-router serve``).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 from tornado import httpserver, web
 
 from core.config import Settings
+from core.entries import PREPROCESSING, UINT8
 from core.labels import load_labels
 from router_api import kserve
 from router_api.cluster_link import ClusterLink
@@ -42,6 +44,16 @@ def tensor_specs(tensors: list[dict]) -> list[kserve.TensorSpec]:
     return [kserve.TensorSpec(t["name"], kserve.datatype_of(np.dtype(t["dtype"])), tuple(t["shape"])) for t in tensors]
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One model name the service answers to (``core.entries``)."""
+
+    name: str
+    kind: str  # "": the model file as it is; "uint8": behind in-graph preprocessing
+    inputs: list[kserve.TensorSpec]
+    outputs: list[kserve.TensorSpec]
+
+
 class Router:
     """What the handlers read: model metadata, settings, and the link to the cluster."""
 
@@ -61,6 +73,11 @@ class Router:
         self.num_classes = max(1, self.outputs[0].shape[-1])
         self.labels = load_labels(settings.labels, self.num_classes)
         self.notes = model.get("metadata", {})
+        self.entries = {self.model_name: Entry(self.model_name, "", self.inputs, self.outputs)}
+        if u := model.get("uint8"):
+            self.entries[u["name"]] = Entry(u["name"], UINT8, tensor_specs(u["inputs"]), tensor_specs(u["outputs"]))
+        # Images go to the uint8 entry where there is one: workers normalise them in the graph.
+        self.images = u["name"] if u else self.model_name
         self.dashboard: str | None = None  # the Dask dashboard's base URL, when known
 
     def server_metadata(self) -> dict:
@@ -72,13 +89,15 @@ class Router:
             v = "0+source"
         return kserve.server_metadata("gpu-batch-router", v, EXTENSIONS)
 
-    def model_metadata(self) -> dict:
-        meta = kserve.model_metadata(self.model_name, self.version, "onnx_onnxv1", self.inputs, self.outputs)
+    def model_metadata(self, entry: Entry) -> dict:
+        meta = kserve.model_metadata(entry.name, self.version, "onnx_onnxv1", entry.inputs, entry.outputs)
         meta["parameters"] = {"sha256": self.model["sha256"], **self.notes,
                               "precision": self.model.get("precision", "fp32")}  # fmt: skip
+        if entry.kind == UINT8:
+            meta["parameters"].update({"preprocessing": PREPROCESSING, "classifier": self.model_name})
         return meta
 
-    def model_config(self) -> dict:
+    def model_config(self, entry: Entry) -> dict:
         q = self.dispatcher.queue
         batching = {
             # Triton's preferred sizes, enforced: every batch is padded up to one of them.
@@ -93,16 +112,17 @@ class Router:
                 "max_queue_size": q.max_queue_size,
             },
         }
-        return kserve.model_config(self.model_name, "onnxruntime_onnx", self.max_batch_size, self.inputs, self.outputs, batching)
+        return kserve.model_config(entry.name, "onnxruntime_onnx", self.max_batch_size, entry.inputs, entry.outputs, batching)
 
     def workers(self) -> list[dict]:
         """One entry per worker: what it is, what it is doing, and how placement sees it.
         Startup info and metrics carry no secrets (no tokens, no keys)."""
         d = self.dispatcher
         # options: ONNX Runtime's CUDA provider options as the session reports them, and
-        # io_binding; warmup: each bucket's first and steady run, timed before it joined.
+        # io_binding; warmup: each bucket's first and steady run, timed before it joined; uint8:
+        # the uint8 entry's session (its warm-up), None when the cluster serves none.
         keys = ("device", "providers", "requested_providers", "cuda_fallback", "threads", "sha256", "precision", "buckets",
-                "options", "cuda_graphs", "warmup")  # fmt: skip
+                "options", "cuda_graphs", "warmup", "uint8")  # fmt: skip
         now = self.link.now
         shares = d.weights(now)
         return [

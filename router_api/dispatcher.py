@@ -65,7 +65,11 @@ class Dispatcher:
         self.batches: dict[str, Batch] = {}  # the ledger: every batch in flight
         self.sent = self.hedges = self.probes = 0  # batches sent (the hedge budget's base), copies
         self.received = 0  # requests ever queued
+        # Triton's statistics per model name: the float entry's, and the uint8 entry's.
         self.stats = ModelStats(model["name"])
+        self.entry_stats = {model["name"]: self.stats}
+        if model.get("uint8"):
+            self.entry_stats[model["uint8"]["name"]] = ModelStats(model["uint8"]["name"])
         self.telemetry = Telemetry()
         self.closing = False
         self.membership_version = 0  # the plugin's count of worker events applied so far
@@ -109,6 +113,10 @@ class Dispatcher:
         """When the queue changes by itself (a deadline, a delay ending): wake it then."""
         return self.queue.next_wakeup(now)
 
+    def stats_of(self, r: Request) -> ModelStats:
+        """The statistics of the model name ``r`` was sent to."""
+        return self.entry_stats.get(r.model, self.stats)
+
     def far_workers(self) -> bool:
         """Some worker is far enough that tensors travel to it compressed: the front
         end then compresses each tensor request on a thread as it arrives."""
@@ -122,7 +130,7 @@ class Dispatcher:
     def _arrived(self, e: Arrived) -> None:
         r = e.request
         if self.closing:
-            self.stats.rejected["unavailable"] += 1
+            self.stats_of(r).rejected["unavailable"] += 1
             return self._fail(r, Unavailable("server is shutting down"))
         try:
             r.priority = resolve_priority(r.priority, self.levels, self.default_level)
@@ -130,7 +138,7 @@ class Dispatcher:
             r.arrival, r.deadline = e.now, (e.now + timeout if timeout else None)
             self.queue.push(r)
         except QueueFull as err:
-            self.stats.rejected["queue_full"] += 1
+            self.stats_of(r).rejected["queue_full"] += 1
             return self._fail(r, Unavailable(str(err)))
         except ValueError as err:
             return self._fail(r, err)
@@ -141,14 +149,14 @@ class Dispatcher:
         not sent again should that worker die."""
         r = e.request
         if self.queue.cancel(r):
-            self.stats.rejected["cancelled"] += 1
+            self.stats_of(r).rejected["cancelled"] += 1
             r.item = r.packed = None  # its bytes need not wait for the entry to reach the head
         r.done = True
 
     def _pump(self, now: float) -> None:
         """Send every batch that can go now, then probe idle workers."""
         for r in self.queue.expire(now):
-            self.stats.rejected["timeout"] += not r.done
+            self.stats_of(r).rejected["timeout"] += not r.done
             r.item = r.packed = None
             self._fail(r, DeadlineExceeded("request timeout expired while queued"))
         views = list(self.views.values())
@@ -217,8 +225,9 @@ class Dispatcher:
         # Triton's counts are of requests served: a copy that lost the race ran, but
         # answered nobody, so it is not counted again.
         served = [r for r, res in zip(batch.requests, reply.results) if not r.done and not isinstance(res, ItemError)]
-        if t.rows and served:
-            self.stats.batch_done(t.rows, sum(r.rows for r in served), len(served), t.input_ns, t.infer_ns, t.output_ns, t.padded, t.wait_ns)
+        for stats in {self.stats_of(r): None for r in served} if t.rows else ():  # a batch may carry both entries
+            mine = [r for r in served if self.stats_of(r) is stats]
+            stats.batch_done(t.rows, sum(r.rows for r in mine), len(mine), t.input_ns, t.infer_ns, t.output_ns, t.padded, t.wait_ns)
         name = view.name if view is not None and view.name else reply.worker
         round_trip, compute = now - batch.sent_at, t.service_s or 0.0
         for r, result in zip(batch.requests, reply.results):
@@ -228,7 +237,7 @@ class Dispatcher:
             # Queue wait lasts until the batch that answered left (a hedged copy's
             # requests waited through the first try).
             queue = batch.sent_at - r.arrival
-            self.stats.request_done(ok, ns(now - r.arrival), ns(queue))
+            self.stats_of(r).request_done(ok, ns(now - r.arrival), ns(queue))
             if ok:
                 self.telemetry.request_served(now - r.arrival, queue, round_trip, compute)
             self._settle(r)
@@ -260,7 +269,7 @@ class Dispatcher:
                 batch.copy_of.hedged = False
                 self.hedges -= 1
         for r in self._orphans(batch):  # a hedge's requests still run on the first try
-            self.stats.rejected["unavailable"] += 1
+            self.stats_of(r).rejected["unavailable"] += 1
             self._fail(r, Unavailable(f"cannot reach the scheduler: {e.reason}"))
 
     def _release(self, batch: Batch) -> None:
@@ -283,7 +292,7 @@ class Dispatcher:
     def _abandon(self, batch: Batch, error: Exception, now: float) -> None:
         self._release(batch)
         for r in self._orphans(batch):
-            self.stats.request_done(False, ns(now - r.arrival), 0)
+            self.stats_of(r).request_done(False, ns(now - r.arrival), 0)
             self._fail(r, error)
 
     def _resend(self, batch: Batch, reason: str) -> None:
@@ -324,7 +333,7 @@ class Dispatcher:
             for batch in batches:
                 self._resend(batch, f"worker {view.address} is overdue")
         for r in watchdog.expired(self.batches.values(), now):
-            self.stats.rejected["timeout"] += 1
+            self.stats_of(r).rejected["timeout"] += 1
             self._fail(r, DeadlineExceeded("request timeout expired while in flight"))
         if stuck:
             self._pump(now)
@@ -396,7 +405,7 @@ class Dispatcher:
 
     def _abort(self, e: Abort) -> None:
         for r in self.queue.drain():
-            self.stats.rejected["unavailable"] += not r.done
+            self.stats_of(r).rejected["unavailable"] += not r.done
             self._fail(r, Unavailable("server is shutting down"))
         for batch in list(self.batches.values()):
             self._abandon(batch, Unavailable("server is shutting down"), e.now)

@@ -48,11 +48,12 @@ class JSONHandler(web.RequestHandler):
         self.set_status(status)
         self.finish(kserve.error_body(message))
 
-    def check_model(self, name: str, version: str | None = None) -> bool:
-        if name != self.router.model_name or version not in (None, "", self.router.version):
+    def check_model(self, name: str, version: str | None = None):
+        """The model name's entry, or None after answering 404."""
+        entry = self.router.entries.get(name)
+        if entry is None or version not in (None, "", self.router.version):
             self.fail(404, f"unknown model: '{name}'" + (f" version {version}" if version else ""))
-            return False
-        return True
+        return entry
 
 
 class NotFound(JSONHandler):
@@ -81,8 +82,8 @@ class ServerMetadata(JSONHandler):
 
 class ModelMetadata(JSONHandler):
     def get(self, name: str, version: str | None = None) -> None:
-        if self.check_model(name, version):
-            self.write_json(self.router.model_metadata())
+        if entry := self.check_model(name, version):
+            self.write_json(self.router.model_metadata(entry))
 
 
 class ModelReady(JSONHandler):
@@ -95,14 +96,17 @@ class ModelReady(JSONHandler):
 
 class ModelConfig(JSONHandler):
     def get(self, name: str, version: str | None = None) -> None:
-        if self.check_model(name, version):
-            self.write_json(self.router.model_config())
+        if entry := self.check_model(name, version):
+            self.write_json(self.router.model_config(entry))
 
 
 class ModelStatistics(JSONHandler):
     def get(self, name: str | None = None, version: str | None = None) -> None:
-        if name is None or self.check_model(name, version):
-            self.write_json({"model_stats": [self.router.dispatcher.stats.as_triton()]})
+        stats = self.router.dispatcher.entry_stats
+        if name is None:
+            self.write_json({"model_stats": [s.as_triton() for s in stats.values()]})
+        elif entry := self.check_model(name, version):
+            self.write_json({"model_stats": [stats[entry.name].as_triton()]})
 
 
 class Workers(JSONHandler):
@@ -123,7 +127,7 @@ class Metrics(JSONHandler):
         r = self.router
         snapshot = r.dispatcher.telemetry.snapshot(r.dispatcher, r.link.now)
         self.set_header("Content-Type", prometheus.CONTENT_TYPE)
-        self.finish(prometheus.render(snapshot, r.dispatcher.stats, r.workers(), r.version))
+        self.finish(prometheus.render(snapshot, list(r.dispatcher.entry_stats.values()), r.workers(), r.version))
 
 
 class Dashboard(JSONHandler):
@@ -175,7 +179,7 @@ class BodyHandler(JSONHandler):
             self.router.link.cancel(request)
 
     async def run(
-        self, items: list, rows: int, priority: int = 0, timeout_us: int = 0, packed=None
+        self, items: list, rows: int, priority: int = 0, timeout_us: int = 0, packed=None, model: str = ""
     ) -> list[Answer] | None:
         """Queue items (one per request row group) and wait for all of them.
 
@@ -184,7 +188,7 @@ class BodyHandler(JSONHandler):
         try:
             futures = []
             for item in items:
-                request, future = self.router.link.submit(item, rows, priority, timeout_us, packed if len(items) == 1 else None)
+                request, future = self.router.link.submit(item, rows, priority, timeout_us, packed if len(items) == 1 else None, model)
                 self.pending.append(request)
                 futures.append(future)
             replies = await asyncio.gather(*futures, return_exceptions=True)
@@ -208,13 +212,13 @@ class BodyHandler(JSONHandler):
 
 class Infer(BodyHandler):
     async def post(self, name: str, version: str | None = None) -> None:
-        if self.reject_large() or not self.check_model(name, version):
+        if self.reject_large() or not (entry := self.check_model(name, version)):
             return
         router = self.router
         header = self.request.headers.get("Inference-Header-Content-Length")
         try:
             header_length = int(header) if header is not None else None
-            req = kserve.parse_infer_request(self.body, header_length, router.inputs, router.outputs, router.max_batch_size)
+            req = kserve.parse_infer_request(self.body, header_length, entry.inputs, entry.outputs, router.max_batch_size)
         except kserve.ProtocolError as e:
             return self.fail(e.status, str(e))
         except ValueError:
@@ -224,11 +228,12 @@ class Infer(BodyHandler):
             inputs={i.name: as_frame(i.data) for i in req.inputs},
             shapes={i.name: tuple(i.shape) for i in req.inputs},
             outputs=tuple(o.name for o in req.outputs),
+            entry=entry.kind,
         )
         packed = None
         if router.dispatcher.far_workers():  # zlib releases the GIL: off the event loop
             packed = await asyncio.to_thread(pack_item, item)
-        replies = await self.run([item], req.rows, req.priority, req.timeout_us, packed)
+        replies = await self.run([item], req.rows, req.priority, req.timeout_us, packed, entry.name)
         if replies is None:
             return
         result = replies[0].result
@@ -236,7 +241,7 @@ class Infer(BodyHandler):
             return self.fail(result.status, result.message)
         outs = result.outputs  # views of the bytes the worker packed: no copy until the body
         arrays = [(o, np.frombuffer(outs[o.name].data, outs[o.name].dtype).reshape(outs[o.name].shape)) for o in req.outputs]
-        body, header_length = kserve.encode_infer_response(router.model_name, router.version, req.id, arrays)
+        body, header_length = kserve.encode_infer_response(entry.name, router.version, req.id, arrays)
         if header_length is not None:
             self.set_header("Inference-Header-Content-Length", str(header_length))
             self.set_header("Content-Type", "application/octet-stream")
@@ -274,7 +279,7 @@ class Classify(BodyHandler):
         except ValueError:
             return self.fail(400, "priority and timeout must be non-negative integers")
         items = [ImageItem(as_frame(img), top_k) for img in images]
-        replies = await self.run(items, 1, priority, timeout_us)
+        replies = await self.run(items, 1, priority, timeout_us, model=self.router.images)
         if replies is None:
             return
         failed = [(i, r.result) for i, r in enumerate(replies) if isinstance(r.result, ItemError)]

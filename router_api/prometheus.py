@@ -80,29 +80,35 @@ class RouterCollector(Collector):
     """One scrape's worth of state: ``snapshot`` is Telemetry.snapshot(), ``stats`` the
     ModelStats, ``workers`` the ``/v1/workers`` entries (with their latest GPU sample)."""
 
-    def __init__(self, snapshot: dict, stats: ModelStats, workers: list[dict], version: str) -> None:
-        self.snapshot, self.stats, self.workers, self.version = snapshot, stats, workers, version
+    def __init__(self, snapshot: dict, stats: ModelStats | list[ModelStats], workers: list[dict], version: str) -> None:
+        self.stats = stats if isinstance(stats, list) else [stats]  # one per model name, Triton's ``model`` label
+        self.snapshot, self.workers, self.version = snapshot, workers, version
 
     def collect(self) -> Iterator[Metric]:
         metrics = [*self.requests(), *self.latency(), *self.per_worker()]
         yield from (m for m in metrics if m is not None)
 
     def requests(self) -> list[Metric | None]:
-        s, snap, us = self.stats, self.snapshot, 1e-3  # ns -> µs
-        model = {"model": snap["model"], "version": self.version}
-        failures = [({**model, "reason": r}, sum(snap["rejected"].get(k, 0) for k in keys)) for r, keys in FAILURE_REASONS.items()]
-        failures.append(({**model, "reason": "BACKEND"}, s.durations["fail"][0]))
+        snap, us = self.snapshot, 1e-3  # ns -> µs
+        models = [({"model": s.name, "version": self.version}, s) for s in self.stats]
+
+        def rows(value) -> list[tuple[dict, float]]:
+            return [(labels, value(s)) for labels, s in models]
+
+        failures = [({**m, "reason": r}, sum(s.rejected.get(k, 0) for k in keys)) for m, s in models for r, keys in FAILURE_REASONS.items()]
+        failures += [({**m, "reason": "BACKEND"}, s.durations["fail"][0]) for m, s in models]
         out = [
-            family(CounterMetricFamily, "nv_inference_request_success", "Requests answered successfully", [(model, s.durations["success"][0])]),
+            family(CounterMetricFamily, "nv_inference_request_success", "Requests answered successfully", rows(lambda s: s.durations["success"][0])),
             family(CounterMetricFamily, "nv_inference_request_failure",
                    "Failed requests: REJECTED timed out (504), OTHER refused (503: queue full, no scheduler, "
                    "shutting down), CANCELED client went away, BACKEND failed on a worker", failures),
-            family(CounterMetricFamily, "nv_inference_count", "Inferences performed (a batch of n counts n)", [(model, s.inference_count)]),
-            family(CounterMetricFamily, "nv_inference_exec_count", "Batches executed", [(model, s.execution_count)]),
+            family(CounterMetricFamily, "nv_inference_count", "Inferences performed (a batch of n counts n)", rows(lambda s: s.inference_count)),
+            family(CounterMetricFamily, "nv_inference_exec_count", "Batches executed", rows(lambda s: s.execution_count)),
             family(CounterMetricFamily, "batch_router_padded_rows", "Rows of padding run to fill batches up to their "
-                   "bucket (nv_inference_count counts only real rows)", [(model, s.padded_count)]),
+                   "bucket (nv_inference_count counts only real rows)", rows(lambda s: s.padded_count)),
+            # One queue serves every model name: its depth is the cluster model's row.
             family(GaugeMetricFamily, "nv_inference_pending_request_count", "Requests waiting in the front end's queue",
-                   [(model, sum(snap["queue"]["levels"]))]),
+                   [(models[0][0], sum(snap["queue"]["levels"]))]),
         ]  # fmt: skip
         for field, name, text in (
             ("success", "nv_inference_request_duration_us", "Cumulative request duration, successful requests"),
@@ -111,10 +117,10 @@ class RouterCollector(Collector):
             ("compute_infer", "nv_inference_compute_infer_duration_us", "Cumulative compute inference duration"),
             ("compute_output", "nv_inference_compute_output_duration_us", "Cumulative compute output duration"),
         ):
-            out.append(family(CounterMetricFamily, name, text + " (microseconds)", [(model, s.durations[field][1] * us)]))
+            out.append(family(CounterMetricFamily, name, text + " (microseconds)", rows(lambda s: s.durations[field][1] * us)))
         out.append(family(CounterMetricFamily, "batch_router_device_wait_duration_us", "Cumulative time requests' "
                           "batches waited on their worker for its device while another batch ran (microseconds)",
-                          [(model, s.device_wait[1] * us)]))  # fmt: skip
+                          rows(lambda s: s.device_wait[1] * us)))  # fmt: skip
         return out
 
     def latency(self) -> list[Metric | None]:
@@ -170,7 +176,7 @@ class RouterCollector(Collector):
         ]  # fmt: skip
 
 
-def render(snapshot: dict, stats: ModelStats, workers: list[dict], version: str) -> str:
+def render(snapshot: dict, stats: ModelStats | list[ModelStats], workers: list[dict], version: str) -> str:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RouterCollector(snapshot, stats, workers, version))
     return _TRITON_TOTAL.sub(r"\1", generate_latest(registry).decode())

@@ -13,6 +13,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from core.histogram import PHASES, Histogram
+from router_api.triton_stats import ModelStats
 
 if TYPE_CHECKING:
     from router_api.dispatcher import Dispatcher
@@ -39,7 +40,7 @@ class Telemetry:
         """Everything the dashboard needs from this front end, cumulative where it can be
         so that a lost update loses nothing but resolution. ``now`` is the dispatcher's
         clock (the event loop's, ``time.monotonic``)."""
-        stats, queue = dispatcher.stats, dispatcher.queue
+        stats, queue = ModelStats.combined(list(dispatcher.entry_stats.values())), dispatcher.queue
         weights = dispatcher.weights(time.monotonic() if now is None else now)
         return {
             "time": time.time(),

@@ -53,6 +53,27 @@ class ModelStats:
             b[0] += 1
             b[1] += ns
 
+    @classmethod
+    def combined(cls, parts: list["ModelStats"]) -> "ModelStats":
+        """Every model name's counters summed, under the first one's name: what the
+        dashboard shows for the service as a whole."""
+        total = cls(parts[0].name, parts[0].version)
+        for p in parts:
+            for f, (n, t) in p.durations.items():
+                total._add(f, t, n)
+            for size, fields in p.batch.items():
+                for f, (n, t) in fields.items():
+                    total.batch[size][f][0] += n
+                    total.batch[size][f][1] += t
+            for reason, n in p.rejected.items():
+                total.rejected[reason] += n
+            total.inference_count += p.inference_count
+            total.padded_count += p.padded_count
+            total.execution_count += p.execution_count
+            total.device_wait = [a + b for a, b in zip(total.device_wait, p.device_wait)]
+            total.last_inference_ms = max(total.last_inference_ms, p.last_inference_ms)
+        return total
+
     def as_triton(self) -> dict:
         def stat(d):
             return {"count": d[0], "ns": d[1]}

@@ -14,6 +14,7 @@ import time
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from core.config import Settings, buckets, placement_tuning
+from core.entries import uint8_entry
 from core.placement import make_policy, weights
 from core.protocol import API_PREFIXES, EXTENSION, STATE_TOPIC, WORKERS_TOPIC
 from core.worker_view import Flight, WorkerView, apply_metrics
@@ -49,6 +50,7 @@ class BatchRouterPlugin(SchedulerPlugin):
         # from here, so a remote worker configured otherwise cannot disagree.
         self.buckets = buckets(settings)
         self.precision = settings.worker.precision
+        self.uint8_model = settings.uint8_model
         self.interval = settings.batched_send_interval
         self.publish_every = settings.worker.metrics_interval or 0.5
         # Bumped on every membership event, so a front end can tell a snapshot that
@@ -134,7 +136,11 @@ class BatchRouterPlugin(SchedulerPlugin):
     # -- RPC handlers ------------------------------------------------------------
 
     def model_info(self) -> dict:
-        return {**self.model.describe(), "buckets": list(self.buckets), "precision": self.precision}
+        """The model, with the cluster's buckets and precision, and the ``-uint8`` name's
+        metadata (None when not served): workers build that graph, front ends route to it."""
+        info = {**self.model.describe(), "buckets": list(self.buckets), "precision": self.precision}
+        info["uint8"] = uint8_entry(info) if self.uint8_model else None
+        return info
 
     def model_chunk(self, offset: int) -> bytes:
         return self.model.read_chunk(int(offset))

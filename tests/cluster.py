@@ -75,8 +75,9 @@ class Cluster:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
             return json.loads(r.read() or b"null")
 
-    def stats(self) -> dict:
-        return self.get("/v2/models/resnet50/stats")["model_stats"][0]
+    def stats(self, model: str = "resnet50-uint8") -> dict:
+        """Triton's statistics of one model name: by default the one /v1/classify feeds."""
+        return self.get(f"/v2/models/{model}/stats")["model_stats"][0]
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> int | None:
         if self.proc is None:

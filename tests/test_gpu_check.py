@@ -13,7 +13,7 @@ from tests.test_telemetry import fake_dispatcher
 
 def metrics_text(stats: ModelStats) -> str:
     d = fake_dispatcher()
-    d.stats = stats
+    d.stats, d.entry_stats = stats, {stats.name: stats}
     return render(Telemetry().snapshot(d), stats, [], "1")
 
 

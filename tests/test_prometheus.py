@@ -21,7 +21,7 @@ def worker_entry(name: str, sample: dict | None, simulated: bool = False, **kw) 
 def scrape(stats: ModelStats | None = None, workers: list[dict] | None = None, telemetry: Telemetry | None = None) -> dict:
     d = fake_dispatcher()
     if stats is not None:
-        d.stats = stats
+        d.stats, d.entry_stats = stats, {stats.name: stats}
     telemetry = telemetry or Telemetry()
     text = render(telemetry.snapshot(d), d.stats, workers or [], "1")
     return {f.name: f for f in text_string_to_metric_families(text)}

@@ -94,10 +94,10 @@ def test_concurrent_requests_batch_together_and_never_mix_rows(cluster, session)
     """Under concurrency every request gets exactly what it would get alone."""
     rng = np.random.default_rng(5)
     inputs = [rng.standard_normal((int(rng.integers(1, 4)), 3, 224, 224)).astype(np.float32) for _ in range(24)]
-    before = cluster.stats()
+    before = cluster.stats("resnet50")
     with ThreadPoolExecutor(12) as pool:
         responses = list(pool.map(lambda x: infer_binary(cluster.url, x), inputs))
-    after = cluster.stats()
+    after = cluster.stats("resnet50")
     for x, r in zip(inputs, responses):
         assert r.status == 200, r.body
         np.testing.assert_allclose(logits_of(r, len(x)), session.run(None, {"input": x})[0], atol=ATOL)

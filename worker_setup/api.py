@@ -74,39 +74,46 @@ def _read(image: Image) -> bytes:
                                 "send bytes to a worker on another machine)") from None  # fmt: skip
 
 
-def _infer(batch: np.ndarray) -> np.ndarray:
-    """Run the model on a ready batch (first input only); returns the first output.
-
-    Counted like a front-end batch (service time, busy time), so placement sees the load
-    that Dask users put on a worker too.
-    """
+def _run(session, batch: np.ndarray) -> np.ndarray:
+    """One run of ``session`` (first input, first output), counted like a front-end
+    batch (service time, busy time), so placement sees the load that Dask users put on
+    a worker too."""
     import time
 
     from worker_setup.worker_model import current_model
 
     model = current_model()
-    t = model.session.inputs[0]
+    t = session.inputs[0]
     batch = np.ascontiguousarray(batch, dtype=t.dtype)
     rows, t0 = len(batch), time.perf_counter()
     model.stats.started(rows)
     failed = 1
     try:
-        out = model.session.run({t.name: batch})[0]
+        with model.device:
+            out = session.run({t.name: batch})[0]
         failed = 0
         return out
     finally:
         model.stats.finished(rows if not failed else 0, time.perf_counter() - t0, failed, rows)
 
 
+def _infer(batch: np.ndarray) -> np.ndarray:
+    """Run the model on a ready batch (first input only); returns the first output."""
+    from worker_setup.worker_model import current_model
+
+    return _run(current_model().session, batch)
+
+
 def _classify(images: Iterable[Image], top: int = 5, labels: str | None = None) -> list[list[dict]]:
     """Top-``top`` predictions for each image (bytes or a path), in input order.
 
     Accepts any iterable, so a ``dask.bag`` partition of paths works as it is:
-    ``bag.map_partitions(classify)`` gives one prediction list per image.
+    ``bag.map_partitions(classify)`` gives one prediction list per image. Images go to
+    the uint8 entry where the worker has one, as ``/v1/classify``'s do.
     """
     from core.labels import load_labels
     from worker_setup.execute import top_k
-    from worker_setup.preprocess import image_to_row
+    from worker_setup.preprocess import image_pixels, image_to_row
     from worker_setup.worker_model import current_model
 
     model = current_model()
@@ -115,7 +122,10 @@ def _classify(images: Iterable[Image], top: int = 5, labels: str | None = None) 
     data = [_read(i) for i in images]
     if not data:
         return []
-    logits = _infer(np.stack([image_to_row(d, model.layout) for d in data]))
+    if model.pixels is not None:
+        logits = _run(model.pixels, np.stack([image_pixels(d, model.layout.size) for d in data]))
+    else:
+        logits = _run(model.session, np.stack([image_to_row(d, model.layout) for d in data]))
     names = load_labels(labels, logits.shape[-1])
     out = []
     for row in logits:

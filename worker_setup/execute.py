@@ -19,7 +19,8 @@ import numpy as np
 from core.buckets import Chunk, chunks
 from core.codec import unpack_input
 from core.protocol import BatchReply, BatchSpec, ImageItem, Item, ItemError, Output, Result, Tensors, Timings, TopK
-from worker_setup.preprocess import ImageError, image_to_row
+from core.entries import PIXELS, UINT8
+from worker_setup.preprocess import ImageError, image_pixels, image_to_row
 from worker_setup.worker_model import WorkerModel, current_model
 
 logger = logging.getLogger("worker_setup.execute")
@@ -36,17 +37,21 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int64), p[idx].astype(np.float32)
 
 
-def _item_inputs(model: WorkerModel, item: Item) -> dict[str, np.ndarray]:
-    """One request's input rows, keyed by input name."""
-    inputs = model.session.inputs
+def _item_inputs(model: WorkerModel, item: Item) -> tuple[str, dict[str, np.ndarray]]:
+    """Which entry one request runs on, and its input rows keyed by input name. An
+    image becomes uint8 pixels for the uint8 entry where the worker has one (its
+    normalisation then runs in the graph), else a normalised row of the model's own."""
     if isinstance(item, ImageItem):
         if model.layout is None:
             raise ImageError("this model does not take images")
-        return {inputs[0].name: image_to_row(item.data, model.layout)[None]}
-    return {t.name: np.frombuffer(unpack_input(item, t.name), dtype=t.dtype).reshape(item.shapes[t.name]) for t in inputs}
+        if model.pixels is not None:
+            return UINT8, {PIXELS: image_pixels(item.data, model.layout.size)[None]}
+        return "", {model.session.inputs[0].name: image_to_row(item.data, model.layout)[None]}
+    inputs = model.session_for(item.entry).inputs
+    return item.entry, {t.name: np.frombuffer(unpack_input(item, t.name), dtype=t.dtype).reshape(item.shapes[t.name]) for t in inputs}
 
 
-def _decode(model: WorkerModel, item: Item) -> dict[str, np.ndarray] | ItemError:
+def _decode(model: WorkerModel, item: Item) -> tuple[str, dict[str, np.ndarray]] | ItemError:
     try:
         return _item_inputs(model, item)
     except ImageError as e:
@@ -59,7 +64,7 @@ _decoders: ThreadPoolExecutor | None = None
 _decoders_made = threading.Lock()  # two task threads may ask for the pool at once
 
 
-def decode_all(model: WorkerModel, items: list[Item]) -> list[dict[str, np.ndarray] | ItemError]:
+def decode_all(model: WorkerModel, items: list[Item]) -> list[tuple[str, dict[str, np.ndarray]] | ItemError]:
     """Every item's rows. JPEG decoding and resizing release the GIL, so a batch of
     images decodes on as many threads as the session has: at GPU rates one thread
     could not keep up."""
@@ -84,8 +89,10 @@ def stack(rows: list[np.ndarray], size: int) -> np.ndarray:
     return out
 
 
-def run_padded(model: WorkerModel, parts: list[dict[str, np.ndarray]], names: list[str]) -> tuple[dict[str, np.ndarray], int, Timings]:
-    """Run the stacked ``parts`` at bucket shapes only: outputs of the real rows, rows
+def run_padded(
+    model: WorkerModel, session, parts: list[dict[str, np.ndarray]], names: list[str]
+) -> tuple[dict[str, np.ndarray], int, Timings]:
+    """Run the stacked ``parts`` on ``session`` (one of ``model``'s) at bucket shapes only: outputs of the real rows, rows
     of padding run, and the time spent stacking (``input_ns``), holding the device
     (``infer_ns``) and waiting for it (``wait_ns``).
     Padding rows are zeros and are cut off before anyone sees them; a batch larger
@@ -105,7 +112,7 @@ def run_padded(model: WorkerModel, parts: list[dict[str, np.ndarray]], names: li
         t1 = time.perf_counter_ns()
         with model.device:
             t2 = time.perf_counter_ns()
-            outputs = model.session.run(feeds, names)
+            outputs = session.run(feeds, names)
             t3 = time.perf_counter_ns()
         spent.input_ns += t1 - t
         spent.wait_ns += t2 - t1
@@ -120,24 +127,27 @@ def run_padded(model: WorkerModel, parts: list[dict[str, np.ndarray]], names: li
 def execute_items(model: WorkerModel, items: list[Item]) -> tuple[list[Result], Timings]:
     """Run one batch; returns a result per item, and timings.
 
-    Items whose rows have different shapes (models with variable dims) run as separate
-    groups, so one odd request never breaks the stacking of the others.
+    Items for different entries (float and uint8), or whose rows have different shapes
+    (models with variable dims), run as separate groups, so one odd request never
+    breaks the stacking of the others.
     """
     t0 = time.perf_counter_ns()
     results: list[Result | None] = [None] * len(items)
     groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
-    for i, feeds in enumerate(decode_all(model, items)):
-        if isinstance(feeds, ItemError):
-            results[i] = feeds
+    for i, decoded in enumerate(decode_all(model, items)):
+        if isinstance(decoded, ItemError):
+            results[i] = decoded
             continue
-        key = tuple((name, arr.shape[1:]) for name, arr in feeds.items())
+        entry, feeds = decoded
+        key = (entry, *((name, arr.shape[1:]) for name, arr in feeds.items()))
         groups.setdefault(key, []).append((i, feeds))
     t1 = time.perf_counter_ns()
     timings = Timings(input_ns=t1 - t0)
-    names = [t.name for t in model.session.outputs]
-    for members in groups.values():
+    for key, members in groups.items():
+        session = model.session_for(key[0])
+        names = [t.name for t in session.outputs]
         try:
-            outputs, pad, spent = run_padded(model, [f for _, f in members], names)
+            outputs, pad, spent = run_padded(model, session, [f for _, f in members], names)
         except Exception as e:  # this group fails, visibly; other groups still run
             logger.exception("inference failed")
             for i, _ in members:

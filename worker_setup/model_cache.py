@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger("worker_setup.model_cache")
@@ -60,3 +61,35 @@ async def ensure_model(scheduler_rpc, info: dict, cache_dir: Path) -> Path:
             os.unlink(tmp)
     logger.info("fetched model %s (%d bytes) from the scheduler", info["sha256"][:12], info["size"])
     return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file + rename: a crashed or concurrent worker never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def derived_model(cache_dir: Path, source_sha256: str, kind: str, build: Callable[[], bytes]) -> tuple[Path, str, bool]:
+    """Path and SHA-256 of a model a worker makes from a cached one (its fp16 twin, its
+    uint8 entry), built once by ``build`` and cached beside it under its own hash; a
+    small record file maps the source's hash to it. The third value: built just now."""
+    record = cache_dir / "models" / f"{source_sha256}.{kind}"
+    if record.exists():
+        sha = record.read_text().strip()
+        path = cached_path(cache_dir, sha)
+        if sha and path.exists() and verify(path, sha):
+            return path, sha, False
+        logger.warning("cached %s model for %s is missing or corrupt; building it again", kind, source_sha256[:12])
+    data = build()
+    sha = hashlib.sha256(data).hexdigest()
+    path = cached_path(cache_dir, sha)
+    _write_atomic(path, data)
+    _write_atomic(record, sha.encode())
+    return path, sha, True

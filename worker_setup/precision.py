@@ -7,10 +7,7 @@ wire format and the scheduler's model store stay fp32-only.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from worker_setup.model_cache import cached_path, verify
+from worker_setup.model_cache import derived_model
 
 logger = logging.getLogger("worker_setup.precision")
 
@@ -34,63 +31,34 @@ MISSING_CONVERTER = (
 Run = Callable[[np.ndarray], np.ndarray]
 
 
-def _record_path(cache_dir: Path, fp32_sha256: str) -> Path:
-    return cache_dir / "models" / f"{fp32_sha256}.fp16"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file + rename: a crashed or concurrent worker never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _cached_fp16(cache_dir: Path, fp32_sha256: str) -> tuple[Path, str] | None:
-    record = _record_path(cache_dir, fp32_sha256)
-    if not record.exists():
-        return None
-    sha16 = record.read_text().strip()
-    path = cached_path(cache_dir, sha16)
-    if sha16 and path.exists() and verify(path, sha16):
-        return path, sha16
-    logger.warning("cached fp16 model for %s is missing or corrupt; converting again",
-                   fp32_sha256[:12])
-    return None
-
-
 def ensure_fp16(fp32_path: Path, fp32_sha256: str, cache_dir: Path) -> tuple[Path, str]:
     """Path and SHA-256 of the fp16 twin of a cached fp32 model, converting it if needed.
 
     Inputs and outputs stay float32 (``keep_io_types``), so clients, codecs and batching
     are unchanged; only the weights and the arithmetic inside are halved.
     """
-    if (hit := _cached_fp16(cache_dir, fp32_sha256)) is not None:
-        return hit
-    try:
-        from onnxconverter_common import float16
-    except ImportError as e:
-        raise RuntimeError(MISSING_CONVERTER) from e
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as clamped:  # one warning per tiny weight
-        warnings.simplefilter("always")
-        model = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-    props = {p.key: p.value for p in model.metadata_props}
-    props.update({PRECISION_KEY: "fp16", SOURCE_KEY: fp32_sha256})
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, props)
-    data = model.SerializeToString(deterministic=True)
-    sha16 = hashlib.sha256(data).hexdigest()
-    path = cached_path(cache_dir, sha16)
-    _write_atomic(path, data)
-    _write_atomic(_record_path(cache_dir, fp32_sha256), sha16.encode())
-    logger.info("converted model %s to fp16 %s in %.1f s (%d values clamped to fp16 range)",
-                fp32_sha256[:12], sha16[:12], time.perf_counter() - start, len(clamped))
+    clamped: list = []
+
+    def convert() -> bytes:
+        try:
+            from onnxconverter_common import float16
+        except ImportError as e:
+            raise RuntimeError(MISSING_CONVERTER) from e
+        with warnings.catch_warnings(record=True) as caught:  # one warning per tiny weight
+            warnings.simplefilter("always")
+            model = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+        clamped.extend(caught)
+        props = {p.key: p.value for p in model.metadata_props}
+        props.update({PRECISION_KEY: "fp16", SOURCE_KEY: fp32_sha256})
+        del model.metadata_props[:]
+        onnx.helper.set_model_props(model, props)
+        return model.SerializeToString(deterministic=True)
+
+    path, sha16, built = derived_model(cache_dir, fp32_sha256, "fp16", convert)
+    if built:
+        logger.info("converted model %s to fp16 %s in %.1f s (%d values clamped to fp16 range)",
+                    fp32_sha256[:12], sha16[:12], time.perf_counter() - start, len(clamped))
     return path, sha16
 
 

@@ -22,6 +22,7 @@ from worker_setup.gpu import open_source
 from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
 from worker_setup.model_cache import ensure_model
 from worker_setup.precision import ensure_fp16
+from worker_setup.preprocess_graph import ensure_uint8
 from worker_setup.preprocess import ImageLayout
 from worker_setup.worker_model import WorkerModel
 from worker_setup.session import ModelSession
@@ -67,21 +68,31 @@ async def dask_setup(worker) -> None:
     path = await ensure_model(worker.scheduler, info, cache_dir(settings))
     w = settings.worker
     precision = info.get("precision", "fp32")  # the cluster's, from its scheduler
+    sha = info["sha256"]
     if precision == "fp16":
-        path, _ = await asyncio.to_thread(ensure_fp16, path, info["sha256"], cache_dir(settings))
+        path, sha = await asyncio.to_thread(ensure_fp16, path, sha, cache_dir(settings))
     session = await asyncio.to_thread(ModelSession.load, str(path), w.device, w.intra_op_threads or 0, w.cuda, w.io_binding)
     if precision == "fp16" and session.device != "cuda":
         raise RuntimeError(f"this cluster serves fp16, which needs CUDA, but ONNX Runtime runs this worker on "
                            f"{session.device} (providers {session.providers}): not joining")  # fmt: skip
+    pixels = None
+    if info.get("uint8"):  # the scheduler serves the -uint8 entry: this worker builds its graph
+        upath = await asyncio.to_thread(ensure_uint8, path, sha, cache_dir(settings))
+        pixels = await asyncio.to_thread(ModelSession.load, str(upath), w.device, w.intra_op_threads or 0, w.cuda, w.io_binding)
     shapes = model_buckets(batch_dimension(session), tuple(info.get("buckets") or default_buckets(settings.max_batch_size)))
     model = WorkerModel(session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session),
-                        buckets=shapes, precision=precision)  # fmt: skip
+                        buckets=shapes, precision=precision, pixels=pixels)  # fmt: skip
     if w.slowdown > 1 or w.batch_time > 0:
         model.session, model.slowdown = SlowDevice(session, w.slowdown, w.batch_time), w.slowdown
+        if pixels is not None:
+            model.pixels = SlowDevice(pixels, w.slowdown, w.batch_time)
         logger.warning("benchmark knob: this worker's session runs %gx slower, at least %g s a run", w.slowdown, w.batch_time)
     # Every bucket runs before the worker registers: the scheduler, and so every front
     # end's /v2/health/ready, sees only warm workers, and their curves start measured.
     table = await asyncio.to_thread(session.warm_up, shapes, w.warmup_cpu_max_rows, model.session)
+    if pixels is not None:
+        utable = await asyncio.to_thread(pixels.warm_up, shapes, w.warmup_cpu_max_rows, model.pixels)
+        logger.info("warm-up of the uint8 entry: %s", warmup_line(utable))
     seed_curve(model.stats.service, table, shapes)
     logger.info("warm-up on %s (%s): %s", session.device, precision, warmup_line(table))
     worker.extensions[EXTENSION] = model

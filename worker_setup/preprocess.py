@@ -66,9 +66,14 @@ def decode(data: bytes | np.ndarray, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def image_pixels(data: bytes | np.ndarray, size: int = 224) -> np.ndarray:
+    """One image -> uint8 RGB pixels [size, size, 3]: what the ``-uint8`` entry takes."""
+    return np.asarray(decode(data, size), dtype=np.uint8)
+
+
 def image_to_row(data: bytes | np.ndarray, layout: ImageLayout = ImageLayout()) -> np.ndarray:
     """One image -> one input row (without the batch dimension)."""
-    pixels = np.asarray(decode(data, layout.size), dtype=np.uint8)  # H, W, 3
+    pixels = image_pixels(data, layout.size)  # H, W, 3
     if layout.dtype == "float32" and layout.layout == "NCHW":
         row = np.empty((3,) + pixels.shape[:2], dtype=np.float32)
         for c in range(3):

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from core.entries import UINT8
 from core.protocol import EXTENSION
 from core.service_curve import ServiceCurve
 from worker_setup.preprocess import ImageLayout
@@ -133,7 +134,7 @@ class InferenceStats:
 
 @dataclass
 class WorkerModel:
-    """The worker's one session, with the metadata tasks need to use it."""
+    """The worker's sessions, with the metadata tasks need to use them."""
 
     session: ModelSession
     name: str
@@ -145,6 +146,9 @@ class WorkerModel:
     gpu: dict | None = None  # static GPU info (source, index, name, uuid), None without a GPU source
     buckets: tuple[int, ...] = ()  # the batch sizes the session runs; () = never padded (no batch dimension)
     precision: str = "fp32"
+    # The same classifier behind in-graph preprocessing (the ``-uint8`` entry): uint8
+    # pixel items and decoded images run here. None when the cluster does not serve it.
+    pixels: ModelSession | None = None
     # One batch on the device at a time; the task threads wait here, and the wait is
     # not counted as compute.
     device: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -163,10 +167,19 @@ class WorkerModel:
             "precision": self.precision,
             "buckets": list(self.buckets),
             **s.describe(),  # ORT's options as it reports them, and the warm-up table
+            "uint8": {"warmup": [dict(w) for w in self.pixels.warmup]} if self.pixels is not None else None,
             "gpu": dict(self.gpu) if self.gpu is not None else None,
             "simulated": self.simulated,
             "slowdown": self.slowdown,
         }
+
+    def session_for(self, entry: str) -> ModelSession:
+        """The session an item of ``entry`` ("" or "uint8") runs on."""
+        if entry == UINT8:
+            if self.pixels is None:
+                raise ValueError("this worker does not serve the uint8 entry")
+            return self.pixels
+        return self.session
 
     @property
     def simulated(self) -> bool:
