@@ -39,6 +39,7 @@ from pathlib import Path
 import dask.config
 
 from benchmarks.gpu_measure import GpuSampler, fp16_accuracy, open_session, raw_throughput, scrape, split
+from benchmarks.report import trace_line
 from benchmarks.servers import ROOT, _wait_ready, free_port, stop
 from core.config import cache_dir, parse
 
@@ -137,7 +138,9 @@ def run_mode(m: Mode, path: str, args, settings, out: Path) -> dict:
     if args.device == "cpu" and m.precision == "fp16":
         found["router"] = refused(out, m, flags)
         return found
-    with Router(out, m.name, args.device, flags + (["--cuda-graphs"] if m.graphs else []), args.gpu_metrics, m.uint8) as r:
+    flags += ["--cuda-graphs"] if m.graphs else []
+    flags += ["--trace"] if m.c1 else []  # c=1's hops; a few dict writes a request under load
+    with Router(out, m.name, args.device, flags, args.gpu_metrics, m.uint8) as r:
         workers = r.workers()
         check_device(workers, args.device)
         found["worker"] = {k: workers[0].get(k) for k in ("device", "providers", "precision", "buckets", "options", "cuda_graphs", "warmup")}
@@ -188,10 +191,16 @@ def refused(out: Path, m: Mode, flags: list[str]) -> dict:
 
 
 def c1_latency(url: str, out: Path, args, raw_b1: dict) -> dict:
-    """One client, one row: router p50 minus raw batch-1 p50 (issue 2's <= 2 ms)."""
+    """One client, one row: router p50 minus raw batch-1 p50 (issue 14's <= 2 ms), and
+    where the time went, hop by hop (the router runs with --trace)."""
+    import urllib.request
+
     r = load(url, out, "infer", args.c1_s, clients=1, rows=1)
     p50 = r["latency_ms"]["p50"]
-    return {"router_p50_ms": p50, "raw_b1_p50_ms": raw_b1["ms_p50"], "delta_ms": round(p50 - raw_b1["ms_p50"], 3)}
+    found = {"router_p50_ms": p50, "raw_b1_p50_ms": raw_b1["ms_p50"], "delta_ms": round(p50 - raw_b1["ms_p50"], 3)}
+    trace = json.load(urllib.request.urlopen(f"{url}/v1/trace?last={max(1, r['ok'] // 2)}", timeout=10))
+    found["trace"] = {k: trace.get(k) for k in ("count", "total_ms", "hops_ms")}
+    return found
 
 
 def tail_at(url: str, out: Path, args, rate: float, rows: int) -> dict:
@@ -256,6 +265,8 @@ def summary(report: dict) -> list[str]:
     if "c1" in first:
         c1, tail70 = first["c1"], first["tail_70"]
         lines.append(f"c=1: router p50 - raw batch-1 p50 = {c1['delta_ms']} ms (target <= 2 ms)" if "error" not in c1 else "c=1: FAILED")
+        if (c1.get("trace") or {}).get("count"):
+            lines.append("c=1 " + trace_line(c1["trace"]))
         lines.append(f"70 % load: p99/p50 = {tail70['p99_over_p50']} (target <= 2)" if "error" not in tail70 else "70 % load: FAILED")
     for name, f in report["modes"].items():
         warm = (f.get("worker") or {}).get("warmup")

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from benchmarks.load_report import write_report
 from benchmarks.payloads import payload
-from benchmarks.report import dashboard_line, print_summary, run_record, write_json
+from benchmarks.report import dashboard_line, print_summary, run_record, trace_line, write_json
 from benchmarks.rounds import ratio, run_rounds
 from benchmarks.servers import (DEFAULT_BATCH_SIZES, run_raw, spawn_bare, spawn_router,
                                 spawned_dashboard, stop)
@@ -124,6 +124,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             result["router"] = asyncio.run(run_load(url, args, path, headers, body, rows))
             print_summary(title, result["router"])
+        trace = asyncio.run(get_json(u.hostname or "127.0.0.1", u.port or 80, f"{u.path.rstrip('/')}/v1/trace"))
+        if trace and trace.get("count"):  # a router started with --trace: where the time went
+            result["trace"] = trace
+            print(trace_line(trace), flush=True)
     finally:
         if router is not None:
             stop(router)

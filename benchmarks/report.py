@@ -140,3 +140,10 @@ def write_json(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def trace_line(trace: dict) -> str:
+    """A router's /v1/trace summary (core.trace) as one line: each hop's median, in order."""
+    hops = ", ".join(f"{hop} {v['p50']}" for hop, v in trace["hops_ms"].items())
+    return (f"trace of the last {trace['count']} requests, p50 ms a hop: {hops}; "
+            f"whole p50 {trace['total_ms']['p50']}, mean {trace['total_ms']['mean']}")

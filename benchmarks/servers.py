@@ -80,7 +80,8 @@ def spawn_router(args: argparse.Namespace, root: Path = ROOT) -> tuple[subproces
            "--dashboard-port", str(free_port()), "--scheduler-port", str(free_port())]
     if args.model_path:
         cmd += ["--model", str(args.model_path)]
-    cmd += ["--model-name", args.model]  # the name the load is sent to
+    # The name the load is sent to; a -uint8 name is the router's second name for the model.
+    cmd += ["--model-name", args.model.removesuffix(SUFFIX)]
     cmd += shlex.split(args.spawn_args)
     # Its log goes to a file, so the progress bar and summary stay readable.
     log = tempfile.NamedTemporaryFile("w", prefix="batch-router-", suffix=".log", delete=False)

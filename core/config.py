@@ -305,6 +305,7 @@ class Settings:
     worker: Worker = section(Worker)
     batched_send_interval: float = key(Duration())
     compress_beyond: float | None = key(Duration(off=True))
+    trace: bool = key(Flag())
 
 
 def parse(tree: Mapping | None = None) -> Settings:

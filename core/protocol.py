@@ -83,6 +83,7 @@ class BatchSpec:
     id: str
     topic: str  # where the worker publishes the reply
     items: list[Item]
+    trace: bool = False  # stamp the task's progress into the reply (core.trace)
 
 
 # -- worker -> front end ---------------------------------------------------------------
@@ -124,6 +125,10 @@ class Timings:
     service_s: float | None = None  # how long the batch held the worker, all included
     padded: int = 0  # rows of padding run beside ``rows`` to fill the batch's bucket
     wait_ns: int = 0  # waiting on the worker for its device, while another batch ran
+    stamps: list[float] | None = None  # traced batches: the worker's core.trace.WORKER_STAMPS
+    # Not sent: when the batch first took the device and last gave it back (monotonic s).
+    compute_start: float = field(default=0.0, compare=False)
+    compute_end: float = field(default=0.0, compare=False)
 
 
 @dataclass
@@ -138,7 +143,7 @@ class BatchReply:
         return {
             "id": self.id,
             "worker": self.worker,
-            "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s, t.padded, t.wait_ns],
+            "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s, t.padded, t.wait_ns, t.stamps],
             "results": [_result_to_wire(r) for r in self.results],
         }
 
@@ -146,7 +151,7 @@ class BatchReply:
     def from_wire(cls, msg: dict) -> BatchReply:
         """Raises ValueError for anything not shaped like ``to_wire``'s output."""
         try:
-            timings = Timings(*msg["timings"])
+            timings = Timings(*msg["timings"][:8])
             return cls(str(msg["id"]), str(msg["worker"]), [_result_from_wire(r) for r in msg["results"]], timings)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"malformed batch reply: {type(e).__name__}: {e}") from None

@@ -7,6 +7,7 @@ process (``batch-router up``) or connected over TCP (``batch-router serve``).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,12 +32,14 @@ from router_api.handlers import (
     NotFound,
     Ready,
     ServerMetadata,
+    Trace,
     Workers,
 )
 
 logger = logging.getLogger("router_api.app")
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "schedule_policy", "statistics"]
+TRACES_KEPT = 1000
 RANDOM_WEIGHTS_NOTE = "random (seed=0): predictions are meaningless"
 
 
@@ -79,6 +82,7 @@ class Router:
         # Images go to the uint8 entry where there is one: workers normalise them in the graph.
         self.images = u["name"] if u else self.model_name
         self.dashboard: str | None = None  # the Dask dashboard's base URL, when known
+        self.traces: deque | None = deque(maxlen=TRACES_KEPT) if settings.trace else None  # core.trace, when on
 
     def server_metadata(self) -> dict:
         from importlib.metadata import PackageNotFoundError, version
@@ -191,6 +195,7 @@ def make_app(router: Router) -> web.Application:
             (model + r"/infer", Infer, args),
             (r"/v1/classify", Classify, args),
             (r"/v1/workers", Workers, args),
+            (r"/v1/trace", Trace, args),
             (r"/v1/dashboard", Dashboard, args),
             (r"/metrics", Metrics, args),
         ],

@@ -34,6 +34,7 @@ KEYS = {
     "precision": "worker.precision",
     "buckets": "batching.buckets",
     "cuda_graphs": "worker.cuda.graphs",
+    "trace": "trace",
 }
 ROLE_KEYS = {
     "up": {"host": "http.host", "port": "http.port", "scheduler_port": "scheduler.port"},
@@ -91,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--policy", choices=POLICIES, help="batch placement policy (default gpu-aware)")
         sp.add_argument("--buckets", type=_sizes, help="batch sizes batches are padded to, e.g. 1,8,32 (default powers of two)")
         sp.add_argument("--precision", choices=["fp32", "fp16"], help="what workers run (default fp32; fp16 needs CUDA)")
+        sp.add_argument("--trace", action="store_const", const=True, default=None,
+                        help="stamp each request's way through the service (GET /v1/trace)")  # fmt: skip
 
     def workers(sp):
         sp.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per worker")

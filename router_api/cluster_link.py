@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from core.config import Settings
+from core.trace import clock_id
 from core.protocol import RESULTS_PREFIX, RUN_BATCH, STATE_TOPIC, WORKERS_TOPIC, BatchReply, BatchSpec, Item
 from router_api.dispatch_events import (
     Abort,
@@ -49,7 +50,7 @@ RESYNC_EVERY = 2.0  # seconds between membership resyncs and checks for failed t
 class ClusterLink:
     def __init__(self, client, settings: Settings, model: dict) -> None:
         self.client = client
-        self.dispatcher = Dispatcher(settings, model, f"batch-router-{uuid.uuid4().hex[:8]}")
+        self.dispatcher = Dispatcher(settings, model, f"batch-router-{uuid.uuid4().hex[:8]}", clock_id())
         self.topic = RESULTS_PREFIX + client.id
         self.send_interval = settings.batched_send_interval
         self.report_interval = settings.dashboard.interval
@@ -97,13 +98,15 @@ class ClusterLink:
     # -- what the handlers call --------------------------------------------------------
 
     def submit(
-        self, item: Item, rows: int, priority: int = 0, timeout_us: int = 0, packed: Item | None = None, model: str = ""
+        self, item: Item, rows: int, priority: int = 0, timeout_us: int = 0, packed: Item | None = None, model: str = "",
+        trace: dict | None = None,
     ) -> tuple[Request, asyncio.Future]:
         """Queue one request; its future gets the Answer, or the error to answer with
         (DeadlineExceeded: 504). A request refused at once raises here (ValueError: 400,
         Unavailable: 503), so a multi-part request stops at its first refused part."""
         future = self.loop.create_future()
-        request = Request(rows, priority, self.now, item=item, packed=packed, waiter=future, timeout_s=timeout_us / 1e6, model=model)
+        request = Request(rows, priority, self.now, item=item, packed=packed, waiter=future, timeout_s=timeout_us / 1e6, model=model,
+                          trace=trace)  # fmt: skip
         self.handle(Arrived(self.now, request))
         if future.done():
             raise future.exception()
@@ -134,7 +137,7 @@ class ClusterLink:
         self._arm_timer()
 
     def _submit(self, batch) -> None:
-        spec = BatchSpec(batch.id, self.topic, batch.items)
+        spec = BatchSpec(batch.id, self.topic, batch.items, any(r.trace is not None for r in batch.requests))
         where = {"workers": [batch.view.address], "allow_other_workers": False} if batch.view is not None else {}
         try:
             self.futures[batch.id] = self.client.submit(RUN_BATCH, spec, key=batch.id, pure=False, **where)

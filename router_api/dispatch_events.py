@@ -34,6 +34,7 @@ class Request(Pending):
     waiter: Any = None  # the shell's handle on whoever waits (a future); opaque here
     timeout_s: float = 0.0  # as the client asked; 0 = the default
     model: str = ""  # the model name it came in for ("" = the cluster's model): whose statistics count it
+    trace: dict | None = None  # core.trace's stamps, when tracing is on
     carriers: int = 0  # batches in flight that hold it and may still answer it
     done: bool = False  # answered, failed or given up by its client
 

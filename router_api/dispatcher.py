@@ -20,6 +20,7 @@ from core.config import Settings, placement_tuning
 from core.buckets import batch_shapes
 from core.placement import bucket_rows, current_weights, expected, make_policy
 from core.protocol import Item, ItemError
+from core.trace import align
 from core.worker_view import Flight, WorkerView, adaptive_window, apply_metrics, learn_from_reply
 from router_api import watchdog
 from router_api.batching import QUEUED, BatchQueue, QueueFull, resolve_priority, resolve_timeout
@@ -38,8 +39,9 @@ def ns(seconds: float) -> int:
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, model: dict, batch_prefix: str = "batch-router") -> None:
+    def __init__(self, settings: Settings, model: dict, batch_prefix: str = "batch-router", clock: str = "") -> None:
         self.model_sha256 = model["sha256"]
+        self.clock = clock  # core.trace.clock_id() of the front end: workers that share it share its clock
         self.window = settings.window
         self.max_window = max(settings.window, settings.max_window)
         self.levels = settings.priority_levels
@@ -137,6 +139,8 @@ class Dispatcher:
             timeout = resolve_timeout(r.timeout_s, self.default_timeout)
             r.arrival, r.deadline = e.now, (e.now + timeout if timeout else None)
             self.queue.push(r)
+            if r.trace is not None:
+                r.trace["queued"] = e.now
         except QueueFull as err:
             self.stats_of(r).rejected["queue_full"] += 1
             return self._fail(r, Unavailable(str(err)))
@@ -240,6 +244,9 @@ class Dispatcher:
             self.stats_of(r).request_done(ok, ns(now - r.arrival), ns(queue))
             if ok:
                 self.telemetry.request_served(now - r.arrival, queue, round_trip, compute)
+            if r.trace is not None and t.stamps:
+                r.trace.update(bound=batch.sent_at, received=now)
+                align(r.trace, t.stamps, bool(self.clock) and view is not None and view.info.get("clock") == self.clock)
             self._settle(r)
             self._out.append(Answer(r, result, name, t.rows))
         self._pump(now)

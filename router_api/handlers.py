@@ -12,6 +12,7 @@ import json
 import numpy as np
 from tornado import httputil, web
 
+from core import trace
 from core.codec import pack_item
 from core.protocol import ImageItem, ItemError, TensorItem
 from router_api import kserve, prometheus
@@ -119,6 +120,24 @@ class Workers(JSONHandler):
         self.write_json({"policy": d.policy.name, "workers": self.router.workers(), "queue": queue})
 
 
+class Trace(JSONHandler):
+    """GET /v1/trace[?last=N]: where requests' time went, hop by hop (``batch-router.trace``):
+    a summary of the last traced requests (up to 1,000, or N), and the latest few in full."""
+
+    def get(self) -> None:
+        traces = self.router.traces
+        if traces is None:
+            return self.write_json({"enabled": False, "count": 0})
+        try:
+            last = int(self.get_query_argument("last", "0"))  # only the last N answered: one window's
+        except ValueError:
+            return self.fail(400, "last must be an integer")
+        recent = list(traces)[-last:] if last > 0 else list(traces)
+        start = lambda t: t["arrival"]  # noqa: E731
+        latest = [{"hops_ms": trace.hops(t), "clock": t.get("clock")} for t in sorted(recent, key=start)[-10:] if trace.complete(t)]
+        self.write_json({"enabled": True, "stamps": list(trace.STAMPS), **trace.summary(recent), "latest": latest})
+
+
 class Metrics(JSONHandler):
     """GET /metrics: Prometheus's text format, Triton's names (router_api/prometheus.py);
     errors (a POST, say) in the protocol's JSON like every other endpoint."""
@@ -146,6 +165,8 @@ class BodyHandler(JSONHandler):
     """Reads the body itself so an oversized one gets a 413 in the protocol's format."""
 
     def prepare(self) -> None:
+        # core.trace: the request's stamps, when tracing is on; its first item carries them.
+        self.trace = {"arrival": self.router.link.now} if self.router.traces is not None else None
         self.chunks: list[bytes] = []
         self.size = 0
         self.too_large = False
@@ -178,6 +199,11 @@ class BodyHandler(JSONHandler):
         for request in self.pending:
             self.router.link.cancel(request)
 
+    def on_finish(self) -> None:
+        if self.trace is not None and "received" in self.trace:  # answered by a worker
+            self.trace["answered"] = self.router.link.now
+            self.router.traces.append(self.trace)
+
     async def run(
         self, items: list, rows: int, priority: int = 0, timeout_us: int = 0, packed=None, model: str = ""
     ) -> list[Answer] | None:
@@ -188,7 +214,8 @@ class BodyHandler(JSONHandler):
         try:
             futures = []
             for item in items:
-                request, future = self.router.link.submit(item, rows, priority, timeout_us, packed if len(items) == 1 else None, model)
+                request, future = self.router.link.submit(item, rows, priority, timeout_us, packed if len(items) == 1 else None, model,
+                                                          self.trace if not futures else None)  # fmt: skip
                 self.pending.append(request)
                 futures.append(future)
             replies = await asyncio.gather(*futures, return_exceptions=True)

@@ -30,12 +30,16 @@ def test_the_split_reads_the_names_metrics_really_has():
 
 
 def test_every_mode_is_named_and_the_summary_survives_failures():
-    assert [m.name for m in modes(quick=False)] == ["fp32-b32", "fp32-b128", "fp16-b128", "fp32-b32-graphs"]
+    assert [m.name for m in modes(quick=False)] == ["fp32-b32", "fp32-b128", "fp16-b128", "fp32-b32-graphs", "uint8-fp16-b256"]
+    assert [m.name for m in modes(quick=True) if m.uint8] == ["uint8-fp32-b8"]  # a CPU has no fp16
     ok = {"mode": {}, "raw": {"img_per_s": 4500.0}, "router": {"img_per_s": 4100.0}, "ratio": 0.911,
           "split": {"queue_ms": 0.2, "device_wait_ms": 7.0, "transfer_ms": 3.0, "compute_ms": 7.1},
           "gpu": {"utilization_gpu": {"load": 91.0}, "source": ["nvml"]},
           "worker": {"warmup": [{"bucket": 1, "first_ms": 400.0, "steady_ms": 1.8}, {"bucket": 8, "skipped": "cpu"}]},
           "c1": {"error": "Traceback ...\nValueError: boom"}, "tail_70": {"p99_over_p50": 1.4}}  # fmt: skip
+    traced = {**ok, "c1": {"delta_ms": 1.5, "trace": {"count": 40, "total_ms": {"p50": 3.3, "mean": 3.4},
+                                                      "hops_ms": {"queue": {"p50": 0.1}, "compute": {"p50": 1.8}}}}}  # fmt: skip
+    assert "c=1 trace of the last 40 requests, p50 ms a hop: queue 0.1, compute 1.8; whole p50 3.3, mean 3.4" in summary({"modes": {"fp32-b32": traced}})
     report = {"modes": {"fp32-b32": ok, "fp16-b128": {"mode": {}, "error": "Traceback ...\nRuntimeError: precision fp16 needs onnxconverter-common"}},
               "classify": {"error": "Traceback ...\nTimeoutError: x"}}  # fmt: skip
     lines = summary(report)

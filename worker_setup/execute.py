@@ -112,8 +112,10 @@ def run_padded(
         t1 = time.perf_counter_ns()
         with model.device:
             t2 = time.perf_counter_ns()
+            spent.compute_start = spent.compute_start or time.monotonic()
             outputs = session.run(feeds, names)
             t3 = time.perf_counter_ns()
+            spent.compute_end = time.monotonic()
         spent.input_ns += t1 - t
         spent.wait_ns += t2 - t1
         spent.infer_ns += t3 - t2
@@ -156,6 +158,8 @@ def execute_items(model: WorkerModel, items: list[Item]) -> tuple[list[Result], 
         timings.input_ns += spent.input_ns
         timings.infer_ns += spent.infer_ns
         timings.wait_ns += spent.wait_ns
+        timings.compute_start = timings.compute_start or spent.compute_start
+        timings.compute_end = spent.compute_end
         t = time.perf_counter_ns()
         start = 0
         for i, f in members:
@@ -187,7 +191,7 @@ def run_batch(spec: BatchSpec) -> int:
     from distributed import get_worker
 
     worker = get_worker()
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.monotonic()
     try:
         model = current_model()
     except Exception as e:
@@ -204,5 +208,7 @@ def run_batch(spec: BatchSpec) -> int:
         # The time this batch held the worker: the front end learns each worker's
         # service time from it without waiting for a heartbeat.
         timings.service_s = model.stats.finished(timings.rows, time.perf_counter() - t0, errors, planned, timings.padded)
+    if spec.trace:  # core.trace's worker stamps; a batch that never ran has none
+        timings.stamps = [started, timings.compute_start or started, timings.compute_end or started, time.monotonic()]
     worker.log_event(spec.topic, BatchReply(spec.id, worker.address, results, timings).to_wire())
     return timings.rows

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.entries import UINT8
+from core.trace import clock_id
 from core.protocol import EXTENSION
 from core.service_curve import ServiceCurve
 from worker_setup.preprocess import ImageLayout
@@ -171,6 +172,7 @@ class WorkerModel:
             "gpu": dict(self.gpu) if self.gpu is not None else None,
             "simulated": self.simulated,
             "slowdown": self.slowdown,
+            "clock": clock_id(),  # a front end with the same one reads this worker's trace stamps as they are
         }
 
     def session_for(self, entry: str) -> ModelSession:
