@@ -306,6 +306,7 @@ class Settings:
     batched_send_interval: float = key(Duration())
     compress_beyond: float | None = key(Duration(off=True))
     trace: bool = key(Flag())
+    direct_lane: str = key(Choice(values=("same-host", "off")))
 
 
 def parse(tree: Mapping | None = None) -> Settings:

@@ -23,6 +23,7 @@ EXTENSION = "batch-router"
 WORKERS_TOPIC = "batch-router-workers"  # membership events, plugin -> front ends
 STATE_TOPIC = "batch-router-state"  # every metrics interval: each worker's heartbeat metrics
 RESULTS_PREFIX = "batch-router-results-"  # + the front end's client id: batch replies
+DIRECT_OP = "batch_router_run"  # a worker's handler for batches sent straight to it (same host)
 # Task prefixes of the Python API (worker_setup.api): they need a worker with the model.
 API_PREFIXES = frozenset({"classify", "classify_files", "infer"})
 

@@ -136,6 +136,7 @@ class Router:
                 **{k: v.info.get(k) for k in keys},
                 "gpu": v.gpu,
                 "simulated": v.simulated,
+                "route": self.link.route(v),  # "direct" (same host, its own listener) or "task" (through Dask)
                 "weight": round(shares.get(v.address, 0.0), 4),
                 "responsive": v.responsive,
                 "window": v.window,

@@ -4,7 +4,9 @@ events, and the Dispatcher's actions into Dask calls and answers to waiting requ
 Everything here is I/O and timing; every decision is the Dispatcher's. Batches go out
 as ``client.submit(RUN_BATCH, spec)`` pinned to one worker; replies come back as events
 on the worker's own stream (``log_event`` -> ``subscribe_topic``), one hop instead of a
-gather's two, and without connecting to the worker.
+gather's two, and without connecting to the worker. A worker on this host gets its
+batches straight over a connection to its listener instead (``direct-lane``), and
+answers on it: one hop each way, and no task for the scheduler to keep.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from distributed.protocol import to_serialize
 
 from core.config import Settings
 from core.trace import clock_id
@@ -34,6 +38,7 @@ from router_api.dispatch_events import (
     Request,
     Send,
     Tick,
+    Unreachable,
     Wake,
     WorkerJoined,
     WorkerLeft,
@@ -50,7 +55,11 @@ RESYNC_EVERY = 2.0  # seconds between membership resyncs and checks for failed t
 class ClusterLink:
     def __init__(self, client, settings: Settings, model: dict) -> None:
         self.client = client
-        self.dispatcher = Dispatcher(settings, model, f"batch-router-{uuid.uuid4().hex[:8]}", clock_id())
+        self.clock = clock_id()
+        self.dispatcher = Dispatcher(settings, model, f"batch-router-{uuid.uuid4().hex[:8]}", self.clock)
+        self.direct = settings.direct_lane == "same-host" and bool(self.clock)
+        self.unreachable: set[str] = set()  # workers whose direct connection failed: tasks from then on
+        self._direct_calls: set[asyncio.Task] = set()
         self.topic = RESULTS_PREFIX + client.id
         self.send_interval = settings.batched_send_interval
         self.report_interval = settings.dashboard.interval
@@ -136,13 +145,37 @@ class ClusterLink:
             # Requeue needs nothing here: the Dispatcher has queued them and logged why.
         self._arm_timer()
 
+    def route(self, view) -> str:
+        """How batches reach this worker: "direct" (same host, its own listener) or "task"."""
+        same_host = self.direct and view.info.get("direct_lane") and view.info.get("clock") == self.clock
+        return "direct" if same_host and view.address not in self.unreachable else "task"
+
     def _submit(self, batch) -> None:
         spec = BatchSpec(batch.id, self.topic, batch.items, any(r.trace is not None for r in batch.requests))
+        if batch.view is not None and self.route(batch.view) == "direct":
+            call = self.loop.create_task(self._send_direct(batch.id, batch.view.address, spec))
+            self._direct_calls.add(call)
+            call.add_done_callback(self._direct_calls.discard)
+            return
         where = {"workers": [batch.view.address], "allow_other_workers": False} if batch.view is not None else {}
         try:
             self.futures[batch.id] = self.client.submit(RUN_BATCH, spec, key=batch.id, pure=False, **where)
         except Exception as e:
             self.loop.call_soon(self.handle, NotSent(self.now, batch.id, str(e)))
+
+    async def _send_direct(self, batch_id: str, address: str, spec: BatchSpec) -> None:
+        """One batch over a pooled connection to the worker; the reply comes back on it.
+        A broken connection puts the batch's requests back in the queue and sends this
+        worker tasks from then on (a worker that left is removed by the scheduler's word)."""
+        try:
+            msg = await self.client.rpc(address).batch_router_run(spec=to_serialize(spec))
+        except Exception as e:
+            if address not in self.unreachable:
+                logger.warning("direct lane to %s failed (%s: %s); sending it Dask tasks instead", address, type(e).__name__, e)
+            self.unreachable.add(address)
+            self.handle(Unreachable(self.now, batch_id, f"{type(e).__name__}: {e}"))
+            return
+        self._on_reply((None, msg))
 
     def _wake_soon(self) -> None:
         """Wake once the event loop has read every request already waiting: requests

@@ -129,6 +129,15 @@ class Lost(Event):
 
 
 @dataclass(frozen=True)
+class Unreachable(Event):
+    """A batch sent straight to its worker lost the connection before a reply: nothing
+    says whether it ran, so its requests go back to the queue."""
+
+    batch_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class NotSent(Event):
     """Dask would not take a batch's task (the client lost the scheduler, say)."""
 

@@ -26,7 +26,7 @@ from router_api import watchdog
 from router_api.batching import QUEUED, BatchQueue, QueueFull, resolve_priority, resolve_timeout
 from router_api.dispatch_events import (Abort, Action, Answer, Arrived, Batch, Cancelled, Closing, DeadlineExceeded, Event,
                                         Fail, Forget, Hedge, Lost, MetricsDigest, NotSent, Probe, Replied, Request,
-                                        Requeue, Send, Tick, Unavailable, Wake, WorkerJoined, WorkerLeft,
+                                        Requeue, Send, Tick, Unavailable, Unreachable, Wake, WorkerJoined, WorkerLeft,
                                         WorkersListed)  # fmt: skip
 from router_api.telemetry import Telemetry
 from router_api.triton_stats import ModelStats
@@ -90,6 +90,7 @@ class Dispatcher:
             Replied: self._replied,
             Lost: self._lost,
             NotSent: self._not_sent,
+            Unreachable: self._unreachable,
             Closing: self._closing,
             Abort: self._abort,
         }
@@ -258,6 +259,13 @@ class Dispatcher:
             return
         where = batch.view.address if batch.view is not None else "a worker"
         self._abandon(batch, RuntimeError(f"batch failed on {where}: {e.reason}"), e.now)
+        self._pump(e.now)
+
+    def _unreachable(self, e: Unreachable) -> None:
+        batch = self.batches.get(e.batch_id)
+        if batch is None:  # answered meanwhile by a copy
+            return
+        self._resend(batch, f"lost the direct connection to {batch.view.address if batch.view else '?'}: {e.reason}")
         self._pump(e.now)
 
     def _not_sent(self, e: NotSent) -> None:

@@ -49,3 +49,50 @@ def test_a_refused_part_of_a_request_raises_at_once_and_counts_once():
             assert future.cancelled()
 
     asyncio.run(go())
+
+
+def test_a_worker_on_this_host_gets_batches_directly_and_tasks_once_that_fails():
+    """Same host (same boot id): the batch goes over a connection to the worker, not
+    through the scheduler. A broken connection queues the request again, unanswered,
+    and that worker gets Dask tasks from then on; nothing is lost."""
+    from distributed.comm import CommClosedError
+
+    from core.protocol import BatchReply, Tensors, Timings
+
+    class Broken:
+        def __init__(self, calls: list) -> None:
+            self.calls = calls
+
+        async def batch_router_run(self, spec):
+            self.calls.append(spec.data.id)  # as Dask would ship it: pickled, out of band
+            raise CommClosedError("Stream is closed")
+
+    class LocalClient(Client):
+        def __init__(self) -> None:
+            super().__init__()
+            self.direct: list[str] = []
+
+        def rpc(self, address):
+            return Broken(self.direct)
+
+    async def go():
+        client = LocalClient()
+        link = ClusterLink(client, parse({"window": 1}), MODEL)
+        link.loop = asyncio.get_running_loop()
+        assert link.clock, "a Linux host has a boot id"
+        here = {"address": "A", "name": "A", "sha256": "x", "clock": link.clock, "direct_lane": True}
+        link.handle(WorkerJoined(link.now, here))
+        view = link.dispatcher.views["A"]
+        assert link.route(view) == "direct"
+        request, future = link.submit("tensor", rows=1)
+        for _ in range(5):
+            await asyncio.sleep(0)  # the wake, the direct call, its failure, the requeue
+        assert len(client.direct) == 1 and link.unreachable == {"A"} and link.route(view) == "task"
+        assert len(client.submitted) == 1 and not future.done()  # queued again, now as a task
+        link._on_reply((None, BatchReply(client.submitted[0], "A", [Tensors({})], Timings(rows=1)).to_wire()))
+        assert (await future).worker == "A"
+        elsewhere = {**here, "address": "B", "name": "B", "clock": "another-host"}
+        link.handle(WorkerJoined(link.now, elsewhere))
+        assert link.route(link.dispatcher.views["B"]) == "task"  # another host: its listener may not be reachable
+
+    asyncio.run(go())

@@ -32,6 +32,7 @@ from router_api.dispatch_events import (
     Send,
     Tick,
     Unavailable,
+    Unreachable,
     Wake,
     WorkerJoined,
     WorkerLeft,
@@ -389,3 +390,18 @@ def test_only_gpu_aware_probes_and_off_means_never(settings, probes):
     arrive(d, 60.0)
     d.handle(Wake(60.0))
     assert d.probes == probes
+
+
+def test_a_direct_batch_whose_connection_broke_goes_back_to_the_queue_unanswered():
+    """Nothing says whether it ran, so its requests are neither failed nor lost: they
+    leave again, on the next worker with room."""
+    d = dispatcher("A", "B", window=1)
+    r, _ = arrive(d, 0.0)
+    (first,) = sent(d.handle(Wake(0.0)))
+    actions = d.handle(Unreachable(0.1, first.id, "CommClosedError: Stream is closed"))
+    assert not failed(actions) and [a.requests for a in actions if isinstance(a, Requeue)] == [[r]]
+    assert Forget(first.id) in actions and first.id not in d.batches
+    (again,) = sent(actions)
+    assert again.requests == [r] and again.id != first.id
+    assert answered(reply(d, again, 0.2))[r].worker == again.view.address
+    assert d.handle(Unreachable(0.3, first.id, "late")) == []  # nothing left of it to act on

@@ -48,6 +48,7 @@ def test_workers_report_the_providers_onnx_runtime_really_uses(cluster):
     for w in workers:
         assert w["device"] == "cpu" and w["providers"] == ["CPUExecutionProvider"]
         assert w["cuda_fallback"] is False
+        assert w["route"] == "direct"  # on the front end's host: batches go straight to its listener
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

@@ -1,5 +1,6 @@
-"""The Dask task that runs one batch: decode, stack, pad to its bucket, run, cut per
-request, reply.
+"""Running one batch: decode, stack, pad to its bucket, run, cut per request, reply; as
+a Dask task (``run_batch``), or straight from a front end on the same host
+(``worker_setup.direct_lane``).
 
 A batch mixes requests from many clients, so everything is per item: an undecodable
 image fails its own item and never the others, and each item gets exactly its rows back.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -186,14 +188,11 @@ def _cut(item: Item, outputs: dict[str, np.ndarray], start: int, n: int) -> Resu
     return Tensors(out)
 
 
-def run_batch(spec: BatchSpec) -> int:
-    """The task: one per batch. Replies on ``spec.topic``; returns only a row count."""
-    from distributed import get_worker
-
-    worker = get_worker()
+def run_spec(address: str, spec: BatchSpec, find_model: Callable[[], WorkerModel] = current_model) -> BatchReply:
+    """One batch, whichever way it came: a result for every item, never an exception."""
     t0, started = time.perf_counter(), time.monotonic()
     try:
-        model = current_model()
+        model = find_model()
     except Exception as e:
         results, timings = [ItemError(str(e), 500)] * len(spec.items), Timings()
     else:
@@ -203,12 +202,21 @@ def run_batch(spec: BatchSpec) -> int:
             results, timings = execute_items(model, spec.items)
         except Exception as e:  # an ORT failure fails this batch's items, visibly
             logger.exception("batch %s failed", spec.id)
-            results, timings = [ItemError(f"inference failed on {worker.address}: {e}", 500)] * len(spec.items), Timings()
+            results, timings = [ItemError(f"inference failed on {address}: {e}", 500)] * len(spec.items), Timings()
         errors = sum(1 for r in results if isinstance(r, ItemError))
         # The time this batch held the worker: the front end learns each worker's
         # service time from it without waiting for a heartbeat.
         timings.service_s = model.stats.finished(timings.rows, time.perf_counter() - t0, errors, planned, timings.padded)
     if spec.trace:  # core.trace's worker stamps; a batch that never ran has none
         timings.stamps = [started, timings.compute_start or started, timings.compute_end or started, time.monotonic()]
-    worker.log_event(spec.topic, BatchReply(spec.id, worker.address, results, timings).to_wire())
-    return timings.rows
+    return BatchReply(spec.id, address, results, timings)
+
+
+def run_batch(spec: BatchSpec) -> int:
+    """The task: one per batch. Replies on ``spec.topic``; returns only a row count."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    reply = run_spec(worker.address, spec)
+    worker.log_event(spec.topic, reply.to_wire())
+    return reply.timings.rows

@@ -18,6 +18,7 @@ from core.config import Settings, cache_dir, parse
 from core.service_curve import ServiceCurve
 from core.heap import freeze_startup_heap
 from core.protocol import EXTENSION
+from worker_setup import direct_lane
 from worker_setup.gpu import open_source
 from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
 from worker_setup.model_cache import ensure_model
@@ -96,6 +97,7 @@ async def dask_setup(worker) -> None:
     seed_curve(model.stats.service, table, shapes)
     logger.info("warm-up on %s (%s): %s", session.device, precision, warmup_line(table))
     worker.extensions[EXTENSION] = model
+    direct_lane.install(worker, model, worker.state.nthreads)
     await start_metrics(worker, model, settings)
     worker.startup_information[EXTENSION] = lambda w: model.describe()
     logger.info("batch-router worker ready: %s", model.describe())

@@ -172,7 +172,8 @@ class WorkerModel:
             "gpu": dict(self.gpu) if self.gpu is not None else None,
             "simulated": self.simulated,
             "slowdown": self.slowdown,
-            "clock": clock_id(),  # a front end with the same one reads this worker's trace stamps as they are
+            "clock": clock_id(),  # a front end with the same one shares this host: its clock, and the direct lane
+            "direct_lane": True,  # answers batches sent straight to it (worker_setup.direct_lane)
         }
 
     def session_for(self, entry: str) -> ModelSession:

@@ -1,0 +1,31 @@
+"""Batches straight from a front end on the same host: one connection, one hop each way.
+
+A Dask task crosses the scheduler twice (front end -> scheduler -> worker, and the
+reply worker -> scheduler -> front end) and costs the scheduler a task's bookkeeping;
+on one host the front end can reach the worker's own listener instead. The worker
+answers ``batch_router_run`` on that connection with the same reply a task would
+publish (``run_spec``), on threads of its own, so Dask's task threads stay free for the
+Python API. Workers elsewhere (behind NAT, through a tunnel) keep the task route, which
+needs no connection to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from core.protocol import DIRECT_OP, BatchSpec
+from worker_setup.execute import run_spec
+from worker_setup.worker_model import WorkerModel
+
+
+def install(worker, model: WorkerModel, threads: int) -> None:
+    """Answer direct batches on ``threads`` threads: as many as the worker's task threads,
+    so one batch decodes while another holds the device, as tasks do."""
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="batch-router-direct")
+
+    async def batch_router_run(spec: BatchSpec) -> dict:  # Dask's Server logs handlers by __name__
+        reply = await asyncio.get_running_loop().run_in_executor(pool, run_spec, worker.address, spec, lambda: model)
+        return reply.to_wire()
+
+    worker.handlers[DIRECT_OP] = batch_router_run
