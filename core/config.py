@@ -307,6 +307,7 @@ class Settings:
     compress_beyond: float | None = key(Duration(off=True))
     trace: bool = key(Flag())
     direct_lane: str = key(Choice(values=("same-host", "off")))
+    shared_memory: int = key(Size())
 
 
 def parse(tree: Mapping | None = None) -> Settings:

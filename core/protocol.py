@@ -64,6 +64,15 @@ class ImageItem:
     rows: ClassVar[int] = 1
 
 
+@dataclass(frozen=True)
+class ShmRef:
+    """Bytes in a shared-memory slab of a front end on the worker's host."""
+
+    path: str  # the slab's file, under /dev/shm
+    offset: int
+    nbytes: int
+
+
 @dataclass
 class TensorItem:
     """One request's input tensors, ``rows`` rows each, as the client sent them."""
@@ -74,6 +83,9 @@ class TensorItem:
     outputs: tuple[str, ...]  # which outputs to return
     codecs: dict[str, str] = field(default_factory=dict)  # input name -> "zlib"
     entry: str = ""  # "uint8": the model name with in-graph preprocessing (core.entries)
+    # Where each input lies in the front end's shared memory; a batch sent straight to a
+    # worker on its host carries these instead of ``inputs`` (router_api.shm).
+    shm: dict[str, ShmRef] | None = None
 
 
 Item = Union[ImageItem, TensorItem]

@@ -19,6 +19,7 @@ from core.labels import load_labels
 from router_api import kserve
 from router_api.cluster_link import ClusterLink
 from router_api.dispatch_events import Answer
+from router_api.shm import ShmPool
 from router_api.handlers import (
     Classify,
     Dashboard,
@@ -83,6 +84,12 @@ class Router:
         self.images = u["name"] if u else self.model_name
         self.dashboard: str | None = None  # the Dask dashboard's base URL, when known
         self.traces: deque | None = deque(maxlen=TRACES_KEPT) if settings.trace else None  # core.trace, when on
+        # Tensor request bodies for workers on this host, in shared memory (router_api.shm).
+        self.shm = ShmPool(settings.shared_memory) if settings.shared_memory and link.direct else None
+
+    def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
 
     def server_metadata(self) -> dict:
         from importlib.metadata import PackageNotFoundError, version

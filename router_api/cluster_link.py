@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -150,9 +151,17 @@ class ClusterLink:
         same_host = self.direct and view.info.get("direct_lane") and view.info.get("clock") == self.clock
         return "direct" if same_host and view.address not in self.unreachable else "task"
 
+    def direct_workers(self) -> bool:
+        """Does some worker get its batches directly (and so its tensors by shared memory)?"""
+        return self.direct and any(self.route(v) == "direct" for v in self.dispatcher.views.values())
+
     def _submit(self, batch) -> None:
-        spec = BatchSpec(batch.id, self.topic, batch.items, any(r.trace is not None for r in batch.requests))
-        if batch.view is not None and self.route(batch.view) == "direct":
+        direct = batch.view is not None and self.route(batch.view) == "direct"
+        # Tensors in shared memory go as references to a worker on this host, as bytes to others.
+        items = [(replace(i, inputs={}, codecs={}) if direct else replace(i, shm=None)) if getattr(i, "shm", None) else i
+                 for i in batch.items]  # fmt: skip
+        spec = BatchSpec(batch.id, self.topic, items, any(r.trace is not None for r in batch.requests))
+        if direct:
             call = self.loop.create_task(self._send_direct(batch.id, batch.view.address, spec))
             self._direct_calls.add(call)
             call.add_done_callback(self._direct_calls.discard)

@@ -17,6 +17,7 @@ from core.codec import pack_item
 from core.protocol import ImageItem, ItemError, TensorItem
 from router_api import kserve, prometheus
 from router_api.dispatch_events import Answer, DeadlineExceeded, Unavailable
+from router_api.shm import MIN_SLAB
 
 
 def as_frame(data: bytes | memoryview) -> np.ndarray:
@@ -117,7 +118,8 @@ class Workers(JSONHandler):
         d = self.router.dispatcher
         queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received, "batches_sent": d.sent,
                  "hedged": d.hedges, "probes": d.probes}  # fmt: skip
-        self.write_json({"policy": d.policy.name, "workers": self.router.workers(), "queue": queue})
+        shm = self.router.shm.stats() if self.router.shm is not None else None  # request bodies in shared memory
+        self.write_json({"policy": d.policy.name, "workers": self.router.workers(), "queue": queue, "shared_memory": shm})
 
 
 class Trace(JSONHandler):
@@ -162,7 +164,10 @@ class Dashboard(JSONHandler):
 
 @web.stream_request_body
 class BodyHandler(JSONHandler):
-    """Reads the body itself so an oversized one gets a 413 in the protocol's format."""
+    """Reads the body itself so an oversized one gets a 413 in the protocol's format, and
+    a tensor request's into shared memory when workers on this host can read it there."""
+
+    shared = False  # may the body go into shared memory (router_api.shm)?
 
     def prepare(self) -> None:
         # core.trace: the request's stamps, when tracing is on; its first item carries them.
@@ -178,17 +183,36 @@ class BodyHandler(JSONHandler):
         self.request.connection.set_max_body_size(4 * self.limit)
         if declared > self.limit:
             self.too_large = True
+        self.slab = None
+        pool = self.router.shm
+        if self.shared and pool is not None and MIN_SLAB <= declared <= self.limit and self.router.link.direct_workers():
+            self.slab = pool.take(declared)
 
     def data_received(self, chunk: bytes) -> None:
+        start = self.size
         self.size += len(chunk)
         if self.size > self.limit:
             self.too_large = True
-        if not self.too_large:
+        if self.too_large:
+            return
+        if self.slab is not None and self.size <= self.slab.size:
+            self.slab.buf[start : self.size] = chunk  # the one copy of the body: no join
+        elif self.slab is not None:  # longer than it said: Tornado should not let this through
+            self.chunks, self.slab = [self.slab.buf[:start], chunk], self._give_back()
+        else:
             self.chunks.append(chunk)
 
     @property
-    def body(self) -> bytes:
+    def body(self) -> bytes | memoryview:
+        if self.slab is not None:
+            return memoryview(self.slab.buf)[: self.size]
         return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+
+    def _give_back(self) -> None:
+        """The body's slab goes back to the pool once nobody waits on its request."""
+        if self.slab is not None:
+            self.router.shm.give_back(self.slab)
+            self.slab = None
 
     def reject_large(self) -> bool:
         if self.too_large:
@@ -198,8 +222,10 @@ class BodyHandler(JSONHandler):
     def on_connection_close(self) -> None:
         for request in self.pending:
             self.router.link.cancel(request)
+        self._give_back()
 
     def on_finish(self) -> None:
+        self._give_back()
         if self.trace is not None and "received" in self.trace:  # answered by a worker
             self.trace["answered"] = self.router.link.now
             self.router.traces.append(self.trace)
@@ -238,6 +264,8 @@ class BodyHandler(JSONHandler):
 
 
 class Infer(BodyHandler):
+    shared = True
+
     async def post(self, name: str, version: str | None = None) -> None:
         if self.reject_large() or not (entry := self.check_model(name, version)):
             return
@@ -256,6 +284,7 @@ class Infer(BodyHandler):
             shapes={i.name: tuple(i.shape) for i in req.inputs},
             outputs=tuple(o.name for o in req.outputs),
             entry=entry.kind,
+            shm=self.shm_refs(req.inputs),
         )
         packed = None
         if router.dispatcher.far_workers():  # zlib releases the GIL: off the event loop
@@ -273,6 +302,14 @@ class Infer(BodyHandler):
             self.set_header("Inference-Header-Content-Length", str(header_length))
             self.set_header("Content-Type", "application/octet-stream")
         self.finish(body)
+
+
+    def shm_refs(self, inputs: list) -> dict | None:
+        """Where each input lies in the body's slab, when they all do (JSON tensors do not)."""
+        if self.slab is None:
+            return None
+        refs = {i.name: self.slab.ref(memoryview(i.data)) for i in inputs}
+        return None if None in refs.values() else refs
 
 
 class Classify(BodyHandler):

@@ -139,7 +139,7 @@ def _json_data(spec: TensorSpec, shape: tuple[int, ...], data: Any) -> bytes:
     return arr.astype(dtype, copy=False).tobytes()
 
 
-def _raw_binary_request(body: bytes, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> InferRequest:
+def _raw_binary_request(body: bytes | memoryview, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> InferRequest:
     """Header length 0: the body is one input's bytes, batch 1, all outputs binary."""
     if len(inputs) != 1 or any(d < 0 for d in inputs[0].shape[1:]):
         raise ProtocolError("a raw binary request (Inference-Header-Content-Length: 0) needs a "
@@ -176,7 +176,7 @@ def _resolve_outputs(req: dict, outputs: list[TensorSpec], binary_default: bool)
     return resolved
 
 
-def parse_infer_request(body: bytes, header_length: int | None, inputs: list[TensorSpec],
+def parse_infer_request(body: bytes | memoryview, header_length: int | None, inputs: list[TensorSpec],
                         outputs: list[TensorSpec], max_batch_size: int) -> InferRequest:
     """Decode and fully validate one inference request; raises ProtocolError(400).
 
@@ -188,8 +188,9 @@ def parse_infer_request(body: bytes, header_length: int | None, inputs: list[Ten
     if header_length == 0:
         return _raw_binary_request(body, inputs, outputs)
     split = len(body) if header_length is None else header_length
+    head = body[:split]
     try:
-        req = json.loads(body[:split])
+        req = json.loads(head if isinstance(head, bytes) else bytes(head))  # a body in shared memory is a view
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise ProtocolError(f"malformed JSON: {exc}") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):

@@ -95,6 +95,7 @@ async def serve_until_signal(client: Client, settings: Settings) -> None:
     logger.info("shutting down: answering queued and in-flight requests")
     server.stop()
     await router.link.close()
+    router.close()
     await server.close_all_connections()
 
 

@@ -22,6 +22,7 @@ from core.buckets import Chunk, chunks
 from core.codec import unpack_input
 from core.protocol import BatchReply, BatchSpec, ImageItem, Item, ItemError, Output, Result, Tensors, Timings, TopK
 from core.entries import PIXELS, UINT8
+from worker_setup import shm_reader
 from worker_setup.preprocess import ImageError, image_pixels, image_to_row
 from worker_setup.worker_model import WorkerModel, current_model
 
@@ -50,6 +51,8 @@ def _item_inputs(model: WorkerModel, item: Item) -> tuple[str, dict[str, np.ndar
             return UINT8, {PIXELS: image_pixels(item.data, model.layout.size)[None]}
         return "", {model.session.inputs[0].name: image_to_row(item.data, model.layout)[None]}
     inputs = model.session_for(item.entry).inputs
+    if item.shm:  # from a front end on this host: its shared memory, not the message
+        return item.entry, {t.name: shm_reader.read(item.shm[t.name]).view(t.dtype).reshape(item.shapes[t.name]) for t in inputs}
     return item.entry, {t.name: np.frombuffer(unpack_input(item, t.name), dtype=t.dtype).reshape(item.shapes[t.name]) for t in inputs}
 
 
