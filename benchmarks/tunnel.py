@@ -110,9 +110,11 @@ def run_setting(rtt_ms: float, args: argparse.Namespace, jpeg: bytes, work: Path
         worker_env = {"DASK_BATCH_ROUTER__WORKER__BATCH_TIME": args.batch_time}
         procs.append(_launch(["-m", "router_api.cli", "worker", "--join", token, "--name", "far",
                               "--threads", "1"], logs["worker"], worker_env))
+        # The relay stands for distance: a worker that far is on another host, where the
+        # direct lane never applies, so the front end must not take it to this one.
         serve = _launch(["-m", "router_api.cli", "serve", "--scheduler", f"tls://127.0.0.1:{sport}",
                          "--port", str(hport), "--max-batch-size", str(args.max_batch_size)],
-                        logs["serve"], env)
+                        logs["serve"], {**env, "DASK_BATCH_ROUTER__DIRECT_LANE": "off"})
         procs.append(serve)
         deadline = time.monotonic() + 180
         while not (asyncio.run(get_json("127.0.0.1", hport, "/v1/workers")) or {}).get("workers"):

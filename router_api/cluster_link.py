@@ -18,6 +18,7 @@ from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from distributed.core import ConnectionPool
 from distributed.protocol import to_serialize
 
 from core.config import Settings
@@ -51,6 +52,7 @@ logger = logging.getLogger("router_api.cluster_link")
 
 WATCH_EVERY = 0.1  # seconds between watchdog ticks: O(batches in flight) each
 RESYNC_EVERY = 2.0  # seconds between membership resyncs and checks for failed tasks
+DIRECT_CONNECT = 3.0  # seconds to connect to a worker on this host before giving it tasks instead
 
 
 class ClusterLink:
@@ -61,6 +63,7 @@ class ClusterLink:
         self.direct = settings.direct_lane == "same-host" and bool(self.clock)
         self.unreachable: set[str] = set()  # workers whose direct connection failed: tasks from then on
         self._direct_calls: set[asyncio.Task] = set()
+        self.pool: ConnectionPool | None = None  # connections to workers' listeners, made on first use
         self.topic = RESULTS_PREFIX + client.id
         self.send_interval = settings.batched_send_interval
         self.report_interval = settings.dashboard.interval
@@ -96,6 +99,8 @@ class ClusterLink:
             self._reap_failed()
             await asyncio.sleep(0.05)
         self.handle(Abort(self.now))
+        if self.pool is not None:
+            await self.pool.close()
         for task in self._tasks:
             task.cancel()
         if self._timer:
@@ -148,7 +153,7 @@ class ClusterLink:
 
     def route(self, view) -> str:
         """How batches reach this worker: "direct" (same host, its own listener) or "task"."""
-        same_host = self.direct and view.info.get("direct_lane") and view.info.get("clock") == self.clock
+        same_host = self.direct and view.info.get("direct_address") and view.info.get("clock") == self.clock
         return "direct" if same_host and view.address not in self.unreachable else "task"
 
     def direct_workers(self) -> bool:
@@ -162,7 +167,7 @@ class ClusterLink:
                  for i in batch.items]  # fmt: skip
         spec = BatchSpec(batch.id, self.topic, items, any(r.trace is not None for r in batch.requests))
         if direct:
-            call = self.loop.create_task(self._send_direct(batch.id, batch.view.address, spec))
+            call = self.loop.create_task(self._send_direct(batch.id, batch.view.address, batch.view.info["direct_address"], spec))
             self._direct_calls.add(call)
             call.add_done_callback(self._direct_calls.discard)
             return
@@ -172,12 +177,15 @@ class ClusterLink:
         except Exception as e:
             self.loop.call_soon(self.handle, NotSent(self.now, batch.id, str(e)))
 
-    async def _send_direct(self, batch_id: str, address: str, spec: BatchSpec) -> None:
-        """One batch over a pooled connection to the worker; the reply comes back on it.
-        A broken connection puts the batch's requests back in the queue and sends this
-        worker tasks from then on (a worker that left is removed by the scheduler's word)."""
+    async def _send_direct(self, batch_id: str, address: str, listener: str, spec: BatchSpec) -> None:
+        """One batch over a pooled connection to the worker's listener; the reply comes
+        back on it. A connection that cannot be made (in ``DIRECT_CONNECT`` seconds) or
+        breaks puts the batch's requests back in the queue and sends this worker tasks
+        from then on (a worker that left is removed by the scheduler's word)."""
+        if self.pool is None:
+            self.pool = ConnectionPool(timeout=DIRECT_CONNECT, deserialize=True, connection_args=self.client.connection_args)
         try:
-            msg = await self.client.rpc(address).batch_router_run(spec=to_serialize(spec))
+            msg = await self.pool(listener).batch_router_run(spec=to_serialize(spec))
         except Exception as e:
             if address not in self.unreachable:
                 logger.warning("direct lane to %s failed (%s: %s); sending it Dask tasks instead", address, type(e).__name__, e)

@@ -67,27 +67,27 @@ def test_a_worker_on_this_host_gets_batches_directly_and_tasks_once_that_fails()
             self.calls.append(spec.data.id)  # as Dask would ship it: pickled, out of band
             raise CommClosedError("Stream is closed")
 
-    class LocalClient(Client):
+    class Pool:
         def __init__(self) -> None:
-            super().__init__()
-            self.direct: list[str] = []
+            self.calls: list[str] = []
 
-        def rpc(self, address):
-            return Broken(self.direct)
+        def __call__(self, address):
+            assert address == "tcp://127.0.0.1:9"  # the worker's listener, not the address it advertises
+            return Broken(self.calls)
 
     async def go():
-        client = LocalClient()
+        client = Client()
         link = ClusterLink(client, parse({"window": 1}), MODEL)
-        link.loop = asyncio.get_running_loop()
+        link.loop, link.pool = asyncio.get_running_loop(), Pool()
         assert link.clock, "a Linux host has a boot id"
-        here = {"address": "A", "name": "A", "sha256": "x", "clock": link.clock, "direct_lane": True}
+        here = {"address": "A", "name": "A", "sha256": "x", "clock": link.clock, "direct_address": "tcp://127.0.0.1:9"}
         link.handle(WorkerJoined(link.now, here))
         view = link.dispatcher.views["A"]
         assert link.route(view) == "direct"
         request, future = link.submit("tensor", rows=1)
         for _ in range(5):
             await asyncio.sleep(0)  # the wake, the direct call, its failure, the requeue
-        assert len(client.direct) == 1 and link.unreachable == {"A"} and link.route(view) == "task"
+        assert len(link.pool.calls) == 1 and link.unreachable == {"A"} and link.route(view) == "task"
         assert len(client.submitted) == 1 and not future.done()  # queued again, now as a task
         link._on_reply((None, BatchReply(client.submitted[0], "A", [Tensors({})], Timings(rows=1)).to_wire()))
         assert (await future).worker == "A"

@@ -19,6 +19,15 @@ from worker_setup.execute import run_spec
 from worker_setup.worker_model import WorkerModel
 
 
+def address(worker) -> str | None:
+    """Where a front end on this host reaches the worker: its listener itself, not the
+    address it advertises (a tunnel's or a NAT's, maybe unreachable from here)."""
+    try:
+        return worker.listener.contact_address
+    except Exception:  # not listening on a network transport
+        return None
+
+
 def install(worker, model: WorkerModel, threads: int) -> None:
     """Answer direct batches on ``threads`` threads: as many as the worker's task threads,
     so one batch decodes while another holds the device, as tasks do."""

@@ -99,7 +99,7 @@ async def dask_setup(worker) -> None:
     worker.extensions[EXTENSION] = model
     direct_lane.install(worker, model, worker.state.nthreads)
     await start_metrics(worker, model, settings)
-    worker.startup_information[EXTENSION] = lambda w: model.describe()
+    worker.startup_information[EXTENSION] = lambda w: {**model.describe(), "direct_address": direct_lane.address(w)}
     logger.info("batch-router worker ready: %s", model.describe())
     freeze_startup_heap("worker")
 

@@ -173,7 +173,6 @@ class WorkerModel:
             "simulated": self.simulated,
             "slowdown": self.slowdown,
             "clock": clock_id(),  # a front end with the same one shares this host: its clock, and the direct lane
-            "direct_lane": True,  # answers batches sent straight to it (worker_setup.direct_lane)
         }
 
     def session_for(self, entry: str) -> ModelSession:
