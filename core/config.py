@@ -221,6 +221,7 @@ class Http:
     port: int = key(Int(maximum=65535))
     max_body_size: int = key(Size())
     top_k: int = key(Int(minimum=1))
+    frontends: int = key(Int(minimum=1))
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ def _usable(views: list[WorkerView], tuning: Tuning) -> list[WorkerView]:
 def _even_split(views: list[WorkerView], queued_rows: int, max_batch: int) -> int:
     """Split what is queued across the free slots instead of handing it all to one
     worker while another idles (closed-loop clients arrive in waves)."""
-    free = sum(max(0, v.window - v.in_flight) for v in views)
+    free = sum(max(0, v.window - v.load) for v in views)
     return max(1, min(max_batch, -(-queued_rows // max(1, free))))
 
 

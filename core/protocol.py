@@ -150,6 +150,7 @@ class BatchReply:
     worker: str
     results: list[Result]
     timings: Timings
+    load: int = 0  # router batches still on the worker as this one left, from every front end
 
     def to_wire(self) -> dict:
         t = self.timings
@@ -158,6 +159,7 @@ class BatchReply:
             "worker": self.worker,
             "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s, t.padded, t.wait_ns, t.stamps],
             "results": [_result_to_wire(r) for r in self.results],
+            "load": self.load,
         }
 
     @classmethod
@@ -165,7 +167,8 @@ class BatchReply:
         """Raises ValueError for anything not shaped like ``to_wire``'s output."""
         try:
             timings = Timings(*msg["timings"][:8])
-            return cls(str(msg["id"]), str(msg["worker"]), [_result_from_wire(r) for r in msg["results"]], timings)
+            results = [_result_from_wire(r) for r in msg["results"]]
+            return cls(str(msg["id"]), str(msg["worker"]), results, timings, int(msg.get("load", 0)))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"malformed batch reply: {type(e).__name__}: {e}") from None
 

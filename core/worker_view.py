@@ -53,6 +53,8 @@ class WorkerView:
     responsive: bool = True
     weight: float = 0.0  # share of capacity, for display; set by ``placement.weights``
     probed_at: float = float("-inf")  # clock of the last probe copy sent to it
+    # Batches other front ends have on it, as its latest reply said: its window is shared.
+    foreign: int = 0
 
     @property
     def in_flight(self) -> int:
@@ -63,8 +65,16 @@ class WorkerView:
         return sum(f.rows for f in self.flights.values())
 
     @property
+    def load(self) -> int:
+        """Batches on it from every front end, as far as this one knows."""
+        return len(self.flights) + self.foreign
+
+    @property
     def has_room(self) -> bool:
-        return self.in_flight < self.window
+        """Room in its window, shared with other front ends. A front end with nothing on
+        it may always send one: it learns the worker's load only from replies, and would
+        otherwise wait forever on a stale figure."""
+        return self.in_flight < self.window and (not self.flights or self.load < self.window)
 
     def remaining(self, now: float) -> float:
         """Expected seconds until the batches already sent to it are done: a worker runs

@@ -224,6 +224,7 @@ async def start_front_end(client, settings: Settings) -> tuple[Router, httpserve
         logger.warning("the scheduler did not say where its dashboard is: %s", e)
     server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size)
     host, port = settings.http.host, settings.http.port
-    server.listen(port, address=host)
+    # Several front ends share the port: the kernel spreads connections among them.
+    server.listen(port, address=host, reuse_port=settings.http.frontends > 1)
     logger.info("HTTP front end on http://%s:%d (model %s)", host, port, router.model_name)
     return router, server

@@ -37,8 +37,8 @@ KEYS = {
     "trace": "trace",
 }
 ROLE_KEYS = {
-    "up": {"host": "http.host", "port": "http.port", "scheduler_port": "scheduler.port"},
-    "serve": {"host": "http.host", "port": "http.port"},
+    "up": {"host": "http.host", "port": "http.port", "scheduler_port": "scheduler.port", "frontends": "http.frontends"},
+    "serve": {"host": "http.host", "port": "http.port", "frontends": "http.frontends"},
     "scheduler": {"host": "scheduler.host", "port": "scheduler.port"},
 }
 
@@ -111,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     up.add_argument("--scheduler-port", type=int, default=None, help="Dask scheduler port (default 8786)")
+    up.add_argument("--frontends", type=int, default=None, help="HTTP front-end processes sharing the port (default 1)")
     up.add_argument("--dashboard-port", type=int, default=None, help="Dask dashboard port (default 8787)")
     up.add_argument("--model", help="ONNX image classifier (default: ResNet-50, random weights)")
     up.add_argument(
@@ -159,6 +160,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--scheduler", required=True, help="e.g. tcp://127.0.0.1:8786")
     f.add_argument("--host", default=None)
     f.add_argument("--port", type=int, default=None)
+    f.add_argument("--frontends", type=int, default=None, help="front-end processes sharing the port (default 1)")
     batching(f)
     return p
 

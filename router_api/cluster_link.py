@@ -184,6 +184,7 @@ class ClusterLink:
         from then on (a worker that left is removed by the scheduler's word)."""
         if self.pool is None:
             self.pool = ConnectionPool(timeout=DIRECT_CONNECT, deserialize=True, connection_args=self.client.connection_args)
+            await self.pool.start()
         try:
             msg = await self.pool(listener).batch_router_run(spec=to_serialize(spec))
         except Exception as e:

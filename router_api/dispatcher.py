@@ -226,6 +226,7 @@ class Dispatcher:
         if view is not None:
             failed = any(isinstance(r, ItemError) and r.status >= 500 for r in reply.results)
             learn_from_reply(view, batch.rows, t.rows, t.service_s, failed, now - batch.sent_at, batch.alone, now, t.padded)
+            view.foreign = max(0, reply.load - len(view.flights))  # other front ends' batches on it
             view.window = adaptive_window(view, self.window, self.max_window, max(1, view.rows // max(1, view.batches)))
         # Triton's counts are of requests served: a copy that lost the race ran, but
         # answered nobody, so it is not counted again.

@@ -118,6 +118,20 @@ def spawn_worker(address: str, name: str, threads: int, slowdown: float | None =
     return subprocess.Popen(cmd, env=env, start_new_session=True)
 
 
+FRONTEND_CHILD = "BATCH_ROUTER_FRONTEND_CHILD"  # set in the front ends `up` and `serve` start
+
+
+def spawn_frontends(scheduler: str, settings: Settings) -> list[subprocess.Popen]:
+    """The other ``http.frontends - 1`` front ends: ``serve`` processes on the same port,
+    for the same scheduler, each with its own Dask client and batcher. They inherit this
+    process's settings (so they listen with SO_REUSEPORT too)."""
+    if settings.http.frontends <= 1 or os.environ.get(FRONTEND_CHILD):
+        return []
+    env = dict(os.environ, DASK_INTERNAL_INHERIT_CONFIG=dask.config.serialize(dask.config.global_config), **{FRONTEND_CHILD: "1"})
+    cmd = [sys.executable, "-m", "router_api.cli", "serve", "--scheduler", scheduler]
+    return [subprocess.Popen(cmd, env=env, start_new_session=True) for _ in range(settings.http.frontends - 1)]
+
+
 def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
     for p in procs:
         if p.poll() is None:
@@ -126,7 +140,7 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 15.0) -> None
         try:
             p.wait(timeout)
         except subprocess.TimeoutExpired:
-            logger.warning("worker %d did not stop in %.0fs; killing it", p.pid, timeout)
+            logger.warning("process %d did not stop in %.0fs; killing it", p.pid, timeout)
             p.kill()
             p.wait()
 
@@ -160,6 +174,7 @@ async def up(settings: Settings, slowdown: list[float] | None = None, rotate_ca:
                     spawn_worker(local, f"local-{i}", threads, slowdown[i] if i < len(slowdown) else None, local_token)
                     for i in range(workers)
                 ]
+                frontends = spawn_frontends(local, settings)
                 try:
                     security = public.ca.security("client") if public else None
                     async with Client(inproc, asynchronous=True, security=security) as client:
@@ -168,6 +183,7 @@ async def up(settings: Settings, slowdown: list[float] | None = None, rotate_ca:
                             public.announce()
                         await serve_until_signal(client, settings)
                 finally:
+                    await asyncio.to_thread(stop_processes, frontends)  # they drain their queues first
                     await asyncio.to_thread(stop_processes, procs)
         finally:
             if public:
@@ -215,9 +231,13 @@ async def serve(settings: Settings, scheduler_address: str) -> None:
         if not (ca_dir / "ca.pem").exists():
             raise SystemExit(f"no cluster CA in {ca_dir}: start `batch-router scheduler --public-address ...` first")
         security = ClusterCA(ca_dir).security("client")
-    with dask.config.set(DASK_SETTINGS):
-        async with Client(scheduler_address, asynchronous=True, security=security) as client:
-            await serve_until_signal(client, settings)
+    frontends = spawn_frontends(scheduler_address, settings)
+    try:
+        with dask.config.set(DASK_SETTINGS):
+            async with Client(scheduler_address, asynchronous=True, security=security) as client:
+                await serve_until_signal(client, settings)
+    finally:
+        await asyncio.to_thread(stop_processes, frontends)
 
 
 async def serve_worker(address: str, name: str | None, security, contact: str | None, least: float = 0.0) -> None:

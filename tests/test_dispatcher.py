@@ -405,3 +405,25 @@ def test_a_direct_batch_whose_connection_broke_goes_back_to_the_queue_unanswered
     assert again.requests == [r] and again.id != first.id
     assert answered(reply(d, again, 0.2))[r].worker == again.view.address
     assert d.handle(Unreachable(0.3, first.id, "late")) == []  # nothing left of it to act on
+
+
+def test_a_worker_window_is_shared_with_other_front_ends_as_its_replies_report():
+    """Replies say how many batches the worker still holds from every front end; this
+    front end counts the others' against the worker's window, but may always send one
+    when it has none there (a stale figure must never stop it for good)."""
+    d = dispatcher("A", window=2, **{"max-window": 2})
+    r1, _ = arrive(d, 0.0)
+    (b1,) = sent(d.handle(Wake(0.0)))
+    r2, _ = arrive(d, 0.01)
+    (b2,) = sent(d.handle(Wake(0.01)))  # two of ours in flight: the window is full
+    results, timings = [Tensors({})], Timings(rows=1, infer_ns=1_000, service_s=0.01)
+    actions = d.handle(Replied(0.05, BatchReply(b1.id, "A", results, timings, load=2)))  # b2 and one of another front end's
+    view = d.views["A"]
+    assert view.foreign == 1 and view.load == 2 and not view.has_room
+    arrive(d, 0.06)
+    assert sent(d.handle(Wake(0.06))) == []  # ours alone would have had room
+    actions = d.handle(Replied(0.07, BatchReply(b2.id, "A", results, timings, load=2)))  # the others now have two
+    (b3,) = sent(actions)  # none of ours was left there: one may go, whatever the figure says
+    assert view.foreign == 2 and b3.view is view and list(view.flights) == [b3.id]
+    arrive(d, 0.08)
+    assert sent(d.handle(Wake(0.08))) == []  # but only one

@@ -122,6 +122,7 @@ def test_every_slab_goes_back_after_replies_errors_timeouts_and_disconnects(mode
             assert all(f.result().status == 200 for f in busy)
 
         wait_until(lambda: shm(c)["slabs_in_use"] == 0)  # nothing held once nothing waits
+        assert c.get("/v1/workers")["workers"][0]["route"] == "direct"  # every batch went straight there
         pid = c.proc.pid
         stats = shm(c)
         assert len(slabs_on_disk(pid)) * MIN_SLAB <= stats["bytes"]  # every file is one of the pool's

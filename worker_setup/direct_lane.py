@@ -34,7 +34,12 @@ def install(worker, model: WorkerModel, threads: int) -> None:
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="batch-router-direct")
 
     async def batch_router_run(spec: BatchSpec) -> dict:  # Dask's Server logs handlers by __name__
-        reply = await asyncio.get_running_loop().run_in_executor(pool, run_spec, worker.address, spec, lambda: model)
+        model.stats.accept()  # waiting for a thread counts: it is this worker's load
+        try:
+            reply = await asyncio.get_running_loop().run_in_executor(pool, run_spec, worker.address, spec, lambda: model)
+        finally:
+            load = model.stats.reply_leaves()
+        reply.load = load
         return reply.to_wire()
 
     worker.handlers[DIRECT_OP] = batch_router_run

@@ -20,7 +20,7 @@ import numpy as np
 
 from core.buckets import Chunk, chunks
 from core.codec import unpack_input
-from core.protocol import BatchReply, BatchSpec, ImageItem, Item, ItemError, Output, Result, Tensors, Timings, TopK
+from core.protocol import EXTENSION, BatchReply, BatchSpec, ImageItem, Item, ItemError, Output, Result, Tensors, Timings, TopK
 from core.entries import PIXELS, UINT8
 from worker_setup import shm_reader
 from worker_setup.preprocess import ImageError, image_pixels, image_to_row
@@ -220,6 +220,11 @@ def run_batch(spec: BatchSpec) -> int:
     from distributed import get_worker
 
     worker = get_worker()
+    model = worker.extensions.get(EXTENSION)
+    if model is not None:
+        model.stats.accept()
     reply = run_spec(worker.address, spec)
+    if model is not None:
+        reply.load = model.stats.reply_leaves()
     worker.log_event(spec.topic, reply.to_wire())
     return reply.timings.rows

@@ -43,6 +43,8 @@ class InferenceStats:
     _busy_since: float | None = None  # start of the open interval, while a batch runs
     _last_end: float | None = None  # when the latest batch finished
     _max_rows_in_flight: int = 0
+    accepted: int = 0  # router batches taken and not yet replied to, from every front end
+    peak_accepted: int = 0
     _memory_base: int | None = None  # GPU memory used at the first sample, after warm-up
     _memory_peak: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -81,6 +83,19 @@ class InferenceStats:
             self.recent.append((rows, added))
             self.service.observe(rows + padded, added)
             return added
+
+    def accept(self) -> None:
+        """A router batch arrived (direct, or its task began)."""
+        with self._lock:
+            self.accepted += 1
+            self.peak_accepted = max(self.peak_accepted, self.accepted)
+
+    def reply_leaves(self) -> int:
+        """Its reply leaves: the batches still here, which the reply reports, so that each
+        of several front ends sees what the others have in flight on this worker."""
+        with self._lock:
+            self.accepted -= 1
+            return self.accepted
 
     def busy_seconds(self) -> float:
         """Wall time during which at least one batch was running, the open interval
@@ -124,6 +139,7 @@ class InferenceStats:
                 "errors": self.errors,
                 "in_flight": self.in_flight,
                 "rows_in_flight": self.rows_in_flight,
+                "peak_accepted": self.peak_accepted,
                 "busy_s": busy,
                 "service": self.service.as_dict(),
             }
