@@ -97,6 +97,24 @@ def split(before: dict, after: dict) -> dict:
             "padded_fraction": round(padded / (rows + padded), 4) if rows + padded else None}  # fmt: skip
 
 
+def model_stats(url: str) -> dict:
+    """Triton's statistics of every model name."""
+    return json.load(urllib.request.urlopen(url + "/v2/models/stats", timeout=10))
+
+
+def input_ms_per_row(before: dict, after: dict) -> float | None:
+    """Milliseconds the workers spent decoding and stacking per row between two
+    ``model_stats`` (each batch's compute_input once, over the rows it ran): for
+    /v1/classify, the decode time per image, the pool's threads working in parallel."""
+
+    def totals(stats: dict) -> tuple[int, int]:
+        ns = sum(b["compute_input"]["ns"] for m in stats["model_stats"] for b in m["batch_stats"])
+        return ns, sum(m["inference_count"] for m in stats["model_stats"])
+
+    (ns0, rows0), (ns1, rows1) = totals(before), totals(after)
+    return round((ns1 - ns0) / (rows1 - rows0) / 1e6, 3) if rows1 > rows0 else None
+
+
 GPU_FIELDS = ("utilization_gpu", "memory_used", "power", "sm_clock", "temperature", "throttle_reasons")
 
 

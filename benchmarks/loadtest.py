@@ -57,6 +57,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     a("--drain-cap", type=parse_duration, default=30.0, help="max wait for in-flight at end")
     a("--timeout", type=parse_duration, default=120.0, help="per-request timeout")
     a("--batch-rows", type=int, default=1, help="infer mode: rows per request")
+    a("--jpeg-size", default="320x240", help="classify mode: the JPEG's WIDTHxHEIGHT[qQUALITY], e.g. 500x375q90")
     a("--seed", type=int, default=0)
     a("--baseline", action="store_true", help="then raw ONNX Runtime in a subprocess")
     a("--baseline-threads", type=int, default=os.cpu_count() or 1)

@@ -65,10 +65,18 @@ def infer_request(meta: dict[str, Any], rows: int, seed: int = 0) -> tuple[dict,
     return headers, header + data
 
 
+def jpeg_size(text: str) -> tuple[int, int, int]:
+    """"500x375" or "500x375q90" -> (width, height, quality); quality 85 unless given."""
+    size, _, quality = text.partition("q")
+    w, h = (int(v) for v in size.split("x"))
+    return w, h, int(quality or 85)
+
+
 def payload(args: argparse.Namespace, meta: Optional[dict]) -> tuple[str, dict, bytes, int]:
     if args.mode == "classify":
-        jpeg = make_jpeg(seed=args.seed)
-        print(f"payload: {len(jpeg)} byte JPEG 320x240 q85 -> POST /v1/classify", flush=True)
+        w, h, q = jpeg_size(args.jpeg_size)
+        jpeg = make_jpeg(w, h, seed=args.seed, quality=q)
+        print(f"payload: {len(jpeg)} byte JPEG {w}x{h} q{q} -> POST /v1/classify", flush=True)
         return "/v1/classify", {"Content-Type": "image/jpeg"}, jpeg, 1
     if meta is None:
         raise SystemExit(f"cannot read model metadata GET /v2/models/{args.model}")

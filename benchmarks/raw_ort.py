@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -25,7 +26,7 @@ import numpy as np
 
 from benchmarks.httpload import percentile
 from benchmarks.loadtest import parse_duration
-from benchmarks.payloads import make_jpeg, random_tensor
+from benchmarks.payloads import jpeg_size, make_jpeg, random_tensor
 
 ORT_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
              "tensor(uint8)": "UINT8", "tensor(int8)": "INT8", "tensor(int32)": "INT32",
@@ -53,7 +54,8 @@ def batch_maker(session: Any, mode: str, seed: int) -> tuple[Callable[[int], np.
     if mode == "classify":
         from worker_setup.preprocess import ImageLayout, image_to_row
 
-        jpeg = make_jpeg(seed=seed)
+        w, h, q = jpeg_size(os.environ.get("BATCH_ROUTER_BENCH_JPEG", "320x240"))  # the load test's, passed down
+        jpeg = make_jpeg(w, h, seed=seed, quality=q)
         layout = ImageLayout.from_shape(tuple(shape), np.dtype(
             {"FP32": "float32", "FP16": "float16", "UINT8": "uint8"}[datatype]).name)
         return (lambda b: np.stack([image_to_row(jpeg, layout) for _ in range(b)])), shape
@@ -147,8 +149,6 @@ def describe(out: dict) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    import os
-
     p = argparse.ArgumentParser(prog="python -m benchmarks.raw_ort",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--model-path", required=True)

@@ -156,6 +156,11 @@ def _model_path(args: argparse.Namespace) -> Path:
     return ensure_uint8(Path(path), sha256_file(path), cache_dir(parse(dask.config.get("batch-router", None))))
 
 
+def _raw_env(args: argparse.Namespace) -> dict:
+    """raw_ort decodes the load test's own JPEG: its size goes down by environment."""
+    return {**os.environ, "BATCH_ROUTER_BENCH_JPEG": getattr(args, "jpeg_size", "320x240")}
+
+
 def run_raw(args: argparse.Namespace, duration: float) -> dict:
     """raw_ort in a subprocess: its own threads and memory, nothing shared with us."""
     cmd = [sys.executable, "-m", "benchmarks.raw_ort", "--model-path", str(_model_path(args)),
@@ -164,7 +169,7 @@ def run_raw(args: argparse.Namespace, duration: float) -> dict:
     if args.baseline_batch_sizes != DEFAULT_BATCH_SIZES:
         cmd += ["--batch-sizes", args.baseline_batch_sizes]
     print("baseline:", shlex.join(cmd), flush=True)
-    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True).stdout
+    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True, env=_raw_env(args)).stdout
     lines = out.strip().splitlines()
     print("\n".join(lines[:-1]), flush=True)
     return json.loads(lines[-1])
@@ -181,7 +186,7 @@ class RawServer:
                "--batch-sizes", ",".join(map(str, batch_sizes)), "--seed", str(args.seed)]
         print("baseline:", shlex.join(cmd), flush=True)
         # Own session: a terminal Ctrl-C reaches only us; close() ends it.
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, env=_raw_env(args),
                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
         try:
             self.info = self._answer()

@@ -276,6 +276,7 @@ class Worker:
     precision: str = key(Choice(values=PRECISIONS))
     io_binding: bool = key(Flag())
     warmup_cpu_max_rows: int = key(Int())
+    cpu_affinity: tuple[int, ...] | None = key(IntList(nullable=True))
     cuda: Cuda = section(Cuda)
 
 

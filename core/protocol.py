@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar, Union
 
 import numpy as np
@@ -112,7 +113,7 @@ class TopK:
 class Output:
     dtype: str  # numpy dtype string, byte order included ("<f4")
     shape: tuple[int, ...]
-    data: bytes  # row-major
+    data: bytes | np.ndarray  # row-major: the rows' own array until the reply is sent
 
 
 @dataclass
@@ -152,13 +153,16 @@ class BatchReply:
     timings: Timings
     load: int = 0  # router batches still on the worker as this one left, from every front end
 
-    def to_wire(self) -> dict:
+    def to_wire(self, frame: Callable[[np.ndarray], Any] | None = None) -> dict:
+        """The reply as plain data. Output arrays become bytes (one copy, for an event
+        on Dask's streams), or with ``frame`` (Dask's ``to_serialize``, on a direct
+        connection) travel as frames of their own, not copied at all."""
         t = self.timings
         return {
             "id": self.id,
             "worker": self.worker,
             "timings": [t.rows, t.input_ns, t.infer_ns, t.output_ns, t.service_s, t.padded, t.wait_ns, t.stamps],
-            "results": [_result_to_wire(r) for r in self.results],
+            "results": [_result_to_wire(r, frame) for r in self.results],
             "load": self.load,
         }
 
@@ -173,11 +177,14 @@ class BatchReply:
             raise ValueError(f"malformed batch reply: {type(e).__name__}: {e}") from None
 
 
-def _result_to_wire(r: Result) -> list:
+def _result_to_wire(r: Result, frame: Callable[[np.ndarray], Any] | None = None) -> list:
     if isinstance(r, TopK):
         return ["topk", r.indices, r.probabilities]
     if isinstance(r, Tensors):
-        return ["tensors", {name: [o.dtype, list(o.shape), o.data] for name, o in r.outputs.items()}]
+        def data(d: bytes | np.ndarray) -> Any:
+            return d if isinstance(d, bytes) else frame(d) if frame is not None else d.tobytes()
+
+        return ["tensors", {name: [o.dtype, list(o.shape), data(o.data)] for name, o in r.outputs.items()}]
     return ["error", r.message, r.status]
 
 

@@ -53,8 +53,10 @@ class WorkerView:
     responsive: bool = True
     weight: float = 0.0  # share of capacity, for display; set by ``placement.weights``
     probed_at: float = float("-inf")  # clock of the last probe copy sent to it
-    # Batches other front ends have on it, as its latest reply said: its window is shared.
-    foreign: int = 0
+    # Front ends sharing its window (http.frontends), and the batches the others have on
+    # it as its latest reply said (None: no reply yet; each is assumed to fill its share).
+    frontends: int = 1
+    foreign: int | None = None
 
     @property
     def in_flight(self) -> int:
@@ -65,16 +67,23 @@ class WorkerView:
         return sum(f.rows for f in self.flights.values())
 
     @property
+    def share(self) -> int:
+        """This front end's part of the window, which it may always fill."""
+        return max(1, -(-self.window // self.frontends))
+
+    @property
     def load(self) -> int:
         """Batches on it from every front end, as far as this one knows."""
-        return len(self.flights) + self.foreign
+        others = self.foreign if self.foreign is not None else (self.frontends - 1) * self.share
+        return len(self.flights) + others
 
     @property
     def has_room(self) -> bool:
-        """Room in its window, shared with other front ends. A front end with nothing on
-        it may always send one: it learns the worker's load only from replies, and would
-        otherwise wait forever on a stale figure."""
-        return self.in_flight < self.window and (not self.flights or self.load < self.window)
+        """Room in its window, shared with the other front ends: this one's share always,
+        and beyond it what the others leave free by the worker's latest figure. (A share
+        is never blocked by a figure that could be stale: replies are the only news.)"""
+        own = len(self.flights)
+        return own < self.window and (own < self.share or self.load < self.window)
 
     def remaining(self, now: float) -> float:
         """Expected seconds until the batches already sent to it are done: a worker runs

@@ -133,7 +133,7 @@ class Router:
         # io_binding; warmup: each bucket's first and steady run, timed before it joined; uint8:
         # the uint8 entry's session (its warm-up), None when the cluster serves none.
         keys = ("device", "providers", "requested_providers", "cuda_fallback", "threads", "sha256", "precision", "buckets",
-                "options", "cuda_graphs", "warmup", "uint8")  # fmt: skip
+                "options", "cuda_graphs", "warmup", "uint8", "decoder")  # fmt: skip
         now = self.link.now
         shares = d.weights(now)
         return [
@@ -152,6 +152,7 @@ class Router:
                 "batches": v.batches,
                 "rows": v.rows,
                 "padded_rows": v.reported.get("padded_rows"),
+                "peak_batches": v.reported.get("peak_accepted"),  # most router batches it held at once, all front ends
                 "service_s": v.service.as_dict(),
                 "overhead_s": round(v.overhead, 6),
                 "link_s": round(v.link, 6),

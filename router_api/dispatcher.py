@@ -43,6 +43,7 @@ class Dispatcher:
         self.model_sha256 = model["sha256"]
         self.clock = clock  # core.trace.clock_id() of the front end: workers that share it share its clock
         self.window = settings.window
+        self.frontends = settings.http.frontends  # they share each worker's window
         self.max_window = max(settings.window, settings.max_window)
         self.levels = settings.priority_levels
         self.default_level = settings.default_priority_level
@@ -399,7 +400,8 @@ class Dispatcher:
             return
         view = self.views.get(info["address"])
         if view is None:
-            view = self.views[info["address"]] = WorkerView(info["address"], info.get("name", ""), self.window, info)
+            view = self.views[info["address"]] = WorkerView(info["address"], info.get("name", ""), self.window, info,
+                                                            frontends=self.frontends)  # fmt: skip
             view.service.buckets = self.buckets
             logger.info("worker %s joined (%s, %s)", info["address"], info.get("device"), info.get("providers"))
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import numpy as np
 from tornado import httputil, web
@@ -119,7 +120,8 @@ class Workers(JSONHandler):
         queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received, "batches_sent": d.sent,
                  "hedged": d.hedges, "probes": d.probes}  # fmt: skip
         shm = self.router.shm.stats() if self.router.shm is not None else None  # request bodies in shared memory
-        self.write_json({"policy": d.policy.name, "workers": self.router.workers(), "queue": queue, "shared_memory": shm})
+        me = {"pid": os.getpid(), "client": self.router.link.client.id}  # which of several front ends answered
+        self.write_json({"policy": d.policy.name, "frontend": me, "workers": self.router.workers(), "queue": queue, "shared_memory": shm})
 
 
 class Trace(JSONHandler):

@@ -99,10 +99,13 @@ async def serve_until_signal(client: Client, settings: Settings) -> None:
     await server.close_all_connections()
 
 
-def spawn_worker(address: str, name: str, threads: int, slowdown: float | None = None, token: str | None = None) -> subprocess.Popen:
+def spawn_worker(
+    address: str, name: str, threads: int, slowdown: float | None = None, token: str | None = None, cpus: tuple[int, ...] | None = None
+) -> subprocess.Popen:
     """A local worker process; with ``token`` it joins a TLS scheduler (the token goes by
     environment, never on a command line other users can read). It inherits this
-    process's Dask config, batch-router's settings included."""
+    process's Dask config, batch-router's settings included; with ``cpus``, it runs on
+    those cores only (set before it starts, so every thread it makes inherits them)."""
     env = dict(os.environ, DASK_INTERNAL_INHERIT_CONFIG=dask.config.serialize(dask.config.global_config))
     cmd = [sys.executable, "-m", "router_api.cli", "worker", "--name", name]
     if token:
@@ -115,7 +118,8 @@ def spawn_worker(address: str, name: str, threads: int, slowdown: float | None =
         cmd += ["--slowdown", str(slowdown)]
     # Own session: a terminal's Ctrl-C reaches only `up`, which then drains the queue and
     # stops the workers itself. Orphaned workers exit when their scheduler goes away.
-    return subprocess.Popen(cmd, env=env, start_new_session=True)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=pin)
 
 
 FRONTEND_CHILD = "BATCH_ROUTER_FRONTEND_CHILD"  # set in the front ends `up` and `serve` start
@@ -155,7 +159,8 @@ async def up(settings: Settings, slowdown: list[float] | None = None, rotate_ca:
     refuse_public_plaintext(settings.http.host, "HTTP front end")
     refuse_public_plaintext(dashboard.rsplit(":", 1)[0], "Dask dashboard")
     workers, port = settings.worker.count, settings.scheduler.port
-    threads = settings.worker.intra_op_threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    cores = len(settings.worker.cpu_affinity) if settings.worker.cpu_affinity else os.cpu_count() or 1
+    threads = settings.worker.intra_op_threads or max(1, cores // max(1, workers))
     public = open_remote_access(settings, port, "127.0.0.1", rotate_ca)
     with dask.config.set({**DASK_SETTINGS, **(TUNNEL_SETTINGS if public else {})}):
         try:
@@ -171,7 +176,8 @@ async def up(settings: Settings, slowdown: list[float] | None = None, rotate_ca:
                 inproc, local = scheduler.listeners[0].contact_address, scheduler.listeners[1].contact_address
                 local_token = public.token(local.split("://", 1)[1]) if public else None
                 procs = [
-                    spawn_worker(local, f"local-{i}", threads, slowdown[i] if i < len(slowdown) else None, local_token)
+                    spawn_worker(local, f"local-{i}", threads, slowdown[i] if i < len(slowdown) else None, local_token,
+                                 settings.worker.cpu_affinity)  # fmt: skip
                     for i in range(workers)
                 ]
                 frontends = spawn_frontends(local, settings)

@@ -408,22 +408,27 @@ def test_a_direct_batch_whose_connection_broke_goes_back_to_the_queue_unanswered
 
 
 def test_a_worker_window_is_shared_with_other_front_ends_as_its_replies_report():
-    """Replies say how many batches the worker still holds from every front end; this
-    front end counts the others' against the worker's window, but may always send one
-    when it has none there (a stale figure must never stop it for good)."""
-    d = dispatcher("A", window=2, **{"max-window": 2})
-    r1, _ = arrive(d, 0.0)
-    (b1,) = sent(d.handle(Wake(0.0)))
-    r2, _ = arrive(d, 0.01)
-    (b2,) = sent(d.handle(Wake(0.01)))  # two of ours in flight: the window is full
-    results, timings = [Tensors({})], Timings(rows=1, infer_ns=1_000, service_s=0.01)
-    actions = d.handle(Replied(0.05, BatchReply(b1.id, "A", results, timings, load=2)))  # b2 and one of another front end's
+    """Two front ends, a window of 2: each may always fill its share (1); beyond it, what
+    the worker's latest reply says the others leave free. Before any reply the others
+    are presumed to fill their shares."""
+    d = dispatcher("A", window=2, **{"max-window": 2, "http": {"frontends": 2}})
     view = d.views["A"]
-    assert view.foreign == 1 and view.load == 2 and not view.has_room
-    arrive(d, 0.06)
-    assert sent(d.handle(Wake(0.06))) == []  # ours alone would have had room
-    actions = d.handle(Replied(0.07, BatchReply(b2.id, "A", results, timings, load=2)))  # the others now have two
-    (b3,) = sent(actions)  # none of ours was left there: one may go, whatever the figure says
-    assert view.foreign == 2 and b3.view is view and list(view.flights) == [b3.id]
-    arrive(d, 0.08)
-    assert sent(d.handle(Wake(0.08))) == []  # but only one
+    results, timings = [Tensors({})], Timings(rows=1, infer_ns=1_000, service_s=0.01)
+
+    def replied(now: float, batch: Batch, load: int) -> list:
+        return d.handle(Replied(now, BatchReply(batch.id, "A", results, timings, load=load)))
+
+    arrive(d, 0.0)
+    (b1,) = sent(d.handle(Wake(0.0)))
+    arrive(d, 0.01)
+    assert sent(d.handle(Wake(0.01))) == []  # its share is full; the other's is presumed taken
+    (b2,) = sent(replied(0.02, b1, load=0))  # the other front end has nothing there
+    arrive(d, 0.03)
+    (b3,) = sent(d.handle(Wake(0.03)))  # so its share is free to use
+    assert view.load == 2 and list(view.flights) == [b2.id, b3.id]
+    assert sent(replied(0.04, b2, load=2)) == []  # b3, and one of the other's
+    assert view.foreign == 1
+    arrive(d, 0.05)
+    assert sent(d.handle(Wake(0.05))) == []  # a full window between them
+    (b4,) = sent(replied(0.06, b3, load=2))  # the other now has two: this one keeps its share
+    assert view.foreign == 2 and list(view.flights) == [b4.id]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+from distributed.protocol import to_serialize
+
 from core.protocol import DIRECT_OP, BatchSpec
 from worker_setup.execute import run_spec
 from worker_setup.worker_model import WorkerModel
@@ -40,6 +42,6 @@ def install(worker, model: WorkerModel, threads: int) -> None:
         finally:
             load = model.stats.reply_leaves()
         reply.load = load
-        return reply.to_wire()
+        return reply.to_wire(to_serialize)  # output tensors as frames of their own: no copy here
 
     worker.handlers[DIRECT_OP] = batch_router_run

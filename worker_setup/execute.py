@@ -23,7 +23,7 @@ from core.codec import unpack_input
 from core.protocol import EXTENSION, BatchReply, BatchSpec, ImageItem, Item, ItemError, Output, Result, Tensors, Timings, TopK
 from core.entries import PIXELS, UINT8
 from worker_setup import shm_reader
-from worker_setup.preprocess import ImageError, image_pixels, image_to_row
+from worker_setup.preprocess import ImageError, decode_threads, image_pixels, image_to_row
 from worker_setup.worker_model import WorkerModel, current_model
 
 logger = logging.getLogger("worker_setup.execute")
@@ -71,15 +71,15 @@ _decoders_made = threading.Lock()  # two task threads may ask for the pool at on
 
 def decode_all(model: WorkerModel, items: list[Item]) -> list[tuple[str, dict[str, np.ndarray]] | ItemError]:
     """Every item's rows. JPEG decoding and resizing release the GIL, so a batch of
-    images decodes on as many threads as the session has: at GPU rates one thread
+    images decodes on as many threads as the worker has cores: at GPU rates one thread
     could not keep up."""
     global _decoders
     images = sum(1 for item in items if isinstance(item, ImageItem))
-    if images < 2 or model.session.threads < 2:
+    if images < 2 or decode_threads() < 2:
         return [_decode(model, item) for item in items]
     with _decoders_made:
         if _decoders is None:
-            _decoders = ThreadPoolExecutor(model.session.threads, thread_name_prefix="batch-router-decode")
+            _decoders = ThreadPoolExecutor(decode_threads(), thread_name_prefix="batch-router-decode")
     return list(_decoders.map(lambda item: _decode(model, item), items))
 
 
@@ -180,14 +180,14 @@ def execute_items(model: WorkerModel, items: list[Item]) -> tuple[list[Result], 
 
 def _cut(item: Item, outputs: dict[str, np.ndarray], start: int, n: int) -> Result:
     """This item's rows of every output: top-k for images, raw tensors otherwise, as
-    their bytes: the one time an output is packed on its way to the client."""
+    views of the batch's outputs; the reply packs them, once or not at all."""
     if isinstance(item, ImageItem):
         idx, prob = top_k(next(iter(outputs.values()))[start], item.top_k)
         return TopK(idx.tolist(), prob.tolist())
     out = {}
     for name in item.outputs or outputs:
         rows = outputs[name][start : start + n]
-        out[name] = Output(rows.dtype.str, rows.shape, rows.tobytes())
+        out[name] = Output(rows.dtype.str, rows.shape, np.ascontiguousarray(rows))  # packed once, by the reply
     return Tensors(out)
 
 

@@ -8,6 +8,7 @@ dtype the model file declares.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,17 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # Every normalised value a pixel can take, per channel: one table lookup a pixel,
 # written straight into the channel-first row, instead of four passes over the image.
 NORMALISED = ((np.arange(256, dtype=np.float32)[None, :] * (1 / 255.0) - MEAN[:, None]) / STD[:, None]).astype(np.float32)
+
+
+def decode_threads() -> int:
+    """JPEG decoding runs on a pool as large as the cores this worker may use (taskset
+    and cgroups included): Pillow releases the GIL, and a GPU needs every core's images."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def decoder_info() -> dict:
+    """What decodes this worker's images, for /v1/workers."""
+    return {"name": "pillow", "device": "cpu", "threads": decode_threads()}
 
 
 class ImageError(ValueError):

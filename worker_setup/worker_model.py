@@ -13,7 +13,7 @@ from core.entries import UINT8
 from core.trace import clock_id
 from core.protocol import EXTENSION
 from core.service_curve import ServiceCurve
-from worker_setup.preprocess import ImageLayout
+from worker_setup.preprocess import ImageLayout, decoder_info
 from worker_setup.session import ModelSession
 
 
@@ -185,6 +185,7 @@ class WorkerModel:
             "buckets": list(self.buckets),
             **s.describe(),  # ORT's options as it reports them, and the warm-up table
             "uint8": {"warmup": [dict(w) for w in self.pixels.warmup]} if self.pixels is not None else None,
+            "decoder": decoder_info() if self.layout is not None else None,  # what turns JPEGs into pixels
             "gpu": dict(self.gpu) if self.gpu is not None else None,
             "simulated": self.simulated,
             "slowdown": self.slowdown,
