@@ -74,7 +74,7 @@ def jpeg_size(text: str) -> tuple[int, int, int]:
 
 def payload(args: argparse.Namespace, meta: Optional[dict]) -> tuple[str, dict, bytes, int]:
     if args.mode == "classify":
-        w, h, q = jpeg_size(args.jpeg_size)
+        w, h, q = jpeg_size(getattr(args, "jpeg_size", None) or "320x240")  # the placement benchmark has none
         jpeg = make_jpeg(w, h, seed=args.seed, quality=q)
         print(f"payload: {len(jpeg)} byte JPEG {w}x{h} q{q} -> POST /v1/classify", flush=True)
         return "/v1/classify", {"Content-Type": "image/jpeg"}, jpeg, 1

@@ -158,7 +158,7 @@ def _model_path(args: argparse.Namespace) -> Path:
 
 def _raw_env(args: argparse.Namespace) -> dict:
     """raw_ort decodes the load test's own JPEG: its size goes down by environment."""
-    return {**os.environ, "BATCH_ROUTER_BENCH_JPEG": getattr(args, "jpeg_size", "320x240")}
+    return {**os.environ, "BATCH_ROUTER_BENCH_JPEG": getattr(args, "jpeg_size", None) or "320x240"}
 
 
 def run_raw(args: argparse.Namespace, duration: float) -> dict:

@@ -113,14 +113,18 @@ def test_a_batch_gives_each_item_exactly_its_rows_and_bad_items_fail_alone(trivi
 
 def test_a_reply_survives_the_wire_with_each_tensor_packed_once(trivial):
     """The reply travels as a Dask event, plain msgpack that Dask checks before sending;
-    each output is its bytes, packed once."""
-    from distributed.protocol.serialize import _is_dumpable
+    each output is packed once, by the reply: its bytes for an event, or, on the direct
+    lane, a frame of its own (Dask's ``to_serialize``), not packed by us at all."""
+    from distributed.protocol import to_serialize
+    from distributed.protocol.serialize import Serialize, _is_dumpable
 
     x = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
     results, timings = execute_items(trivial, [tensor_item(x), ImageItem(as_array(make_image(2)), top_k=3)])
-    assert isinstance(results[0].outputs["logits"].data, bytes)
+    assert isinstance(results[0].outputs["logits"].data, np.ndarray)  # a view of the batch's outputs until the reply
     reply = BatchReply("b-1", "tcp://w", results, timings)
     assert _is_dumpable(reply.to_wire())
+    framed = reply.to_wire(to_serialize)["results"][0][1]["logits"][2]
+    assert isinstance(framed, Serialize) and framed.data is results[0].outputs["logits"].data
     back = BatchReply.from_wire(msgpack.unpackb(msgpack.packb(reply.to_wire())))
     assert back.timings == timings and back.results[1] == results[1]
     out = back.results[0].outputs["logits"]

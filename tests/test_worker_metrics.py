@@ -395,7 +395,7 @@ def test_metric_has_the_documented_schema():
     assert m["simulated"] is True and m["slowdown"] == 2.0 and m["errors"] == []
     assert m["gpu"]["source"] == "simulated"
     assert set(m["stats"]) == {
-        "batches", "rows", "padded_rows", "errors", "in_flight", "rows_in_flight", "busy_s", "service", "rows_per_s", "memory_per_row"
+        "batches", "rows", "padded_rows", "errors", "in_flight", "rows_in_flight", "peak_accepted", "busy_s", "service", "rows_per_s", "memory_per_row"
     }  # fmt: skip
     msgpack.packb(m)
     plain = worker_metric(fake_model(), None, ErrorLog())(None)
