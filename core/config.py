@@ -277,6 +277,7 @@ class Worker:
     io_binding: bool = key(Flag())
     warmup_cpu_max_rows: int = key(Int())
     cpu_affinity: tuple[int, ...] | None = key(IntList(nullable=True))
+    gpu_decode: str = key(Choice(values=("auto", "off")))
     cuda: Cuda = section(Cuda)
 
 

@@ -49,6 +49,7 @@ def test_workers_report_the_providers_onnx_runtime_really_uses(cluster):
         assert w["device"] == "cpu" and w["providers"] == ["CPUExecutionProvider"]
         assert w["cuda_fallback"] is False
         assert w["route"] == "direct"  # on the front end's host: batches go straight to its listener
+        assert w["decoder"] == {"name": "pillow", "device": "cpu", "threads": len(__import__("os").sched_getaffinity(0))}
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

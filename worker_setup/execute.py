@@ -74,13 +74,31 @@ def decode_all(model: WorkerModel, items: list[Item]) -> list[tuple[str, dict[st
     images decodes on as many threads as the worker has cores: at GPU rates one thread
     could not keep up."""
     global _decoders
-    images = sum(1 for item in items if isinstance(item, ImageItem))
-    if images < 2 or decode_threads() < 2:
+    images = [i for i, item in enumerate(items) if isinstance(item, ImageItem)]
+    if images and model.gpu_decoder is not None and model.pixels is not None:
+        return _decode_on_gpu(model, items, images)
+    if len(images) < 2 or decode_threads() < 2:
         return [_decode(model, item) for item in items]
     with _decoders_made:
         if _decoders is None:
             _decoders = ThreadPoolExecutor(decode_threads(), thread_name_prefix="batch-router-decode")
     return list(_decoders.map(lambda item: _decode(model, item), items))
+
+
+def _decode_on_gpu(model: WorkerModel, items: list[Item], images: list[int]) -> list[tuple[str, dict[str, np.ndarray]] | ItemError]:
+    """The batch's JPEGs in one GPU call; what it cannot decode goes to Pillow, which
+    fails a broken image with its own clear error, as on a CPU worker."""
+    try:
+        pixels = model.gpu_decoder.decode([items[i].data for i in images])
+    except Exception:  # the GPU path failed as a whole: this batch decodes on the CPU, loudly
+        logger.exception("GPU decoding failed; decoding this batch with Pillow")
+        pixels = [None] * len(images)
+    decoded = dict(zip(images, pixels))
+    out: list[tuple[str, dict[str, np.ndarray]] | ItemError] = []
+    for i, item in enumerate(items):
+        rows = decoded.get(i)
+        out.append((UINT8, {PIXELS: rows[None]}) if rows is not None else _decode(model, item))
+    return out
 
 
 def stack(rows: list[np.ndarray], size: int) -> np.ndarray:

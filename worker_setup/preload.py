@@ -24,7 +24,7 @@ from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
 from worker_setup.model_cache import ensure_model
 from worker_setup.precision import ensure_fp16
 from worker_setup.preprocess_graph import ensure_uint8
-from worker_setup.preprocess import ImageLayout
+from worker_setup.preprocess import ImageLayout, decode_threads
 from worker_setup.worker_model import WorkerModel
 from worker_setup.session import ModelSession
 from worker_setup.slow_device import SlowDevice
@@ -83,6 +83,12 @@ async def dask_setup(worker) -> None:
     shapes = model_buckets(batch_dimension(session), tuple(info.get("buckets") or default_buckets(settings.max_batch_size)))
     model = WorkerModel(session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session),
                         buckets=shapes, precision=precision, pixels=pixels)  # fmt: skip
+    if pixels is not None and session.device == "cuda" and w.gpu_decode == "auto":
+        from worker_setup.gpu_decode import GpuDecoder
+
+        model.gpu_decoder, model.gpu_decode_note = await asyncio.to_thread(GpuDecoder.open, model.layout.size)
+        if model.gpu_decoder is None:
+            logger.warning("JPEGs decode on the CPU (Pillow, %d threads): %s", decode_threads(), model.gpu_decode_note)
     if w.slowdown > 1 or w.batch_time > 0:
         model.session, model.slowdown = SlowDevice(session, w.slowdown, w.batch_time), w.slowdown
         if pixels is not None:

@@ -70,12 +70,17 @@ def decode(data: bytes | np.ndarray, size: int) -> Image.Image:
         raise ImageError(f"image too large: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot decode image: {e}") from None
-    w, h = img.size
-    scale = resize_to / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    nw, nh, left, top = resize_box(*img.size, size)
     img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
     return img.crop((left, top, left + size, top + size))
+
+
+def resize_box(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """The resize (short side to 256/224 of ``size``) and the centre crop's corner, for
+    an image of w x h: shared by the CPU and GPU decoders."""
+    scale = round(size * 256 / 224) / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
 
 
 def image_pixels(data: bytes | np.ndarray, size: int = 224) -> np.ndarray:

@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from core.entries import UINT8
 from core.trace import clock_id
@@ -15,6 +16,9 @@ from core.protocol import EXTENSION
 from core.service_curve import ServiceCurve
 from worker_setup.preprocess import ImageLayout, decoder_info
 from worker_setup.session import ModelSession
+
+if TYPE_CHECKING:
+    from worker_setup.gpu_decode import GpuDecoder
 
 
 class NoModelError(RuntimeError):
@@ -166,6 +170,8 @@ class WorkerModel:
     # The same classifier behind in-graph preprocessing (the ``-uint8`` entry): uint8
     # pixel items and decoded images run here. None when the cluster does not serve it.
     pixels: ModelSession | None = None
+    gpu_decoder: "GpuDecoder | None" = None  # JPEGs decoded on the GPU (worker_setup.gpu_decode)
+    gpu_decode_note: str = ""  # why not, when not
     # One batch on the device at a time; the task threads wait here, and the wait is
     # not counted as compute.
     device: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -185,12 +191,19 @@ class WorkerModel:
             "buckets": list(self.buckets),
             **s.describe(),  # ORT's options as it reports them, and the warm-up table
             "uint8": {"warmup": [dict(w) for w in self.pixels.warmup]} if self.pixels is not None else None,
-            "decoder": decoder_info() if self.layout is not None else None,  # what turns JPEGs into pixels
+            "decoder": self.decoder(),  # what turns JPEGs into pixels
             "gpu": dict(self.gpu) if self.gpu is not None else None,
             "simulated": self.simulated,
             "slowdown": self.slowdown,
             "clock": clock_id(),  # a front end with the same one shares this host: its clock, and the direct lane
         }
+
+    def decoder(self) -> dict | None:
+        if self.layout is None:
+            return None
+        if self.gpu_decoder is not None:
+            return self.gpu_decoder.describe()
+        return {**decoder_info(), **({"gpu": self.gpu_decode_note} if self.gpu_decode_note else {})}
 
     def session_for(self, entry: str) -> ModelSession:
         """The session an item of ``entry`` ("" or "uint8") runs on."""
