@@ -14,8 +14,10 @@ A mode that fails is reported as FAILED in the summary and the exit code is 1.
     PYTHONPATH=/tmp/site:. python3 -m benchmarks.gpu_check --out "$OUT"
     .venv/bin/python -m benchmarks.gpu_check --device cpu --quick --out /tmp/gpu-check  # rehearsal
 
-fp16 needs onnxconverter-common there: stage it with
-``../shared/device/stage-wheels.sh onnxconverter-common==1.16.0``.
+fp16 needs onnxconverter-common there, and GPU JPEG decoding nvImageCodec (CUDA 13 on that
+machine); stage them with ``../shared/device/stage-wheels.sh onnxconverter-common==1.16.0
+nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43``. Without nvImageCodec the
+classify parts decode with Pillow, and the summary says so.
 On a CPU (``--quick``) fp16 is refused by design: the rehearsal checks that refusal and
 measures fp16's accuracy on ONNX Runtime's CPU provider instead; CUDA graphs are asked
 for, and the session reports it has none.

@@ -12,7 +12,7 @@ A traced request collects monotonic timestamps, in seconds, as it passes each po
     received       the front end had the reply
     answered       the response was written
 
-Stamps from one host share ``CLOCK_MONOTONIC`` across processes. A worker on another
+Stamps from one host share ``CLOCK_MONOTONIC`` across processes (``core.host``). A worker on another
 host has its own clock: its four stamps are then shifted so its span sits in the middle
 of the front end's bound -> received interval (the offset a round trip can estimate),
 and the trace says so. Off (the default), nothing is stamped: a request carries None.
@@ -21,20 +21,11 @@ and the trace says so. Off (the default), nothing is stamped: a request carries 
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 STAMPS = ("arrival", "queued", "bound", "task_start", "compute_start", "compute_end", "reply_sent", "received", "answered")
 WORKER_STAMPS = STAMPS[3:7]
 # Each hop is the time between two consecutive stamps, named for what fills it.
 HOPS = ("read_parse", "queue", "to_worker", "decode_wait", "compute", "output", "to_front_end", "respond")
-
-
-def clock_id() -> str:
-    """This kernel's boot id: processes that report the same one share CLOCK_MONOTONIC."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:  # not Linux: no way to tell, so never assume a shared clock
-        return ""
 
 
 def align(trace: dict, worker: list[float], same_clock: bool) -> None:

@@ -22,7 +22,7 @@ from distributed.core import ConnectionPool
 from distributed.protocol import to_serialize
 
 from core.config import Settings
-from core.trace import clock_id
+from core.host import clock_id, shm_namespace
 from core.protocol import RESULTS_PREFIX, RUN_BATCH, STATE_TOPIC, WORKERS_TOPIC, BatchReply, BatchSpec, Item
 from router_api.dispatch_events import (
     Abort,
@@ -58,7 +58,7 @@ DIRECT_CONNECT = 3.0  # seconds to connect to a worker on this host before givin
 class ClusterLink:
     def __init__(self, client, settings: Settings, model: dict) -> None:
         self.client = client
-        self.clock = clock_id()
+        self.clock, self.shm = clock_id(), shm_namespace()
         self.dispatcher = Dispatcher(settings, model, f"batch-router-{uuid.uuid4().hex[:8]}", self.clock)
         self.direct = settings.direct_lane == "same-host" and bool(self.clock)
         self.unreachable: set[str] = set()  # workers whose direct connection failed: tasks from then on
@@ -156,14 +156,19 @@ class ClusterLink:
         same_host = self.direct and view.info.get("direct_address") and view.info.get("clock") == self.clock
         return "direct" if same_host and view.address not in self.unreachable else "task"
 
-    def direct_workers(self) -> bool:
-        """Does some worker get its batches directly (and so its tensors by shared memory)?"""
-        return self.direct and any(self.route(v) == "direct" for v in self.dispatcher.views.values())
+    def shares_memory(self, view) -> bool:
+        """Does this worker get its batches directly and see this front end's /dev/shm?"""
+        return bool(self.shm) and self.route(view) == "direct" and view.info.get("shm") == self.shm
+
+    def shm_workers(self) -> bool:
+        """Is some worker able to read request bodies from shared memory?"""
+        return self.direct and any(self.shares_memory(v) for v in self.dispatcher.views.values())
 
     def _submit(self, batch) -> None:
         direct = batch.view is not None and self.route(batch.view) == "direct"
-        # Tensors in shared memory go as references to a worker on this host, as bytes to others.
-        items = [(replace(i, inputs={}, codecs={}) if direct else replace(i, shm=None)) if getattr(i, "shm", None) else i
+        # Tensors in shared memory go as references to a worker that sees it, as bytes to others.
+        shared = direct and self.shares_memory(batch.view)
+        items = [(replace(i, inputs={}, codecs={}) if shared else replace(i, shm=None)) if getattr(i, "shm", None) else i
                  for i in batch.items]  # fmt: skip
         spec = BatchSpec(batch.id, self.topic, items, any(r.trace is not None for r in batch.requests))
         if direct:

@@ -41,7 +41,7 @@ def ns(seconds: float) -> int:
 class Dispatcher:
     def __init__(self, settings: Settings, model: dict, batch_prefix: str = "batch-router", clock: str = "") -> None:
         self.model_sha256 = model["sha256"]
-        self.clock = clock  # core.trace.clock_id() of the front end: workers that share it share its clock
+        self.clock = clock  # core.host.clock_id() of the front end: workers that share it share its clock
         self.window = settings.window
         self.frontends = settings.http.frontends  # they share each worker's window
         self.max_window = max(settings.window, settings.max_window)

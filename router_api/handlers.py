@@ -187,7 +187,7 @@ class BodyHandler(JSONHandler):
             self.too_large = True
         self.slab = None
         pool = self.router.shm
-        if self.shared and pool is not None and MIN_SLAB <= declared <= self.limit and self.router.link.direct_workers():
+        if self.shared and pool is not None and MIN_SLAB <= declared <= self.limit and self.router.link.shm_workers():
             self.slab = pool.take(declared)
 
     def data_received(self, chunk: bytes) -> None:

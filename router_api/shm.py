@@ -62,6 +62,7 @@ class ShmPool:
         self.total = 0  # bytes of slabs made
         self.in_use: set[Slab] = set()
         self._n = 0
+        self.full = False  # /dev/shm refused a slab once (logged once)
         self._token = secrets.token_hex(4)
         sweep_stale(directory)
 
@@ -73,7 +74,13 @@ class ShmPool:
         elif self.total + size > self.max_bytes:
             return None
         else:
-            slab = self._make(size)
+            try:
+                slab = self._make(size)
+            except OSError as e:  # /dev/shm is full (a container's is often 64 MB): bodies stay in memory
+                if not self.full:
+                    logger.warning("no room for shared memory in %s (%s); request bodies travel in messages", self.directory, e)
+                self.full = True
+                return None
         self.in_use.add(slab)
         return slab
 
@@ -101,8 +108,13 @@ class ShmPool:
         path = self.directory / f"{PREFIX}{os.getpid()}-{self._token}-{self._n}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # this user's workers only
         try:
-            os.ftruncate(fd, size)
+            # Reserve the pages now: a tmpfs that fills up later would kill us with SIGBUS
+            # on a write into the mapping, where this fails with ENOSPC instead.
+            os.posix_fallocate(fd, 0, size)
             buf = mmap.mmap(fd, size)
+        except OSError:
+            os.unlink(path)
+            raise
         finally:
             os.close(fd)
         self.total += size

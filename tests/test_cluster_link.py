@@ -8,7 +8,7 @@ import pytest
 
 from core.config import parse
 from router_api.cluster_link import ClusterLink
-from router_api.dispatch_events import Unavailable, WorkerJoined
+from router_api.dispatch_events import Unavailable, WorkerJoined, WorkerLeft
 
 MODEL = {"name": "m", "sha256": "x", "inputs": [{"shape": [-1, 3]}]}
 
@@ -94,5 +94,46 @@ def test_a_worker_on_this_host_gets_batches_directly_and_tasks_once_that_fails()
         elsewhere = {**here, "address": "B", "name": "B", "clock": "another-host"}
         link.handle(WorkerJoined(link.now, elsewhere))
         assert link.route(link.dispatcher.views["B"]) == "task"  # another host: its listener may not be reachable
+
+    asyncio.run(go())
+
+
+def test_tensors_go_by_shared_memory_only_to_a_worker_that_sees_it():
+    """Containers on one host share a kernel (and a clock) but not /dev/shm: a worker
+    that reports another shared-memory mount gets the tensor's bytes, directly still."""
+    import numpy as np
+
+    from core.protocol import ShmRef, TensorItem
+
+    from core.protocol import BatchReply, Tensors, Timings
+
+    class Recording:
+        def __init__(self) -> None:
+            self.items: list = []
+
+        def __call__(self, address):
+            return self
+
+        async def batch_router_run(self, spec):
+            self.items.append(spec.data.items[0])
+            return BatchReply(spec.data.id, "w", [Tensors({})], Timings(rows=1)).to_wire()
+
+    async def go():
+        link = ClusterLink(Client(), parse({"window": 1}), MODEL)
+        link.loop, link.pool = asyncio.get_running_loop(), Recording()
+        assert link.shm, "a Linux host has /dev/shm"
+        data = np.zeros(12, np.uint8)
+        item = TensorItem(rows=1, inputs={"x": data}, shapes={"x": (1, 3)}, outputs=("y",), shm={"x": ShmRef("/dev/shm/s", 0, 12)})
+        for name, shm in (("same", link.shm), ("container", link.shm + "-other")):
+            info = {"address": name, "name": name, "sha256": "x", "clock": link.clock, "direct_address": "tcp://127.0.0.1:9", "shm": shm}
+            link.handle(WorkerJoined(link.now, info, 1))
+            assert link.route(link.dispatcher.views[name]) == "direct"
+            link.submit(item, rows=1)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            link.handle(WorkerLeft(link.now, name, 2))
+        same, container = link.pool.items
+        assert same.shm and same.inputs == {}  # references: it maps the slab
+        assert container.shm is None and container.inputs["x"] is data  # the bytes, still straight to it
 
     asyncio.run(go())

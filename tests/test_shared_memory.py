@@ -129,3 +129,18 @@ def test_every_slab_goes_back_after_replies_errors_timeouts_and_disconnects(mode
     finally:
         c.stop()
     assert slabs_on_disk(pid) == []  # removed with their front end
+
+
+def test_a_full_shared_memory_folder_means_bodies_in_memory_not_a_crash(tmp_path, monkeypatch):
+    """A container's /dev/shm is often 64 MB: a slab that cannot be reserved is refused
+    (the body is read into memory as before), never mapped to die on a write later."""
+    pool = ShmPool(8 * MIN_SLAB, tmp_path)
+
+    def no_room(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    assert pool.take(100_000) is None and pool.full and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert pool.take(100_000) is not None  # room again: slabs again
+    pool.close()

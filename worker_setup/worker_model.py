@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from core.entries import UINT8
-from core.trace import clock_id
+from core.host import clock_id, shm_namespace
 from core.protocol import EXTENSION
 from core.service_curve import ServiceCurve
 from worker_setup.preprocess import ImageLayout, decoder_info
@@ -196,6 +196,7 @@ class WorkerModel:
             "simulated": self.simulated,
             "slowdown": self.slowdown,
             "clock": clock_id(),  # a front end with the same one shares this host: its clock, and the direct lane
+            "shm": shm_namespace(),  # ... and with the same one, its shared-memory files (router_api.shm)
         }
 
     def decoder(self) -> dict | None:
