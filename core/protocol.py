@@ -145,6 +145,9 @@ class Timings:
     compute_end: float = field(default=0.0, compare=False)
 
 
+FRAME_MIN = 64 * 1024  # bytes: smaller outputs are cheaper copied than framed (a pickle each)
+
+
 @dataclass
 class BatchReply:
     id: str
@@ -156,7 +159,8 @@ class BatchReply:
     def to_wire(self, frame: Callable[[np.ndarray], Any] | None = None) -> dict:
         """The reply as plain data. Output arrays become bytes (one copy, for an event
         on Dask's streams), or with ``frame`` (Dask's ``to_serialize``, on a direct
-        connection) travel as frames of their own, not copied at all."""
+        connection) travel as frames of their own, not copied at all, when they are
+        large enough (``FRAME_MIN``) for that to cost less than the copy."""
         t = self.timings
         return {
             "id": self.id,
@@ -182,7 +186,9 @@ def _result_to_wire(r: Result, frame: Callable[[np.ndarray], Any] | None = None)
         return ["topk", r.indices, r.probabilities]
     if isinstance(r, Tensors):
         def data(d: bytes | np.ndarray) -> Any:
-            return d if isinstance(d, bytes) else frame(d) if frame is not None else d.tobytes()
+            if isinstance(d, bytes):
+                return d
+            return frame(d) if frame is not None and d.nbytes >= FRAME_MIN else d.tobytes()
 
         return ["tensors", {name: [o.dtype, list(o.shape), data(o.data)] for name, o in r.outputs.items()}]
     return ["error", r.message, r.status]

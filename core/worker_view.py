@@ -57,6 +57,9 @@ class WorkerView:
     # it as its latest reply said (None: no reply yet; each is assumed to fill its share).
     frontends: int = 1
     foreign: int | None = None
+    # Whether its replies' load counts every batch it holds: true for batches sent to it
+    # directly; Dask tasks queued on it are invisible until they start.
+    reports_load: bool = True
 
     @property
     def in_flight(self) -> int:
@@ -83,6 +86,8 @@ class WorkerView:
         and beyond it what the others leave free by the worker's latest figure. (A share
         is never blocked by a figure that could be stale: replies are the only news.)"""
         own = len(self.flights)
+        if not self.reports_load:  # its figure would undercount: this front end's share only
+            return own < self.share
         return own < self.window and (own < self.share or self.load < self.window)
 
     def remaining(self, now: float) -> float:

@@ -167,6 +167,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    from router_api.launch import CPUS_ENV
+
+    if args.role == "worker" and os.environ.get(CPUS_ENV):  # from `up` (worker.cpu-affinity), before any thread
+        os.sched_setaffinity(0, {int(c) for c in os.environ[CPUS_ENV].split(",")})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.role == "up" and args.worker_slowdown and args.workers is None:
         args.workers = len(args.worker_slowdown)

@@ -53,6 +53,7 @@ logger = logging.getLogger("router_api.cluster_link")
 WATCH_EVERY = 0.1  # seconds between watchdog ticks: O(batches in flight) each
 RESYNC_EVERY = 2.0  # seconds between membership resyncs and checks for failed tasks
 DIRECT_CONNECT = 3.0  # seconds to connect to a worker on this host before giving it tasks instead
+DIRECT_RETRY = 30.0  # seconds a worker whose direct connection failed gets tasks before the lane is tried again
 
 
 class ClusterLink:
@@ -61,7 +62,7 @@ class ClusterLink:
         self.clock, self.shm = clock_id(), shm_namespace()
         self.dispatcher = Dispatcher(settings, model, f"batch-router-{uuid.uuid4().hex[:8]}", self.clock)
         self.direct = settings.direct_lane == "same-host" and bool(self.clock)
-        self.unreachable: set[str] = set()  # workers whose direct connection failed: tasks from then on
+        self.unreachable: dict[str, float] = {}  # worker -> when its direct connection failed: tasks until DIRECT_RETRY
         self._direct_calls: set[asyncio.Task] = set()
         self.pool: ConnectionPool | None = None  # connections to workers' listeners, made on first use
         self.topic = RESULTS_PREFIX + client.id
@@ -154,7 +155,11 @@ class ClusterLink:
     def route(self, view) -> str:
         """How batches reach this worker: "direct" (same host, its own listener) or "task"."""
         same_host = self.direct and view.info.get("direct_address") and view.info.get("clock") == self.clock
-        return "direct" if same_host and view.address not in self.unreachable else "task"
+        failed = self.unreachable.get(view.address)
+        if failed is not None and self.loop is not None and self.now - failed > DIRECT_RETRY:
+            del self.unreachable[view.address]  # try the direct lane again
+            failed = None
+        return "direct" if same_host and failed is None else "task"
 
     def shares_memory(self, view) -> bool:
         """Does this worker get its batches directly and see this front end's /dev/shm?"""
@@ -166,6 +171,8 @@ class ClusterLink:
 
     def _submit(self, batch) -> None:
         direct = batch.view is not None and self.route(batch.view) == "direct"
+        if batch.view is not None:  # only a worker reached directly counts every batch it holds
+            batch.view.reports_load = direct
         # Tensors in shared memory go as references to a worker that sees it, as bytes to others.
         shared = direct and self.shares_memory(batch.view)
         items = [(replace(i, inputs={}, codecs={}) if shared else replace(i, shm=None)) if getattr(i, "shm", None) else i
@@ -185,18 +192,24 @@ class ClusterLink:
     async def _send_direct(self, batch_id: str, address: str, listener: str, spec: BatchSpec) -> None:
         """One batch over a pooled connection to the worker's listener; the reply comes
         back on it. A connection that cannot be made (in ``DIRECT_CONNECT`` seconds) or
-        breaks puts the batch's requests back in the queue and sends this worker tasks
-        from then on (a worker that left is removed by the scheduler's word)."""
+        breaks puts the batch's requests back in the queue, and the worker gets tasks for
+        ``DIRECT_RETRY`` seconds (a worker that left is removed by the scheduler's word).
+        An error the worker itself raised fails the batch, as a task's would."""
         if self.pool is None:
             self.pool = ConnectionPool(timeout=DIRECT_CONNECT, deserialize=True, connection_args=self.client.connection_args)
             await self.pool.start()
         try:
             msg = await self.pool(listener).batch_router_run(spec=to_serialize(spec))
-        except Exception as e:
+        except (OSError, asyncio.TimeoutError) as e:  # CommClosedError is an OSError
             if address not in self.unreachable:
-                logger.warning("direct lane to %s failed (%s: %s); sending it Dask tasks instead", address, type(e).__name__, e)
-            self.unreachable.add(address)
+                logger.warning("direct lane to %s failed (%s: %s); sending it Dask tasks for %.0f s", address,
+                               type(e).__name__, e, DIRECT_RETRY)  # fmt: skip
+            self.unreachable[address] = self.now
             self.handle(Unreachable(self.now, batch_id, f"{type(e).__name__}: {e}"))
+            return
+        except Exception as e:  # raised on the worker, sent back: the batch failed there
+            logger.error("batch %s failed on %s: %s: %s", batch_id, address, type(e).__name__, e)
+            self.handle(Lost(self.now, batch_id, f"{type(e).__name__}: {e}"))
             return
         self._on_reply((None, msg))
 

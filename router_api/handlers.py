@@ -186,6 +186,7 @@ class BodyHandler(JSONHandler):
         if declared > self.limit:
             self.too_large = True
         self.slab = None
+        self.gone = False  # the client went away
         pool = self.router.shm
         if self.shared and pool is not None and MIN_SLAB <= declared <= self.limit and self.router.link.shm_workers():
             self.slab = pool.take(declared)
@@ -222,6 +223,7 @@ class BodyHandler(JSONHandler):
         return self.too_large
 
     def on_connection_close(self) -> None:
+        self.gone = True
         for request in self.pending:
             self.router.link.cancel(request)
         self._give_back()
@@ -291,6 +293,8 @@ class Infer(BodyHandler):
         packed = None
         if router.dispatcher.far_workers():  # zlib releases the GIL: off the event loop
             packed = await asyncio.to_thread(pack_item, item)
+            if self.gone:  # its client left meanwhile (and its slab went back): nothing to send
+                return
         replies = await self.run([item], req.rows, req.priority, req.timeout_us, packed, entry.name)
         if replies is None:
             return

@@ -41,6 +41,8 @@ TASK_THREADS = 2
 
 JOIN_ATTEMPTS = 8  # a round of attempts to join: 0, 1, 3, 7, 15, then 30 s apart
 SHORT_SESSION = 60.0  # a joined worker dropped sooner than this counts as a failed join
+FRONTEND_CHILD = "BATCH_ROUTER_FRONTEND_CHILD"  # set in the front ends `up` and `serve` start
+CPUS_ENV = "BATCH_ROUTER_WORKER_CPUS"  # the cores a worker `up` starts may use (worker.cpu-affinity)
 
 
 class JoinFailed(OSError):
@@ -66,13 +68,26 @@ def refuse_public_plaintext(host: str, what: str) -> None:
 
 
 async def wait_for_signal() -> None:
+    """Until SIGINT or SIGTERM; for a front end `up` or `serve` started, also until that
+    parent is gone (killed, it could not stop us: we would hold the port, serving 503s)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watch = asyncio.ensure_future(_orphaned(stop)) if os.environ.get(FRONTEND_CHILD) else None
     await stop.wait()
+    if watch is not None:
+        watch.cancel()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)
+
+
+async def _orphaned(stop: asyncio.Event) -> None:
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    logger.warning("the process that started this front end is gone; stopping")
+    stop.set()
 
 
 def open_remote_access(settings: Settings, port: int, host: str, rotate_ca: bool) -> RemoteAccess | None:
@@ -105,7 +120,7 @@ def spawn_worker(
     """A local worker process; with ``token`` it joins a TLS scheduler (the token goes by
     environment, never on a command line other users can read). It inherits this
     process's Dask config, batch-router's settings included; with ``cpus``, it runs on
-    those cores only (set before it starts, so every thread it makes inherits them)."""
+    those cores only (it pins itself before it starts a thread; they all inherit them)."""
     env = dict(os.environ, DASK_INTERNAL_INHERIT_CONFIG=dask.config.serialize(dask.config.global_config))
     cmd = [sys.executable, "-m", "router_api.cli", "worker", "--name", name]
     if token:
@@ -118,11 +133,9 @@ def spawn_worker(
         cmd += ["--slowdown", str(slowdown)]
     # Own session: a terminal's Ctrl-C reaches only `up`, which then drains the queue and
     # stops the workers itself. Orphaned workers exit when their scheduler goes away.
-    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=pin)
-
-
-FRONTEND_CHILD = "BATCH_ROUTER_FRONTEND_CHILD"  # set in the front ends `up` and `serve` start
+    if cpus:  # the worker pins itself first thing, before it starts any thread
+        env[CPUS_ENV] = ",".join(map(str, cpus))
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
 
 
 def spawn_frontends(scheduler: str, settings: Settings) -> list[subprocess.Popen]:

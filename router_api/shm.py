@@ -7,8 +7,9 @@ shared memory (the one copy it makes of it, in place of joining its chunks) and 
 sent straight to a worker on this host names the slab, the offset and the length
 (``core.protocol.ShmRef``); the worker maps the slab and stacks the rows from it.
 
-Slabs are files in /dev/shm, ``batch-router-<pid>-<token>-<n>`` (the token: a restarted
-front end with the same pid never reuses a name a worker has mapped), reused: a request's slab goes
+Slabs are files in /dev/shm, ``batch-router-<pid namespace>-<pid>-<token>-<n>`` (the token:
+a restarted front end with the same pid never reuses a name a worker has mapped; the
+namespace: a front end judges only its own namespace's pids dead), reused: a request's slab goes
 back to the pool when its response is finished or its client went away. A copy of its
 batch still running then (a hedge, a probe, a batch whose request timed out) may read
 the next request's bytes, but its answer is discarded: the request it carried is done.
@@ -34,7 +35,7 @@ logger = logging.getLogger("router_api.shm")
 DIRECTORY = Path("/dev/shm")
 PREFIX = "batch-router-"
 MIN_SLAB = 64 * 1024  # smaller bodies are cheap to send as they are
-_NAME = re.compile(rf"^{PREFIX}(\d+)-[0-9a-f]+-\d+$")
+_NAME = re.compile(rf"^{PREFIX}(\d+)-(\d+)-[0-9a-f]+-\d+$")
 
 
 @dataclass(eq=False)
@@ -105,7 +106,7 @@ class ShmPool:
 
     def _make(self, size: int) -> Slab:
         self._n += 1
-        path = self.directory / f"{PREFIX}{os.getpid()}-{self._token}-{self._n}"
+        path = self.directory / f"{PREFIX}{pid_namespace()}-{os.getpid()}-{self._token}-{self._n}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # this user's workers only
         try:
             # Reserve the pages now: a tmpfs that fills up later would kill us with SIGBUS
@@ -122,18 +123,28 @@ class ShmPool:
         return Slab(str(path), size, buf, address)
 
 
+def pid_namespace() -> int:
+    """This process's pid namespace: containers sharing a /dev/shm do not share pids."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def sweep_stale(directory: Path = DIRECTORY) -> None:
-    """Remove slabs of front ends that are gone (killed before they could)."""
+    """Remove slabs of front ends that are gone (killed before they could): only those
+    of this pid namespace, where a pid that does not exist means a front end that does not."""
     try:
         names = os.listdir(directory)
     except OSError:
         return
+    here = pid_namespace()
     for name in names:
         m = _NAME.match(name)
-        if m is None or int(m.group(1)) == os.getpid():
+        if m is None or int(m.group(1)) != here or int(m.group(2)) == os.getpid():
             continue
         try:
-            os.kill(int(m.group(1)), 0)
+            os.kill(int(m.group(2)), 0)
         except ProcessLookupError:
             (directory / name).unlink(missing_ok=True)
         except PermissionError:  # another user's live process

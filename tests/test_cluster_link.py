@@ -87,7 +87,7 @@ def test_a_worker_on_this_host_gets_batches_directly_and_tasks_once_that_fails()
         request, future = link.submit("tensor", rows=1)
         for _ in range(5):
             await asyncio.sleep(0)  # the wake, the direct call, its failure, the requeue
-        assert len(link.pool.calls) == 1 and link.unreachable == {"A"} and link.route(view) == "task"
+        assert len(link.pool.calls) == 1 and set(link.unreachable) == {"A"} and link.route(view) == "task"
         assert len(client.submitted) == 1 and not future.done()  # queued again, now as a task
         link._on_reply((None, BatchReply(client.submitted[0], "A", [Tensors({})], Timings(rows=1)).to_wire()))
         assert (await future).worker == "A"

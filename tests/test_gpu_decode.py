@@ -45,7 +45,16 @@ def test_the_resize_and_crop_graph_matches_pillow_within_one_level(w, h):
     assert out.shape == (224, 224, 3) and diff.max() <= 1 and (diff > 0).mean() < 0.05, (diff.max(), (diff > 0).mean())
 
 
-def test_without_nvimagecodec_or_a_gpu_the_worker_says_why_and_keeps_pillow():
+def nvimgcodec_installed() -> bool:
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(nvimgcodec_installed(), reason="nvImageCodec is installed: gpu_check measures it on a GPU")
+def test_without_nvimagecodec_the_worker_says_why_and_keeps_pillow():
     decoder, why = GpuDecoder.open(224)
     assert decoder is None and ("not installed" in why or "could not start" in why)
 
@@ -74,11 +83,12 @@ class StandInGpuDecoder:
 def test_a_batch_decodes_in_one_gpu_call_and_pillow_answers_for_the_rest(trivial, fail):  # noqa: F811
     good, broken = photo(500, 375), b"\xff\xd8 not a jpeg"
     items = [ImageItem(np.frombuffer(good, np.uint8), 5), ImageItem(np.frombuffer(broken, np.uint8), 5)]
-    trivial.gpu_decoder = StandInGpuDecoder(fail)
+    trivial.gpu_decoder = stand_in = StandInGpuDecoder(fail)
     try:
         out = decode_all(trivial, items)
     finally:
         trivial.gpu_decoder = None
+    assert stand_in.calls == 1  # both images in one call, whatever it answered
     entry, feeds = out[0]
     assert entry == UINT8 and feeds[PIXELS].shape == (1, 224, 224, 3)
     np.testing.assert_array_equal(feeds[PIXELS][0], image_pixels(good, 224))

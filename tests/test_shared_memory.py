@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from core.protocol import ShmRef
-from router_api.shm import MIN_SLAB, PREFIX, ShmPool, sweep_stale
+from router_api.shm import MIN_SLAB, PREFIX, ShmPool, pid_namespace, sweep_stale
 from tests.cluster import Cluster
 from tests.conftest import ARTIFACTS, make_image
 from tests.http import classify, infer_binary, logits_of, request
@@ -48,26 +48,28 @@ def test_a_reference_names_where_the_bytes_lie_and_the_worker_reads_them_there(t
     assert ref == ShmRef(slab.path, 200, 400)
     np.testing.assert_array_equal(shm_reader.read(ref).view(np.float32), x)
     assert slab.ref(memoryview(b"elsewhere")) is None  # a JSON request's tensor is not in the slab
-    with pytest.raises(ValueError, match="past the end"):
+    with pytest.raises(shm_reader.ShmUnreadable, match="past the end"):
         shm_reader.read(ShmRef(slab.path, MIN_SLAB - 10, 100))
     pool.close()
 
 
 def test_slabs_of_a_front_end_that_died_are_removed_by_the_next(tmp_path):
-    dead = tmp_path / f"{PREFIX}999999999-abcd-1"  # no such pid
-    alive = tmp_path / f"{PREFIX}{os.getppid()}-abcd-1"
+    ns = pid_namespace()
+    dead = tmp_path / f"{PREFIX}{ns}-999999999-abcd-1"  # no such pid here
+    alive = tmp_path / f"{PREFIX}{ns}-{os.getppid()}-abcd-1"
+    elsewhere = tmp_path / f"{PREFIX}{ns + 1}-999999999-abcd-1"  # another container's pids: not ours to judge
     other = tmp_path / "unrelated"
-    for f in (dead, alive, other):
+    for f in (dead, alive, elsewhere, other):
         f.write_bytes(b"x")
     sweep_stale(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, other.name])
 
 
 # -- live ------------------------------------------------------------------------------------
 
 
 def slabs_on_disk(pid: int) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"{PREFIX}{pid}-")]
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"{PREFIX}{pid_namespace()}-{pid}-")]
 
 
 def shm(c: Cluster) -> dict:

@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from core.protocol import BatchReply, ImageItem, TensorItem
+from core.protocol import BatchReply, ImageItem, Output, TensorItem, Tensors
 from scheduler_plugins.builtin_models import build_trivial
 from tests.conftest import make_image
 from worker_setup.execute import execute_items, top_k
@@ -123,8 +123,12 @@ def test_a_reply_survives_the_wire_with_each_tensor_packed_once(trivial):
     assert isinstance(results[0].outputs["logits"].data, np.ndarray)  # a view of the batch's outputs until the reply
     reply = BatchReply("b-1", "tcp://w", results, timings)
     assert _is_dumpable(reply.to_wire())
-    framed = reply.to_wire(to_serialize)["results"][0][1]["logits"][2]
-    assert isinstance(framed, Serialize) and framed.data is results[0].outputs["logits"].data
+    small = reply.to_wire(to_serialize)["results"][0][1]["logits"][2]
+    assert isinstance(small, bytes)  # 24 bytes: a copy costs less than a frame
+    big = np.zeros((64, 1000), np.float32)
+    large = BatchReply("b-2", "tcp://w", [Tensors({"logits": Output("<f4", big.shape, big)})], timings)
+    framed = large.to_wire(to_serialize)["results"][0][1]["logits"][2]
+    assert isinstance(framed, Serialize) and framed.data is big  # 256 KB: sent as it is
     back = BatchReply.from_wire(msgpack.unpackb(msgpack.packb(reply.to_wire())))
     assert back.timings == timings and back.results[1] == results[1]
     out = back.results[0].outputs["logits"]

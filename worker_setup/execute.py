@@ -23,8 +23,9 @@ from core.codec import unpack_input
 from core.protocol import EXTENSION, BatchReply, BatchSpec, ImageItem, Item, ItemError, Output, Result, Tensors, Timings, TopK
 from core.entries import PIXELS, UINT8
 from worker_setup import shm_reader
+from worker_setup.shm_reader import ShmUnreadable
 from worker_setup.preprocess import ImageError, decode_threads, image_pixels, image_to_row
-from worker_setup.worker_model import WorkerModel, current_model
+from worker_setup.worker_model import MissingEntry, WorkerModel, current_model
 
 logger = logging.getLogger("worker_setup.execute")
 
@@ -61,6 +62,8 @@ def _decode(model: WorkerModel, item: Item) -> tuple[str, dict[str, np.ndarray]]
         return _item_inputs(model, item)
     except ImageError as e:
         return ItemError(str(e), 400)
+    except (ShmUnreadable, MissingEntry) as e:  # this worker's fault, whatever the request
+        return ItemError(str(e), 500)
     except Exception as e:  # a malformed item fails alone, whatever went wrong
         return ItemError(f"bad input: {e}", 400)
 

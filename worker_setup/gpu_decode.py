@@ -106,7 +106,7 @@ class GpuDecoder:
             out: list[np.ndarray | None] = []
             synced = False
             for img in images:
-                if img is None:
+                if not self._usable(img):  # Pillow decides: it decodes, or says what is wrong
                     out.append(None)
                     continue
                 h, w = img.shape[0], img.shape[1]
@@ -122,6 +122,18 @@ class GpuDecoder:
                 out.append(binding.copy_outputs_to_cpu()[0][0])
             del images  # the device images may go once every run that read them is done
         return out
+
+    @staticmethod
+    def _usable(img) -> bool:
+        """Contiguous HWC RGB within Pillow's size limit; anything else goes to Pillow
+        (a decompression bomb gets Pillow's own 400 there, as on a CPU worker)."""
+        from PIL import Image
+
+        if img is None or len(img.shape) != 3 or img.shape[2] != 3:
+            return False
+        if img.__cuda_array_interface__.get("strides") is not None:
+            return False
+        return Image.MAX_IMAGE_PIXELS is None or img.shape[0] * img.shape[1] <= Image.MAX_IMAGE_PIXELS
 
     def self_test(self) -> tuple[bool, str]:
         """Decode a test picture both ways: the GPU path is used only if it agrees."""

@@ -1,7 +1,8 @@
 """Reading request tensors from a front end's shared-memory slabs (``router_api.shm``).
 
-The front end reuses a bounded set of slabs, so each is mapped once and kept; a front
-end that restarts makes new ones, so the oldest mappings are closed past a bound.
+The front end reuses a bounded set of slabs, so each is mapped once and kept. A front end
+that restarts makes new ones and removes its old ones: whenever a new slab is mapped,
+mappings of files that are gone are closed, so their memory is freed.
 """
 
 from __future__ import annotations
@@ -15,10 +16,33 @@ import numpy as np
 
 from core.protocol import ShmRef
 
-KEEP = 256  # mappings kept open
+KEEP = 256  # mappings kept open at most
+
+
+class ShmUnreadable(RuntimeError):
+    """The front end's slab cannot be read here: the worker's fault, not the request's."""
+
 
 _maps: OrderedDict[str, mmap.mmap] = OrderedDict()
 _lock = threading.Lock()  # two task threads may map at once
+
+
+def _close(buf: mmap.mmap) -> None:
+    try:
+        buf.close()
+    except BufferError:  # a batch still reads it: it is unmapped when that view dies
+        pass
+
+
+def _map(path: str) -> mmap.mmap:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise ShmUnreadable(f"cannot open the front end's shared memory {path}: {e}") from None
+    try:
+        return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
 
 
 def read(ref: ShmRef) -> np.ndarray:
@@ -26,20 +50,13 @@ def read(ref: ShmRef) -> np.ndarray:
     with _lock:
         buf = _maps.get(ref.path)
         if buf is None:
-            fd = os.open(ref.path, os.O_RDONLY)
-            try:
-                buf = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
-            _maps[ref.path] = buf
+            for gone in [p for p in _maps if not os.path.exists(p)]:
+                _close(_maps.pop(gone))
+            buf = _maps[ref.path] = _map(ref.path)
             while len(_maps) > KEEP:
-                _, old = _maps.popitem(last=False)
-                try:
-                    old.close()
-                except BufferError:  # a batch still reads it: it is unmapped when that view dies
-                    pass
+                _close(_maps.popitem(last=False)[1])
         else:
             _maps.move_to_end(ref.path)
-    if ref.offset + ref.nbytes > len(buf):
-        raise ValueError(f"shared memory reference past the end of {ref.path}")
-    return np.frombuffer(buf, np.uint8, ref.nbytes, ref.offset)
+        if ref.offset + ref.nbytes > len(buf):
+            raise ShmUnreadable(f"shared memory reference past the end of {ref.path}")
+        return np.frombuffer(buf, np.uint8, ref.nbytes, ref.offset)

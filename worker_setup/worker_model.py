@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from worker_setup.gpu_decode import GpuDecoder
 
 
+class MissingEntry(RuntimeError):
+    """A batch for a model name this worker does not serve: the cluster disagrees with it."""
+
+
 class NoModelError(RuntimeError):
     """A batch-router task landed on a worker that was not started by batch-router."""
 
@@ -210,7 +214,7 @@ class WorkerModel:
         """The session an item of ``entry`` ("" or "uint8") runs on."""
         if entry == UINT8:
             if self.pixels is None:
-                raise ValueError("this worker does not serve the uint8 entry")
+                raise MissingEntry("this worker does not serve the uint8 entry")
             return self.pixels
         return self.session
 
