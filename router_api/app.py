@@ -167,7 +167,8 @@ class Router:
         return {
             "model": self.model_name,
             "predictions": [
-                {"label": self.labels[i], "index": i, "probability": p} for i, p in zip(top.indices, top.probabilities)
+                {"label": self.labels[i], "index": i, "probability": kserve.json_number(p)}
+                for i, p in zip(top.indices, top.probabilities)
             ],
             "worker": answer.worker,
             "batch_size": answer.batch_rows,

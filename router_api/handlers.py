@@ -20,6 +20,8 @@ from router_api import kserve, prometheus
 from router_api.dispatch_events import Answer, DeadlineExceeded, Unavailable
 from router_api.shm import MIN_SLAB
 
+DRAIN = 4  # bodies declared up to this many times the limit are read and dropped before the 413
+
 
 def as_frame(data: bytes | memoryview) -> np.ndarray:
     """Wrap request bytes so Dask ships them as their own frame, never copied into a
@@ -36,7 +38,7 @@ class JSONHandler(web.RequestHandler):
 
     def write_json(self, obj, status: int = 200) -> None:
         self.set_status(status)
-        self.finish(json.dumps(obj))
+        self.finish(json.dumps(obj, allow_nan=False))  # never invalid JSON: non-finite numbers are strings
 
     def write_error(self, status_code: int, **kwargs) -> None:
         message = self._reason
@@ -170,6 +172,10 @@ class BodyHandler(JSONHandler):
     a tensor request's into shared memory when workers on this host can read it there."""
 
     shared = False  # may the body go into shared memory (router_api.shm)?
+    # What prepare() sets, for a request that never reached it (a 405, say).
+    slab = trace = None
+    gone = False
+    pending: tuple | list = ()
 
     def prepare(self) -> None:
         # core.trace: the request's stamps, when tracing is on; its first item carries them.
@@ -180,10 +186,13 @@ class BodyHandler(JSONHandler):
         self.pending: list = []
         self.limit = self.router.max_body_size
         declared = int(self.request.headers.get("Content-Length", 0) or 0)
-        # Let Tornado drain an oversized body (up to 4x the limit, chunked ones too) so we
-        # can answer 413 in JSON instead of its own bare 400.
-        self.request.connection.set_max_body_size(4 * self.limit)
-        if declared > self.limit:
+        # Let Tornado drain an oversized body (up to DRAIN x the limit, chunked ones too) so
+        # we can answer 413 in JSON instead of its own bare 400.
+        self.request.connection.set_max_body_size(DRAIN * self.limit)
+        if declared > DRAIN * self.limit:  # too much to drain: answer now, without reading a byte of it
+            self.set_header("Connection", "close")
+            return self.fail(413, f"request body exceeds the {self.limit} byte limit")
+        if declared > self.limit:  # drained first, so that a client still sending reads the 413
             self.too_large = True
         self.slab = None
         self.gone = False  # the client went away
@@ -332,11 +341,21 @@ class Classify(BodyHandler):
         if not 1 <= top_k <= self.router.num_classes:
             return self.fail(400, f"top_k must be in 1..{self.router.num_classes}")
         if ctype.startswith("multipart/form-data"):
+            if "boundary=" not in ctype:
+                return self.fail(400, "multipart/form-data needs a boundary")
+            most = self.router.max_batch_size
+            if self.body.count(b"\r\nContent-Disposition") + self.body.startswith(b"--") > 4 * most:
+                return self.fail(400, f"a multipart body holds at most {most} images")  # before Tornado splits it
             files: dict = {}
-            httputil.parse_body_arguments(ctype, self.body, {}, files, self.request.headers)
+            try:
+                httputil.parse_body_arguments(ctype, self.body, {}, files, self.request.headers)
+            except Exception as e:  # Tornado raises on some malformed bodies and logs others
+                return self.fail(400, f"malformed multipart/form-data: {e}")
             images = [f["body"] for parts in files.values() for f in parts]
             if not images:
                 return self.fail(400, "multipart body holds no files")
+            if len(images) > most:
+                return self.fail(400, f"a multipart body holds at most {most} images (max_batch_size), got {len(images)}")
         elif not self.body:
             return self.fail(400, "empty body: send an image (image/jpeg or image/png)")
         else:
@@ -344,7 +363,7 @@ class Classify(BodyHandler):
         try:
             priority = int(self.get_query_argument("priority", "0") or 0)
             timeout_us = int(self.get_query_argument("timeout", "0") or 0)
-            if priority < 0 or timeout_us < 0:
+            if not (0 <= priority <= kserve.MAX_UINT and 0 <= timeout_us <= kserve.MAX_UINT):
                 raise ValueError
         except ValueError:
             return self.fail(400, "priority and timeout must be non-negative integers")

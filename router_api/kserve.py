@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 
 
+MAX_UINT = 2**63 - 1  # integer parameters (priority, timeout) are int64 in the protocol
+
+
 class ProtocolError(Exception):
     """A client error; ``status`` is the HTTP status to answer with (400 unless told)."""
 
@@ -85,7 +88,7 @@ def _field(obj: dict, key: str, default: Any, kind: str, where: str) -> Any:
     value = obj.get(key, default)
     ok = {"an object": isinstance(value, dict), "a boolean": isinstance(value, bool),
           "a list": isinstance(value, list),
-          "a non-negative integer": type(value) is int and value >= 0}[kind]
+          "a non-negative integer": type(value) is int and 0 <= value <= MAX_UINT}[kind]
     if not ok:
         raise ProtocolError(f"{where}: '{key}' must be {kind}, got {value!r}")
     return value
@@ -193,6 +196,8 @@ def parse_infer_request(body: bytes | memoryview, header_length: int | None, inp
         req = json.loads(head if isinstance(head, bytes) else bytes(head))  # a body in shared memory is a view
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise ProtocolError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("malformed JSON: nested too deeply") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise ProtocolError("request must be a JSON object with an 'inputs' list")
     if not isinstance(request_id := req.get("id"), (str, type(None))):
@@ -266,11 +271,28 @@ def encode_infer_response(model_name: str, model_version: str, request_id: str |
             tensor["parameters"] = {"binary_data_size": raw.nbytes}
             blobs.append(memoryview(raw).cast("B"))
         else:
-            tensor["data"] = arr.ravel().tolist()  # float16/32 become Python floats
+            tensor["data"] = json_values(arr)
         tensors.append(tensor)
     header["outputs"] = tensors
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     return (b"".join([head, *blobs]), len(head)) if blobs else (head, None)
+
+
+NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def json_number(x: float) -> float | str:
+    """A float as JSON can hold it: NaN and the infinities become the strings "NaN",
+    "Infinity" and "-Infinity", as proto3's JSON mapping (KServe's gRPC gateway) writes them."""
+    return x if math.isfinite(x) else "NaN" if x != x else NON_FINITE[x]
+
+
+def json_values(arr: np.ndarray) -> list:
+    """A tensor's values, flat, for a JSON ``data`` list (float16/32 become Python floats)."""
+    values = arr.ravel().tolist()
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        values = [json_number(v) for v in values]
+    return values
 
 
 def error_body(message: str) -> bytes:

@@ -1,0 +1,92 @@
+"""Issue 15's defects, each reproduced against the live default cluster: every input
+gets a protocol answer (a 4xx with ``{"error"}``), never a 5xx, a traceback in the log,
+a dropped connection, or JSON that is not JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import numpy as np
+import pytest
+
+from router_api import kserve
+from tests.conftest import make_image
+from tests.http import request
+
+pytestmark = pytest.mark.integration
+
+INFER = "/v2/models/resnet50/infer"
+
+
+def error_of(r) -> str:
+    assert r.headers.get("content-type", "").startswith("application/json"), (r.status, r.body[:200])
+    return r.json()["error"]
+
+
+def raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send bytes as they are; return whatever comes back before the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_json_nested_past_any_sane_depth_is_a_400(cluster):
+    body = b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = request(cluster.url, "POST", INFER, body)
+    assert r.status == 400 and "nested" in error_of(r)
+
+
+@pytest.mark.parametrize("where", ["json", "query"])
+def test_a_timeout_too_large_for_any_clock_is_a_400(cluster, where):
+    huge = int("1" + "0" * 400)
+    if where == "json":
+        body = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 224, 224], "datatype": "FP32", "data": [0.0] * 150528}],
+                           "parameters": {"timeout": huge}}).encode()  # fmt: skip
+        r = request(cluster.url, "POST", INFER, body)
+    else:
+        r = request(cluster.url, "POST", f"/v1/classify?timeout={huge}", make_image(1), {"Content-Type": "image/jpeg"})
+    assert r.status == 400 and "timeout" in error_of(r)
+
+
+def test_multipart_without_a_boundary_or_with_too_many_parts_is_a_400(cluster):
+    r = request(cluster.url, "POST", "/v1/classify", b"--x\r\n\r\n", {"Content-Type": "multipart/form-data"})
+    assert r.status == 400 and "multipart" in error_of(r)
+    boundary = "b"
+    part = f"--{boundary}\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a.jpg\"\r\n\r\nx\r\n".encode()
+    body = part * 1000 + f"--{boundary}--\r\n".encode()
+    r = request(cluster.url, "POST", "/v1/classify", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status == 400 and "at most" in error_of(r)
+
+
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT", "BREW"])
+def test_other_methods_get_405_in_the_protocols_format(cluster, method):
+    for path in (INFER, "/v1/classify"):
+        r = request(cluster.url, method, path, b"")
+        assert r.status == 405 and error_of(r)
+    log = (cluster.log.read_text() if cluster.log else "")
+    assert "AttributeError" not in log
+
+
+def test_a_declared_body_far_over_the_limit_gets_a_json_413_at_once(cluster):
+    head = (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 1000000000\r\n\r\n")  # fmt: skip
+    answer = raw(cluster.port, head)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"].startswith("request body exceeds")
+
+
+def test_non_finite_outputs_are_written_as_valid_json():
+    """NaN and infinities, which JSON has no numbers for, are written as proto3's JSON
+    mapping writes them: the strings "NaN", "Infinity" and "-Infinity"."""
+    arr = np.array([[1.5, math.nan, math.inf, -math.inf]], np.float32)
+    body, n = kserve.encode_infer_response("m", "1", None, [(kserve.RequestedOutput("y", False), arr)])
+    assert n is None
+    data = json.loads(body, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))["outputs"][0]["data"]
+    assert data == [1.5, "NaN", "Infinity", "-Infinity"]
