@@ -222,6 +222,8 @@ class Http:
     max_body_size: int = key(Size())
     top_k: int = key(Int(minimum=1))
     frontends: int = key(Int(minimum=1))
+    idle_timeout: float = key(Duration())
+    body_timeout: float = key(Duration())
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,9 @@ async def start_front_end(client, settings: Settings) -> tuple[Router, httpserve
         router.dashboard = await client.scheduler.batch_router_dashboard()
     except Exception as e:  # an older plugin: the service runs, without the link
         logger.warning("the scheduler did not say where its dashboard is: %s", e)
-    server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size)
+    http = settings.http
+    server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size,
+                                   idle_connection_timeout=http.idle_timeout or None, body_timeout=http.body_timeout or None)  # fmt: skip
     host, port = settings.http.host, settings.http.port
     # Several front ends share the port: the kernel spreads connections among them.
     server.listen(port, address=host, reuse_port=settings.http.frontends > 1)

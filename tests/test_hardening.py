@@ -90,3 +90,31 @@ def test_non_finite_outputs_are_written_as_valid_json():
     assert n is None
     data = json.loads(body, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))["outputs"][0]["data"]
     assert data == [1.5, "NaN", "Infinity", "-Infinity"]
+
+
+@pytest.fixture(scope="module")
+def impatient(model_path):
+    from tests.cluster import Cluster
+    from tests.conftest import ARTIFACTS
+
+    env = {"DASK_BATCH_ROUTER__HTTP__IDLE_TIMEOUT": "1s", "DASK_BATCH_ROUTER__HTTP__BODY_TIMEOUT": "1s"}
+    c = Cluster(workers=1, args=["--threads", "1"], env=env, log=ARTIFACTS / "impatient.log").start()
+    yield c
+    c.stop()
+
+
+@pytest.mark.parametrize("sent", [
+    b"",  # a silent connection
+    b"POST /v2/models/resnet50/infer HTTP/1.1\r\nHost: x\r\n",  # headers never finished
+    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc",  # a body never sent
+    b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n",  # then an idle keep-alive
+], ids=["silent", "headers", "body", "keep-alive"])  # fmt: skip
+def test_slow_or_silent_clients_are_let_go(impatient, sent):
+    import time
+
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=30) as s:
+        s.sendall(sent)
+        t0 = time.monotonic()
+        while s.recv(65536):  # whatever it answers, until it closes
+            pass
+        assert time.monotonic() - t0 < 10  # closed by the server, after ~1 s, not held open
