@@ -133,7 +133,7 @@ class Router:
         # io_binding; warmup: each bucket's first and steady run, timed before it joined; uint8:
         # the uint8 entry's session (its warm-up), None when the cluster serves none.
         keys = ("device", "providers", "requested_providers", "cuda_fallback", "threads", "sha256", "precision", "buckets",
-                "options", "cuda_graphs", "warmup", "uint8", "decoder")  # fmt: skip
+                "options", "cuda_graphs", "warmup", "uint8", "decoder", "restarts")  # fmt: skip
         now = self.link.now
         shares = d.weights(now)
         return [

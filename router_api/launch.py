@@ -28,6 +28,7 @@ from core.config import DASK_SETTINGS, TUNNEL_SETTINGS, Settings, tls_dir
 from core.heap import freeze_startup_heap
 from core.protocol import EXTENSION
 from router_api.remote_access import RemoteAccess
+from router_api.supervisor import Supervisor
 
 logger = logging.getLogger("batch-router")
 
@@ -43,6 +44,7 @@ JOIN_ATTEMPTS = 8  # a round of attempts to join: 0, 1, 3, 7, 15, then 30 s apar
 SHORT_SESSION = 60.0  # a joined worker dropped sooner than this counts as a failed join
 FRONTEND_CHILD = "BATCH_ROUTER_FRONTEND_CHILD"  # set in the front ends `up` and `serve` start
 CPUS_ENV = "BATCH_ROUTER_WORKER_CPUS"  # the cores a worker `up` starts may use (worker.cpu-affinity)
+RESTARTS_ENV = "BATCH_ROUTER_WORKER_RESTARTS"  # how many times `up` has started this worker again
 
 
 class JoinFailed(OSError):
@@ -115,7 +117,8 @@ async def serve_until_signal(client: Client, settings: Settings) -> None:
 
 
 def spawn_worker(
-    address: str, name: str, threads: int, slowdown: float | None = None, token: str | None = None, cpus: tuple[int, ...] | None = None
+    address: str, name: str, threads: int, slowdown: float | None = None, token: str | None = None,
+    cpus: tuple[int, ...] | None = None, restarts: int = 0,
 ) -> subprocess.Popen:
     """A local worker process; with ``token`` it joins a TLS scheduler (the token goes by
     environment, never on a command line other users can read). It inherits this
@@ -135,6 +138,7 @@ def spawn_worker(
     # stops the workers itself. Orphaned workers exit when their scheduler goes away.
     if cpus:  # the worker pins itself first thing, before it starts any thread
         env[CPUS_ENV] = ",".join(map(str, cpus))
+    env[RESTARTS_ENV] = str(restarts)
     return subprocess.Popen(cmd, env=env, start_new_session=True)
 
 
@@ -188,11 +192,12 @@ async def up(settings: Settings, slowdown: list[float] | None = None, rotate_ca:
             ) as scheduler:
                 inproc, local = scheduler.listeners[0].contact_address, scheduler.listeners[1].contact_address
                 local_token = public.token(local.split("://", 1)[1]) if public else None
-                procs = [
-                    spawn_worker(local, f"local-{i}", threads, slowdown[i] if i < len(slowdown) else None, local_token,
-                                 settings.worker.cpu_affinity)  # fmt: skip
-                    for i in range(workers)
-                ]
+                supervisor = Supervisor(
+                    lambda i, restarts: spawn_worker(local, f"local-{i}", threads, slowdown[i] if i < len(slowdown) else None,
+                                                     local_token, settings.worker.cpu_affinity, restarts),
+                    workers,
+                )  # fmt: skip
+                watching = asyncio.ensure_future(supervisor.watch())
                 frontends = spawn_frontends(local, settings)
                 try:
                     security = public.ca.security("client") if public else None
@@ -202,8 +207,9 @@ async def up(settings: Settings, slowdown: list[float] | None = None, rotate_ca:
                             public.announce()
                         await serve_until_signal(client, settings)
                 finally:
+                    watching.cancel()  # stopping: nobody comes back
                     await asyncio.to_thread(stop_processes, frontends)  # they drain their queues first
-                    await asyncio.to_thread(stop_processes, procs)
+                    await asyncio.to_thread(stop_processes, supervisor.procs)
         finally:
             if public:
                 public.close()

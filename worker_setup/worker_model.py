@@ -3,6 +3,7 @@ its heartbeat reports (``InferenceStats``), and how tasks find it (``current_mod
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -199,6 +200,7 @@ class WorkerModel:
             "gpu": dict(self.gpu) if self.gpu is not None else None,
             "simulated": self.simulated,
             "slowdown": self.slowdown,
+            "restarts": int(os.environ.get("BATCH_ROUTER_WORKER_RESTARTS", 0)),  # started again by `up` (router_api.supervisor)
             "clock": clock_id(),  # a front end with the same one shares this host: its clock, and the direct lane
             "shm": shm_namespace(),  # ... and with the same one, its shared-memory files (router_api.shm)
         }
