@@ -223,6 +223,8 @@ class Http:
     top_k: int = key(Int(minimum=1))
     frontends: int = key(Int(minimum=1))
     idle_timeout: float = key(Duration())
+    max_image_pixels: int = key(Int(minimum=1))
+    max_request_pixels: int = key(Int(minimum=1))
     body_timeout: float = key(Duration())
 
 

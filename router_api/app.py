@@ -71,6 +71,7 @@ class Router:
         self.inputs = tensor_specs(model["inputs"])
         self.outputs = tensor_specs(model["outputs"])
         self.max_batch_size = self.dispatcher.queue.max_batch_size
+        self.settings = settings
         self.max_body_size = settings.http.max_body_size
         self.retry_after = settings.retry_after
         self.top_k = settings.http.top_k

@@ -13,7 +13,7 @@ import os
 import numpy as np
 from tornado import httputil, web
 
-from core import trace
+from core import image_header, trace
 from core.codec import pack_item
 from core.protocol import ImageItem, ItemError, TensorItem
 from router_api import kserve, prometheus
@@ -330,6 +330,23 @@ class Infer(BodyHandler):
 class Classify(BodyHandler):
     """POST /v1/classify: one image as the body, or several as multipart/form-data."""
 
+    def pixel_budget(self, images: list) -> str | None:
+        """Why these images are too large to decode, from their headers; None if not.
+        Formats other than JPEG and PNG are checked by the worker, before it decodes."""
+        http, total = self.router.settings.http, 0
+        for i, img in enumerate(images):
+            wh = image_header.dimensions(img)
+            if wh is None:
+                continue
+            pixels = wh[0] * wh[1]
+            total += pixels
+            if pixels > http.max_image_pixels:
+                which = f"image {i}" if len(images) > 1 else "the image"
+                return f"{which} is {wh[0]}x{wh[1]} = {pixels} pixels, over the {http.max_image_pixels} limit (http.max-image-pixels)"
+        if total > http.max_request_pixels:
+            return f"the images hold {total} pixels together, over the {http.max_request_pixels} limit (http.max-request-pixels)"
+        return None
+
     async def post(self) -> None:
         if self.reject_large():
             return
@@ -360,6 +377,8 @@ class Classify(BodyHandler):
             return self.fail(400, "empty body: send an image (image/jpeg or image/png)")
         else:
             images = [self.body]
+        if (refused := self.pixel_budget(images)) is not None:
+            return self.fail(413, refused)
         try:
             priority = int(self.get_query_argument("priority", "0") or 0)
             timeout_us = int(self.get_query_argument("timeout", "0") or 0)

@@ -118,3 +118,54 @@ def test_slow_or_silent_clients_are_let_go(impatient, sent):
         while s.recv(65536):  # whatever it answers, until it closes
             pass
         assert time.monotonic() - t0 < 10  # closed by the server, after ~1 s, not held open
+
+
+def test_image_sizes_are_read_from_headers():
+    import io
+
+    from PIL import Image
+
+    from core.image_header import dimensions
+
+    for fmt, size in (("JPEG", (5000, 3000)), ("PNG", (12000, 12000)), ("JPEG", (1, 1))):
+        buf = io.BytesIO()
+        Image.new("RGB", size).save(buf, fmt)
+        assert dimensions(buf.getvalue()) == size
+    assert dimensions(b"GIF89a....") is None and dimensions(b"\xff\xd8\xff") is None
+
+
+def test_an_image_past_the_pixel_budget_is_refused_before_it_is_decoded(cluster):
+    """A 420 KB 12000x12000 PNG took 2-5 s and ~1 GB to decode on a worker."""
+    import io
+    import time
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (12000, 12000)).save(buf, "PNG")
+    t0 = time.monotonic()
+    r = request(cluster.url, "POST", "/v1/classify", buf.getvalue(), {"Content-Type": "image/png"})
+    assert r.status == 413 and "12000x12000" in error_of(r) and time.monotonic() - t0 < 1.0
+    small = io.BytesIO()
+    Image.new("RGB", (7000, 7000)).save(small, "JPEG")  # 49 MP: under the limit one by one...
+    parts = b"".join(f'--b\r\nContent-Disposition: form-data; name="f{i}"; filename="{i}.jpg"\r\n\r\n'.encode() + small.getvalue() + b"\r\n"
+                     for i in range(5)) + b"--b--\r\n"  # fmt: skip
+    r = request(cluster.url, "POST", "/v1/classify", parts, {"Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status == 413 and "together" in error_of(r)  # ...but not five at once
+
+
+def test_the_worker_refuses_an_oversized_image_of_a_format_the_front_end_cannot_read():
+    import io
+
+    from PIL import Image
+
+    from worker_setup import preprocess
+
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(buf, "GIF")
+    saved, preprocess.MAX_PIXELS[0] = preprocess.MAX_PIXELS[0], 250 * 250
+    try:
+        with pytest.raises(preprocess.ImageTooLarge, match="300x300"):
+            preprocess.image_pixels(buf.getvalue())
+    finally:
+        preprocess.MAX_PIXELS[0] = saved

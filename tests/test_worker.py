@@ -177,7 +177,7 @@ def test_a_decompression_bomb_fails_alone_as_a_client_error(trivial, monkeypatch
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 320x240 image is now a "bomb"
     results, _ = execute_items(trivial, [ImageItem(as_array(make_image(1)), top_k=1)])
-    assert results[0].status == 400 and "too large" in results[0].message
+    assert results[0].status == 413 and "too large" in results[0].message  # too large: 413, as at the door
 
 
 def test_rows_of_different_shapes_run_as_separate_groups(tmp_path):

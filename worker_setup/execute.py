@@ -61,7 +61,7 @@ def _decode(model: WorkerModel, item: Item) -> tuple[str, dict[str, np.ndarray]]
     try:
         return _item_inputs(model, item)
     except ImageError as e:
-        return ItemError(str(e), 400)
+        return ItemError(str(e), e.status)
     except (ShmUnreadable, MissingEntry) as e:  # this worker's fault, whatever the request
         return ItemError(str(e), 500)
     except Exception as e:  # a malformed item fails alone, whatever went wrong

@@ -18,7 +18,7 @@ from core.config import Settings, cache_dir, parse
 from core.service_curve import ServiceCurve
 from core.heap import freeze_startup_heap
 from core.protocol import EXTENSION
-from worker_setup import direct_lane
+from worker_setup import direct_lane, preprocess
 from worker_setup.gpu import open_source
 from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
 from worker_setup.model_cache import ensure_model
@@ -63,6 +63,7 @@ async def model_info(worker) -> dict:
 
 async def dask_setup(worker) -> None:
     settings = parse(dask.config.get("batch-router", None))  # a bad setting stops the worker here
+    preprocess.MAX_PIXELS[0] = settings.http.max_image_pixels
     # Dask's worker->scheduler stream waits 2 ms to coalesce; replies should not.
     worker.batched_stream.interval = settings.batched_send_interval
     info = await model_info(worker)

@@ -35,6 +35,17 @@ def decoder_info() -> dict:
 class ImageError(ValueError):
     """The bytes are not an image Pillow can decode."""
 
+    status = 400
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than ``batch-router.http.max-image-pixels``: refused before decoding."""
+
+    status = 413
+
+
+MAX_PIXELS = [50_000_000]  # set from the settings by the worker preload
+
 
 @dataclass(frozen=True)
 class ImageLayout:
@@ -61,13 +72,18 @@ class ImageLayout:
 def decode(data: bytes | np.ndarray, size: int) -> Image.Image:
     """Decode and resize so the shorter side is size*256/224, then centre-crop size x size."""
     try:
-        img = Image.open(io.BytesIO(memoryview(data)))
+        img = Image.open(io.BytesIO(memoryview(data)))  # reads the header only
+        if img.size[0] * img.size[1] > MAX_PIXELS[0]:
+            raise ImageTooLarge(f"image is {img.size[0]}x{img.size[1]} = {img.size[0] * img.size[1]} pixels, over the "
+                                f"{MAX_PIXELS[0]} limit (http.max-image-pixels)")  # fmt: skip
         resize_to = round(size * 256 / 224)
         # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale: much cheaper for big photos.
         img.draft("RGB", (resize_to, resize_to))
         img = img.convert("RGB")
+    except ImageError:
+        raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"image too large: {e}") from None
+        raise ImageTooLarge(f"image too large: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot decode image: {e}") from None
     nw, nh, left, top = resize_box(*img.size, size)
