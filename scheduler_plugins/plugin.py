@@ -21,6 +21,7 @@ from core.worker_view import Flight, WorkerView, apply_metrics
 from scheduler_plugins.builtin_models import default_name
 from scheduler_plugins.history import History
 from scheduler_plugins.model_store import ModelFile
+from scheduler_plugins.roles import refuse_workers
 
 logger = logging.getLogger("scheduler_plugins.plugin")
 
@@ -80,6 +81,8 @@ class BatchRouterPlugin(SchedulerPlugin):
             }
         )
         scheduler.extensions[EXTENSION] = self
+        # A join token's worker certificate: a worker, never a client (scheduler_plugins/roles.py).
+        refuse_workers(scheduler)
         from scheduler_plugins.dashboard import add_to_navigation
 
         add_to_navigation(scheduler)

@@ -14,7 +14,7 @@ import time
 import pytest
 from distributed import Client
 
-from router_api.tls import ClusterCA, TokenError, make_token, read_token
+from router_api.tls import ClusterCA, TokenError, make_token, read_token, security_for
 from tests.cluster import ROOT, free_port
 from tests.conftest import ARTIFACTS, make_image
 from tests.http import classify
@@ -98,6 +98,22 @@ def refused(address: str, security=None) -> bool:
     return asyncio.run(attempt())
 
 
+def asks_for_the_model(address: str, security) -> str:
+    """What a worker asks first: "answered", or "refused" (the TLS handshake failed)."""
+
+    async def attempt() -> str:
+        from distributed.core import rpc
+
+        try:
+            async with rpc(address, timeout=5, connection_args=security.get_connection_args("worker")) as s:
+                await s.batch_router_model()
+                return "answered"
+        except Exception:
+            return "refused"
+
+    return asyncio.run(attempt())
+
+
 @pytest.mark.integration
 def test_worker_joins_with_the_token_and_nothing_else_gets_in(model_path, tmp_path):
     sport, dport, hport = free_port(), free_port(), free_port()
@@ -120,6 +136,29 @@ def test_worker_joins_with_the_token_and_nothing_else_gets_in(model_path, tmp_pa
         assert refused(f"tcp://127.0.0.1:{sport}")  # plaintext: refused
         other = ClusterCA.ensure(tmp_path / "other-ca")  # a certificate from another CA: refused
         assert refused(f"tls://127.0.0.1:{sport}", other.security("client"))
+
+        # The token's own credentials: they joined a worker, and can do nothing else.
+        _, creds = read_token(token)
+        as_client = security_for("client", creds)
+        assert refused(f"tls://127.0.0.1:{sport}", as_client)  # no client: no tasks, no run_on_scheduler
+
+        async def run_on_scheduler() -> str:
+            from distributed.core import rpc
+
+            async with rpc(f"tls://127.0.0.1:{sport}", connection_args=as_client.get_connection_args("client")) as s:
+                try:
+                    await s.run_function(function=dumps(os.getcwd))
+                except Exception as e:
+                    return str(e)
+            return "ran"
+
+        from distributed.protocol.pickle import dumps
+
+        said = asyncio.run(run_on_scheduler())
+        assert "worker certificate" in said, said
+        assert "ran" != said
+        r = classify(url, make_image(4))  # the worker it joined still serves
+        assert r.status == 200
     finally:
         stop_all(procs)
 
@@ -143,8 +182,8 @@ def test_rotating_the_ca_revokes_old_tokens(model_path, tmp_path):
         _, new_creds = read_token(new)
         from router_api.tls import security_for
 
-        assert refused(f"tls://127.0.0.1:{sport}", security_for("client", old_creds))
-        assert not refused(f"tls://127.0.0.1:{sport}", security_for("client", new_creds))
+        assert asks_for_the_model(f"tls://127.0.0.1:{sport}", security_for("worker", old_creds)) == "refused"
+        assert asks_for_the_model(f"tls://127.0.0.1:{sport}", security_for("worker", new_creds)) == "answered"
     finally:
         second.terminate()
         second.wait(30)
