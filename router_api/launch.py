@@ -42,6 +42,7 @@ TASK_THREADS = 2
 
 JOIN_ATTEMPTS = 8  # a round of attempts to join: 0, 1, 3, 7, 15, then 30 s apart
 SHORT_SESSION = 60.0  # a joined worker dropped sooner than this counts as a failed join
+JOIN_TIMEOUT = float(os.environ.get("BATCH_ROUTER_JOIN_TIMEOUT", 120))  # seconds to reach and register with a scheduler
 FRONTEND_CHILD = "BATCH_ROUTER_FRONTEND_CHILD"  # set in the front ends `up` and `serve` start
 CPUS_ENV = "BATCH_ROUTER_WORKER_CPUS"  # the cores a worker `up` starts may use (worker.cpu-affinity)
 RESTARTS_ENV = "BATCH_ROUTER_WORKER_RESTARTS"  # how many times `up` has started this worker again
@@ -270,20 +271,23 @@ async def serve_worker(address: str, name: str | None, security, contact: str | 
     session shorter than ``least`` seconds counts as a failed join, so that a scheduler
     that keeps dropping the worker is backed off from, not hammered."""
     joined = asyncio.get_running_loop().time()
-    try:
-        worker = await Worker(
-            address,
-            nthreads=TASK_THREADS,
-            name=name,
-            preload=[WORKER_PRELOAD],
-            host="127.0.0.1",
-            protocol="tls" if security else "tcp",
-            security=security,
-            contact_address=contact,
-            dashboard_address="127.0.0.1:0",
-        )
-    except Exception as e:  # could not reach or register with the scheduler
-        raise JoinFailed(f"could not join {address}: {e}") from e
+    worker = Worker(
+        address,
+        nthreads=TASK_THREADS,
+        name=name,
+        preload=[WORKER_PRELOAD],
+        host="127.0.0.1",
+        protocol="tls" if security else "tcp",
+        security=security,
+        contact_address=contact,
+        dashboard_address="127.0.0.1:0",
+    )
+    try:  # Dask would wait for an absent scheduler forever, ten tries a second
+        await asyncio.wait_for(worker.start(), JOIN_TIMEOUT)
+    except (Exception, asyncio.TimeoutError) as e:  # could not reach or register with the scheduler
+        await worker.close(reason="could not join")
+        said = f"no answer in {JOIN_TIMEOUT:.0f} s" if isinstance(e, asyncio.TimeoutError) else str(e)
+        raise JoinFailed(f"could not join {address}: {said}") from e
     try:
         if EXTENSION not in worker.extensions:  # Dask starts it even when the preload failed
             raise JoinFailed("the worker started without its model (the preload failed; see above)")
@@ -309,6 +313,8 @@ async def run_worker(address: str | None, name: str | None, token: str | None = 
         address, creds = read_token(token)
         security = security_for("worker", creds)
         dask.config.set(TUNNEL_SETTINGS)
+    elif address and address.startswith("tls://"):
+        raise SystemExit("a tls:// scheduler takes workers by join token: batch-router worker --join TOKEN")
     elif address:
         refuse_public_plaintext(urlsplit(address).hostname or "", "Dask scheduler connection")
     else:

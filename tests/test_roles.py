@@ -116,3 +116,24 @@ def test_refuses_to_listen_beyond_loopback_without_tls(role):
     r = subprocess.run([sys.executable, "-m", "router_api.cli", *role], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "refusing a non-loopback address '0.0.0.0'" in r.stderr
+
+
+@pytest.mark.integration
+def test_a_worker_that_cannot_join_says_so_and_stops(tmp_path):
+    """Nothing listens: it gives up after its join timeout with a clear message (not
+    ten tries a second for ever), and it obeys SIGTERM meanwhile. A tls:// address
+    without a token is refused at once, by name."""
+    import signal
+
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "BATCH_ROUTER_JOIN_TIMEOUT": "3"}
+    p = subprocess.run([sys.executable, "-m", "router_api.cli", "worker", dead], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert p.returncode != 0 and f"could not join {dead}: no answer in 3 s" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "router_api.cli", "worker", "tls://127.0.0.1:1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert p.returncode != 0 and "join token" in p.stderr and "Traceback" not in p.stderr
+    waiting = subprocess.Popen([sys.executable, "-m", "router_api.cli", "worker", dead], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    waiting.send_signal(signal.SIGTERM)
+    assert waiting.wait(15) is not None
