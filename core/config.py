@@ -224,6 +224,7 @@ class Http:
     frontends: int = key(Int(minimum=1))
     idle_timeout: float = key(Duration())
     max_image_pixels: int = key(Int(minimum=1))
+    auth_token: str | None = key(Text(nullable=True))
     max_request_pixels: int = key(Int(minimum=1))
     body_timeout: float = key(Duration())
 

@@ -72,6 +72,11 @@ class Router:
         self.outputs = tensor_specs(model["outputs"])
         self.max_batch_size = self.dispatcher.queue.max_batch_size
         self.settings = settings
+        # Bound to loopback: only loopback names may appear in Host (a DNS-rebinding page's
+        # would not); bound beyond it, any (use http.auth-token there).
+        host = settings.http.host
+        loopback = {"localhost", "127.0.0.1", "::1"}
+        self.allowed_hosts: set[str] | None = loopback | {host} if host in loopback or host.startswith("127.") else None
         self.max_body_size = settings.http.max_body_size
         self.retry_after = settings.retry_after
         self.top_k = settings.http.top_k

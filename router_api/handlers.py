@@ -7,6 +7,7 @@ Every error is ``{"error": "..."}`` with the status Triton would use.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 
@@ -21,6 +22,13 @@ from router_api.dispatch_events import Answer, DeadlineExceeded, Unavailable
 from router_api.shm import MIN_SLAB
 
 DRAIN = 4  # bodies declared up to this many times the limit are read and dropped before the 413
+
+
+def split_host(header: str) -> str:
+    """The host of a Host header, without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:80" -> "::1"."""
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def as_frame(data: bytes | memoryview) -> np.ndarray:
@@ -53,6 +61,25 @@ class JSONHandler(web.RequestHandler):
         self.set_status(status)
         self.finish(kserve.error_body(message))
 
+    def prepare(self) -> None:
+        self.admitted()
+
+    def admitted(self) -> bool:
+        """The Host header names this server (a DNS-rebinding page's does not), and the
+        bearer token is right where one is set; otherwise answers 403 or 401."""
+        router = self.router
+        host = self.request.headers.get("Host")
+        if host is not None and router.allowed_hosts is not None and split_host(host) not in router.allowed_hosts:
+            self.fail(403, f"Host {host!r} is not this server's: it serves {sorted(router.allowed_hosts)} (http.host)")
+            return False
+        token = router.settings.http.auth_token
+        if token and not self.request.path.startswith("/v2/health/"):
+            given = self.request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                self.fail(401, "missing or wrong bearer token (http.auth-token)", WWW_Authenticate="Bearer")
+                return False
+        return True
+
     def check_model(self, name: str, version: str | None = None):
         """The model name's entry, or None after answering 404."""
         entry = self.router.entries.get(name)
@@ -63,7 +90,8 @@ class JSONHandler(web.RequestHandler):
 
 class NotFound(JSONHandler):
     def prepare(self) -> None:
-        self.fail(404, f"no such endpoint: {self.request.method} {self.request.path}")
+        if self.admitted():
+            self.fail(404, f"no such endpoint: {self.request.method} {self.request.path}")
 
 
 class Live(JSONHandler):
@@ -178,6 +206,8 @@ class BodyHandler(JSONHandler):
     pending: tuple | list = ()
 
     def prepare(self) -> None:
+        if not self.admitted():
+            return
         # core.trace: the request's stamps, when tracing is on; its first item carries them.
         self.trace = {"arrival": self.router.link.now} if self.router.traces is not None else None
         self.chunks: list[bytes] = []

@@ -137,7 +137,7 @@ def test_client_that_disconnects_before_dispatch_is_dropped(tight):
     wait_received(tight, start + 3)
     image = make_image(99)
     s = socket.create_connection(("127.0.0.1", tight.port))
-    s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n" + f"Content-Length: {len(image)}\r\n\r\n".encode() + image)
+    s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n" + f"Content-Length: {len(image)}\r\n\r\n".encode() + image)
     wait_received(tight, start + 4)  # it is queued behind the busy ones...
     s.close()  # ...when its client goes away
     for t, out in busy:

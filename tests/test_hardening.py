@@ -74,7 +74,7 @@ def test_other_methods_get_405_in_the_protocols_format(cluster, method):
 
 
 def test_a_declared_body_far_over_the_limit_gets_a_json_413_at_once(cluster):
-    head = (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+    head = (b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
             b"Content-Length: 1000000000\r\n\r\n")  # fmt: skip
     answer = raw(cluster.port, head)
     status, _, rest = answer.partition(b"\r\n")
@@ -105,9 +105,9 @@ def impatient(model_path):
 
 @pytest.mark.parametrize("sent", [
     b"",  # a silent connection
-    b"POST /v2/models/resnet50/infer HTTP/1.1\r\nHost: x\r\n",  # headers never finished
-    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc",  # a body never sent
-    b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n",  # then an idle keep-alive
+    b"POST /v2/models/resnet50/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # headers never finished
+    b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\nabc",  # a body never sent
+    b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # then an idle keep-alive
 ], ids=["silent", "headers", "body", "keep-alive"])  # fmt: skip
 def test_slow_or_silent_clients_are_let_go(impatient, sent):
     import time
@@ -169,3 +169,42 @@ def test_the_worker_refuses_an_oversized_image_of_a_format_the_front_end_cannot_
             preprocess.image_pixels(buf.getvalue())
     finally:
         preprocess.MAX_PIXELS[0] = saved
+
+
+def test_a_page_that_rebinds_dns_to_loopback_cannot_read_the_api(cluster):
+    """Bound to loopback, the server answers only Host headers that name loopback: a web
+    page whose own name resolves to 127.0.0.1 sends its own name, and gets a 403."""
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+        assert request(cluster.url, "GET", "/v1/workers", headers={"Host": host}).status == 200
+    r = request(cluster.url, "GET", "/v1/workers", headers={"Host": "evil.example:8000"})
+    assert r.status == 403 and "evil.example" in error_of(r)
+
+
+def test_a_bearer_token_guards_everything_but_health(model_path):
+    from tests.cluster import Cluster
+    from tests.conftest import ARTIFACTS
+
+    c = Cluster(workers=1, args=["--threads", "1"], env={"DASK_BATCH_ROUTER__HTTP__AUTH_TOKEN": "s3cret"}, log=ARTIFACTS / "auth.log")
+    c.start_process()
+    try:
+        import time
+
+        deadline = time.monotonic() + 120
+        while not _ready(c):  # health needs no token
+            assert time.monotonic() < deadline
+            time.sleep(0.25)
+        r = request(c.url, "GET", "/v2/models/resnet50")
+        assert r.status == 401 and r.headers.get("www-authenticate") == "Bearer" and "bearer token" in error_of(r)
+        assert request(c.url, "GET", "/v2/models/resnet50", headers={"Authorization": "Bearer wrong"}).status == 401
+        assert request(c.url, "GET", "/v2/models/resnet50", headers={"Authorization": "Bearer s3cret"}).status == 200
+        r = request(c.url, "POST", "/v1/classify", make_image(1), {"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret"})
+        assert r.status == 200
+    finally:
+        c.stop()
+
+
+def _ready(c) -> bool:
+    try:
+        return request(c.url, "GET", "/v2/health/ready", timeout=2).status == 200
+    except OSError:
+        return False

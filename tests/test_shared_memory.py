@@ -117,7 +117,7 @@ def test_every_slab_goes_back_after_replies_errors_timeouts_and_disconnects(mode
             busy = [pool.submit(classify, c.url, make_image(s)) for s in range(3)]
             time.sleep(0.3)
             s = socket.create_connection(("127.0.0.1", c.port))
-            s.sendall(b"POST /v2/models/resnet50/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: "
+            s.sendall(b"POST /v2/models/resnet50/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nInference-Header-Content-Length: "
                       + str(len(head)).encode() + f"\r\nContent-Length: {len(head) + len(body)}\r\n\r\n".encode() + head + body)  # fmt: skip
             time.sleep(0.2)
             s.close()
