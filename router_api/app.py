@@ -22,10 +22,8 @@ from router_api.dispatch_events import Answer
 from router_api.shm import ShmPool
 from router_api.handlers import (
     Classify,
-    Dashboard,
     Infer,
     Live,
-    Metrics,
     ModelConfig,
     ModelMetadata,
     ModelReady,
@@ -33,9 +31,8 @@ from router_api.handlers import (
     NotFound,
     Ready,
     ServerMetadata,
-    Trace,
-    Workers,
 )
+from router_api.status_handlers import Dashboard, Metrics, Trace, Workers
 
 logger = logging.getLogger("router_api.app")
 

@@ -29,7 +29,7 @@ from router_api.dispatch_events import (Abort, Action, Answer, Arrived, Batch, C
                                         Requeue, Send, Tick, Unavailable, Unreachable, Wake, WorkerJoined, WorkerLeft,
                                         WorkersListed)  # fmt: skip
 from router_api.telemetry import Telemetry
-from router_api.triton_stats import ModelStats
+from router_api.triton_stats import ModelStats, StatsByModel
 
 logger = logging.getLogger("router_api.dispatcher")
 
@@ -68,11 +68,8 @@ class Dispatcher:
         self.batches: dict[str, Batch] = {}  # the ledger: every batch in flight
         self.sent = self.hedges = self.probes = 0  # batches sent (the hedge budget's base), copies
         self.received = 0  # requests ever queued
-        # Triton's statistics per model name: the float entry's, and the uint8 entry's.
-        self.stats = ModelStats(model["name"])
-        self.entry_stats = {model["name"]: self.stats}
-        if model.get("uint8"):
-            self.entry_stats[model["uint8"]["name"]] = ModelStats(model["uint8"]["name"])
+        self.entry_stats = StatsByModel(model)  # Triton's statistics, per model name
+        self.stats = self.entry_stats.main
         self.telemetry = Telemetry()
         self.closing = False
         self.membership_version = 0  # the plugin's count of worker events applied so far
@@ -118,8 +115,7 @@ class Dispatcher:
         return self.queue.next_wakeup(now)
 
     def stats_of(self, r: Request) -> ModelStats:
-        """The statistics of the model name ``r`` was sent to."""
-        return self.entry_stats.get(r.model, self.stats)
+        return self.entry_stats.of(r.model)
 
     def far_workers(self) -> bool:
         """Some worker is far enough that tensors travel to it compressed: the front
@@ -232,9 +228,8 @@ class Dispatcher:
         # Triton's counts are of requests served: a copy that lost the race ran, but
         # answered nobody, so it is not counted again.
         served = [r for r, res in zip(batch.requests, reply.results) if not r.done and not isinstance(res, ItemError)]
-        for stats in {self.stats_of(r): None for r in served} if t.rows else ():  # a batch may carry both entries
-            mine = [r for r in served if self.stats_of(r) is stats]
-            stats.batch_done(t.rows, sum(r.rows for r in mine), len(mine), t.input_ns, t.infer_ns, t.output_ns, t.padded, t.wait_ns)
+        if t.rows and served:
+            self.entry_stats.batch_done(served, t)
         name = view.name if view is not None and view.name else reply.worker
         round_trip, compute = now - batch.sent_at, t.service_s or 0.0
         for r, result in zip(batch.requests, reply.results):

@@ -1,6 +1,7 @@
 """Tornado handlers: parse, validate, hand off to the cluster link, write. Nothing else.
 
-Protocol encoding lives in ``kserve.py``; batching and placement in ``dispatcher.py``.
+Protocol encoding lives in ``kserve.py``; batching and placement in ``dispatcher.py``;
+the router's status endpoints (workers, traces, metrics) in ``status_handlers.py``.
 Every error is ``{"error": "..."}`` with the status Triton would use.
 """
 
@@ -9,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import os
 
 import numpy as np
 from tornado import httputil, web
 
-from core import image_header, trace
+from core import image_header
 from core.codec import pack_item
 from core.protocol import ImageItem, ItemError, TensorItem
-from router_api import kserve, prometheus
+from router_api import kserve
 from router_api.dispatch_events import Answer, DeadlineExceeded, Unavailable
 from router_api.shm import MIN_SLAB
 
@@ -140,58 +140,6 @@ class ModelStatistics(JSONHandler):
             self.write_json({"model_stats": [s.as_triton() for s in stats.values()]})
         elif entry := self.check_model(name, version):
             self.write_json({"model_stats": [stats[entry.name].as_triton()]})
-
-
-class Workers(JSONHandler):
-    """GET /v1/workers: the front end's live view of every model worker (no secrets)."""
-
-    def get(self) -> None:
-        d = self.router.dispatcher
-        queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received, "batches_sent": d.sent,
-                 "hedged": d.hedges, "probes": d.probes}  # fmt: skip
-        shm = self.router.shm.stats() if self.router.shm is not None else None  # request bodies in shared memory
-        me = {"pid": os.getpid(), "client": self.router.link.client.id}  # which of several front ends answered
-        self.write_json({"policy": d.policy.name, "frontend": me, "workers": self.router.workers(), "queue": queue, "shared_memory": shm})
-
-
-class Trace(JSONHandler):
-    """GET /v1/trace[?last=N]: where requests' time went, hop by hop (``batch-router.trace``):
-    a summary of the last traced requests (up to 1,000, or N), and the latest few in full."""
-
-    def get(self) -> None:
-        traces = self.router.traces
-        if traces is None:
-            return self.write_json({"enabled": False, "count": 0})
-        try:
-            last = int(self.get_query_argument("last", "0"))  # only the last N answered: one window's
-        except ValueError:
-            return self.fail(400, "last must be an integer")
-        recent = list(traces)[-last:] if last > 0 else list(traces)
-        start = lambda t: t["arrival"]  # noqa: E731
-        latest = [{"hops_ms": trace.hops(t), "clock": t.get("clock")} for t in sorted(recent, key=start)[-10:] if trace.complete(t)]
-        self.write_json({"enabled": True, "stamps": list(trace.STAMPS), **trace.summary(recent), "latest": latest})
-
-
-class Metrics(JSONHandler):
-    """GET /metrics: Prometheus's text format, Triton's names (router_api/prometheus.py);
-    errors (a POST, say) in the protocol's JSON like every other endpoint."""
-
-    def get(self) -> None:
-        r = self.router
-        snapshot = r.dispatcher.telemetry.snapshot(r.dispatcher, r.link.now)
-        self.set_header("Content-Type", prometheus.CONTENT_TYPE)
-        self.finish(prometheus.render(snapshot, list(r.dispatcher.entry_stats.values()), r.workers(), r.version))
-
-
-class Dashboard(JSONHandler):
-    """GET /v1/dashboard: where this service's dashboard pages are."""
-
-    def get(self) -> None:
-        base = self.router.dashboard
-        if base is None:
-            return self.fail(404, "the scheduler did not report a dashboard")
-        pages = {"overview": "gpu-router", "gpu-metrics": "individual-gpu-metrics", "batch-queues": "individual-batch-queues"}
-        self.write_json({"dashboard": base, "pages": {k: f"{base}/{v}" for k, v in pages.items()}})
 
 
 @web.stream_request_body
@@ -390,9 +338,9 @@ class Classify(BodyHandler):
         if ctype.startswith("multipart/form-data"):
             if "boundary=" not in ctype:
                 return self.fail(400, "multipart/form-data needs a boundary")
-            most = self.router.max_batch_size
-            if self.body.count(b"\r\nContent-Disposition") + self.body.startswith(b"--") > 4 * most:
-                return self.fail(400, f"a multipart body holds at most {most} images")  # before Tornado splits it
+            most = self.router.max_batch_size  # each part's header names it: counted before Tornado splits them
+            if (count := self.body.count(b"Content-Disposition")) > most:
+                return self.fail(400, f"a multipart body holds at most {most} images (max_batch_size), got {count} parts")
             files: dict = {}
             try:
                 httputil.parse_body_arguments(ctype, self.body, {}, files, self.request.headers)
@@ -401,8 +349,6 @@ class Classify(BodyHandler):
             images = [f["body"] for parts in files.values() for f in parts]
             if not images:
                 return self.fail(400, "multipart body holds no files")
-            if len(images) > most:
-                return self.fail(400, f"a multipart body holds at most {most} images (max_batch_size), got {len(images)}")
         elif not self.body:
             return self.fail(400, "empty body: send an image (image/jpeg or image/png)")
         else:

@@ -54,7 +54,7 @@ class ModelStats:
             b[1] += ns
 
     @classmethod
-    def combined(cls, parts: list["ModelStats"]) -> "ModelStats":
+    def combined(cls, parts: list[ModelStats]) -> ModelStats:
         """Every model name's counters summed, under the first one's name: what the
         dashboard shows for the service as a whole."""
         total = cls(parts[0].name, parts[0].version)
@@ -92,3 +92,28 @@ class ModelStats:
             ],
             "rejected": dict(self.rejected),
         }
+
+
+class StatsByModel(dict):
+    """Triton's statistics for each model name the service answers to (``core.entries``):
+    the model's own, and its ``-uint8`` twin's. ``main`` is the model's own."""
+
+    def __init__(self, model: dict) -> None:
+        names = [model["name"]] + ([model["uint8"]["name"]] if model.get("uint8") else [])
+        super().__init__({name: ModelStats(name) for name in names})
+        self.main: ModelStats = self[model["name"]]
+
+    def of(self, name: str) -> ModelStats:
+        """The statistics of a model name ("" or unknown: the model's own)."""
+        return self.get(name, self.main)
+
+    def batch_done(self, served: list, t) -> None:
+        """One batch's counts (``t``: its Timings), under the name each request it served
+        came in for: a batch may carry both."""
+        first = self.of(served[0].model)
+        if all(self.of(r.model) is first for r in served):  # the usual case: one name
+            parts = [(first, served)]
+        else:
+            parts = [(s, [r for r in served if self.of(r.model) is s]) for s in {self.of(r.model): None for r in served}]
+        for stats, mine in parts:
+            stats.batch_done(t.rows, sum(r.rows for r in mine), len(mine), t.input_ns, t.infer_ns, t.output_ns, t.padded, t.wait_ns)

@@ -90,3 +90,20 @@ class Cluster:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def child_pids(pid: int, marker: str) -> list[int]:
+    """The processes ``pid`` started whose command line contains ``marker``
+    (``"router_api.cli worker"``, ``" serve "``)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if parent == pid and marker in cmd:
+            out.append(int(entry))
+    return out

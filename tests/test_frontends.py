@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from scheduler_plugins.builtin_models import build_trivial
-from tests.cluster import Cluster
+from tests.cluster import Cluster, child_pids
 from tests.conftest import ARTIFACTS
 from tests.http import infer_binary, logits_of, request
 
@@ -24,20 +24,6 @@ WINDOW = 4
 def frontend_pids(c: Cluster) -> set[int]:
     """Which front ends answer: each new connection may land on any of them."""
     return {request(c.url, "GET", "/v1/workers").json()["frontend"]["pid"] for _ in range(40)}
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-                cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and " serve " in cmd:
-                out.append(int(entry))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +60,7 @@ def test_two_front_ends_answer_every_request_once_and_share_the_workers_window(t
 
 
 def test_killing_one_front_end_loses_nothing_the_other_holds(two):
-    (child,) = children(two.proc.pid)
+    (child,) = child_pids(two.proc.pid, " serve ")
     rng = np.random.default_rng(4)
     xs = [rng.standard_normal((1, 3, 224, 224)).astype(np.float32) for _ in range(64)]
     with ThreadPoolExecutor(16) as pool:

@@ -13,7 +13,7 @@ import pytest
 
 from router_api.supervisor import MAX_BACKOFF, YOUNG, Supervisor
 from scheduler_plugins.builtin_models import build_trivial
-from tests.cluster import Cluster
+from tests.cluster import Cluster, child_pids
 from tests.conftest import ARTIFACTS
 from tests.http import infer_binary
 
@@ -51,26 +51,12 @@ def test_a_worker_that_dies_is_started_again_and_one_that_keeps_dying_waits_long
     assert s.restarts == [0, 8] and s.procs[0].poll() is None
 
 
-def workers_of(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-            if ppid == pid and "router_api.cli worker" in cmd:
-                out.append(int(entry))
-    return out
-
-
 @pytest.mark.integration
 def test_a_killed_worker_is_replaced_and_serves_again(tmp_path):
     model = build_trivial(tmp_path / "trivial.onnx")
     c = Cluster(workers=2, args=["--threads", "1", "--model", str(model), "--model-name", "resnet50"], log=ARTIFACTS / "supervisor.log").start()
     try:
-        victim = workers_of(c.proc.pid)[0]
+        victim = child_pids(c.proc.pid, "router_api.cli worker")[0]
         os.kill(victim, signal.SIGKILL)
         t0 = time.monotonic()
         while True:
@@ -80,7 +66,7 @@ def test_a_killed_worker_is_replaced_and_serves_again(tmp_path):
             assert time.monotonic() - t0 < 60, ws
             time.sleep(0.2)
         print(f"replaced and registered in {time.monotonic() - t0:.1f} s")
-        assert victim not in workers_of(c.proc.pid) and len(workers_of(c.proc.pid)) == 2
+        assert victim not in child_pids(c.proc.pid, "router_api.cli worker") and len(child_pids(c.proc.pid, "router_api.cli worker")) == 2
         x = np.zeros((1, 3, 224, 224), np.float32)
         assert all(infer_binary(c.url, x).status == 200 for _ in range(8))
     finally:

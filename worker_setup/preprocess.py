@@ -7,6 +7,7 @@ dtype the model file declares.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 NORMALISED = ((np.arange(256, dtype=np.float32)[None, :] * (1 / 255.0) - MEAN[:, None]) / STD[:, None]).astype(np.float32)
 
 
+@functools.cache
 def decode_threads() -> int:
     """JPEG decoding runs on a pool as large as the cores this worker may use (taskset
     and cgroups included): Pillow releases the GIL, and a GPU needs every core's images."""
