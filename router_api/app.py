@@ -217,10 +217,11 @@ def make_app(router: Router) -> web.Application:
     )
 
 
-async def start_front_end(client, settings: Settings) -> tuple[Router, httpserver.HTTPServer]:
-    """Link a Dispatcher to the cluster behind ``client`` and listen for HTTP."""
+async def start_front_end(client, settings: Settings, connect=None) -> tuple[Router, httpserver.HTTPServer]:
+    """Link a Dispatcher to the cluster behind ``client`` and listen for HTTP; ``connect``
+    makes a new client for the same scheduler, should it be lost (``ClusterLink``)."""
     model = await client.scheduler.batch_router_model()
-    link = ClusterLink(client, settings, model)
+    link = ClusterLink(client, settings, model, connect)
     await link.start()
     router = Router(link, settings, model)
     try:

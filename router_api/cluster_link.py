@@ -38,6 +38,8 @@ from router_api.dispatch_events import (
     NotSent,
     Replied,
     Request,
+    SchedulerBack,
+    SchedulerLost,
     Send,
     Tick,
     Unreachable,
@@ -54,11 +56,16 @@ WATCH_EVERY = 0.1  # seconds between watchdog ticks: O(batches in flight) each
 RESYNC_EVERY = 2.0  # seconds between membership resyncs and checks for failed tasks
 DIRECT_CONNECT = 3.0  # seconds to connect to a worker on this host before giving it tasks instead
 DIRECT_RETRY = 30.0  # seconds a worker whose direct connection failed gets tasks before the lane is tried again
+RECONNECT_EVERY = 0.5  # seconds between attempts to reach a lost scheduler
 
 
 class ClusterLink:
-    def __init__(self, client, settings: Settings, model: dict) -> None:
+    def __init__(self, client, settings: Settings, model: dict, connect: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.client = client
+        # A new Client for the same scheduler address (`serve`'s), for when Dask's own
+        # reconnection gives up; None: only Dask's (`up`'s in-process client).
+        self.connect = connect
+        self.reconnecting: asyncio.Task | None = None
         self.clock, self.shm = clock_id(), shm_namespace()
         self.dispatcher = Dispatcher(settings, model, f"batch-router-{uuid.uuid4().hex[:8]}", self.clock)
         self.direct = settings.direct_lane == "same-host" and bool(self.clock)
@@ -79,11 +86,7 @@ class ClusterLink:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.client.subscribe_topic(self.topic, self._on_reply)
-        self.client.subscribe_topic(WORKERS_TOPIC, self._on_worker_event)
-        self.client.subscribe_topic(STATE_TOPIC, self._on_state)
-        await self._fast_streams(force=True)
-        await self._sync_workers()
+        await self._attach()
         self._tasks = [
             asyncio.create_task(self._every(WATCH_EVERY, self._tick)),
             asyncio.create_task(self._every(RESYNC_EVERY, self._resync)),
@@ -102,10 +105,13 @@ class ClusterLink:
         self.handle(Abort(self.now))
         if self.pool is not None:
             await self.pool.close()
-        for task in self._tasks:
-            task.cancel()
+        for task in [*self._tasks, self.reconnecting]:
+            if task is not None:
+                task.cancel()
         if self._timer:
             self._timer.cancel()
+        if self.connect is not None and self.client.status != "closed":  # one of ours; the first is its caller's
+            await self.client.close()
 
     @property
     def now(self) -> float:
@@ -282,10 +288,60 @@ class ClusterLink:
                 logger.exception("%s failed", step.__name__)
 
     async def _tick(self) -> None:
+        if self.reconnecting is None and self.client.status != "running" and not self.dispatcher.closing:
+            self._lose(f"client {self.client.status}")
         self.handle(Tick(self.now))
+
+    # -- the scheduler lost and found -------------------------------------------------
+
+    async def _attach(self) -> None:
+        """Subscribe to replies, membership and metrics, and list the workers: at start
+        and on every reconnection (a new scheduler knows none of it)."""
+        self.topic = RESULTS_PREFIX + self.client.id
+        self.client.subscribe_topic(self.topic, self._on_reply)
+        self.client.subscribe_topic(WORKERS_TOPIC, self._on_worker_event)
+        self.client.subscribe_topic(STATE_TOPIC, self._on_state)
+        await self._fast_streams(force=True)
+        await self._sync_workers()
+
+    def _lose(self, reason: str) -> None:
+        self.futures.clear()  # the client cancelled them; releasing them would need the scheduler
+        self.handle(SchedulerLost(self.now, reason))
+        self.reconnecting = self.loop.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Until a scheduler answers at the same address. Dask's client tries for its
+        connect timeout, then closes; after that (``serve``), a new client each try."""
+        sha = self.dispatcher.model_sha256
+        while True:
+            await asyncio.sleep(RECONNECT_EVERY)
+            fresh = None
+            try:
+                if self.client.status == "closed" and self.connect is not None:
+                    fresh = await self.connect()
+                elif self.client.status != "running":
+                    continue  # Dask's own reconnection is still trying
+                client = fresh or self.client
+                model = await client.scheduler.batch_router_model()
+                self.client = client
+                await self._attach()
+            except Exception as e:  # not there yet, or gone again
+                logger.debug("scheduler not back yet: %s", e)
+                if fresh is not None and fresh is not self.client:
+                    await fresh.close()
+                continue
+            if model["sha256"] != sha:
+                logger.error("the scheduler is back with another model (%s, sha256 %s…); this front end serves %s: "
+                             "no worker will be used until it is restarted", model["name"], model["sha256"][:12], sha[:12])  # fmt: skip
+            self.handle(SchedulerBack(self.now))
+            logger.warning("connected to the scheduler again (%s)", self.client.scheduler.address)
+            self.reconnecting = None
+            return
 
     async def _resync(self) -> None:
         """Membership events are the fast path; this catches anything they missed."""
+        if self.reconnecting is not None:
+            return
         self._reap_failed()
         try:
             await self._fast_streams()

@@ -155,6 +155,18 @@ class Abort(Event):
     """Shutdown cannot wait longer: everything left is answered 503."""
 
 
+@dataclass(frozen=True)
+class SchedulerLost(Event):
+    """The Dask client lost its scheduler: no batch can be sent, nor its reply trusted."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class SchedulerBack(Event):
+    """Connected again, to this scheduler or a new one: a worker listing follows."""
+
+
 # -- actions ---------------------------------------------------------------------------
 
 

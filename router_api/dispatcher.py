@@ -26,8 +26,8 @@ from router_api import watchdog
 from router_api.batching import QUEUED, BatchQueue, QueueFull, resolve_priority, resolve_timeout
 from router_api.dispatch_events import (Abort, Action, Answer, Arrived, Batch, Cancelled, Closing, DeadlineExceeded, Event,
                                         Fail, Forget, Hedge, Lost, MetricsDigest, NotSent, Probe, Replied, Request,
-                                        Requeue, Send, Tick, Unavailable, Unreachable, Wake, WorkerJoined, WorkerLeft,
-                                        WorkersListed)  # fmt: skip
+                                        Requeue, SchedulerBack, SchedulerLost, Send, Tick, Unavailable, Unreachable, Wake,
+                                        WorkerJoined, WorkerLeft, WorkersListed)  # fmt: skip
 from router_api.telemetry import Telemetry
 from router_api.triton_stats import ModelStats, StatsByModel
 
@@ -72,6 +72,7 @@ class Dispatcher:
         self.stats = self.entry_stats.main
         self.telemetry = Telemetry()
         self.closing = False
+        self.scheduler_lost: str | None = None  # why, while the client has no scheduler
         self.membership_version = 0  # the plugin's count of worker events applied so far
         self._prefix = batch_prefix
         self._ids = itertools.count()
@@ -91,6 +92,8 @@ class Dispatcher:
             Unreachable: self._unreachable,
             Closing: self._closing,
             Abort: self._abort,
+            SchedulerLost: self._scheduler_lost,
+            SchedulerBack: self._scheduler_back,
         }
 
     def handle(self, event: Event) -> list[Action]:
@@ -103,7 +106,7 @@ class Dispatcher:
 
     @property
     def ready(self) -> bool:
-        return bool(self.views) and not self.closing
+        return bool(self.views) and not self.closing and self.scheduler_lost is None
 
     @property
     def idle(self) -> bool:
@@ -132,6 +135,9 @@ class Dispatcher:
         if self.closing:
             self.stats_of(r).rejected["unavailable"] += 1
             return self._fail(r, Unavailable("server is shutting down"))
+        if self.scheduler_lost is not None:
+            self.stats_of(r).rejected["unavailable"] += 1
+            return self._fail(r, Unavailable(self.scheduler_lost))
         try:
             r.priority = resolve_priority(r.priority, self.levels, self.default_level)
             timeout = resolve_timeout(r.timeout_s, self.default_timeout)
@@ -416,9 +422,25 @@ class Dispatcher:
     def _closing(self, e: Closing) -> None:
         self.closing = True
 
-    def _abort(self, e: Abort) -> None:
+    def _abort(self, e: Abort, why: str = "server is shutting down") -> None:
         for r in self.queue.drain():
             self.stats_of(r).rejected["unavailable"] += not r.done
-            self._fail(r, Unavailable("server is shutting down"))
+            self._fail(r, Unavailable(why))
         for batch in list(self.batches.values()):
-            self._abandon(batch, Unavailable("server is shutting down"), e.now)
+            self._abandon(batch, Unavailable(why), e.now)
+
+    # -- the scheduler ----------------------------------------------------------------------
+
+    def _scheduler_lost(self, e: SchedulerLost) -> None:
+        """Without a scheduler nothing can be sent, and the workers that held batches
+        lose it too: every request is answered 503 at once (never left to hang), and
+        the workers are forgotten; the listing after reconnecting says who is there."""
+        self.scheduler_lost = f"lost the Dask scheduler ({e.reason}); reconnecting"
+        logger.error("%s: answering 503 until it is back", self.scheduler_lost)
+        self._abort(e, self.scheduler_lost)
+        self.views.clear()
+        self.membership_version = 0  # a new scheduler counts its worker events from zero
+
+    def _scheduler_back(self, e: SchedulerBack) -> None:
+        self.scheduler_lost = None
+        self._pump(e.now)

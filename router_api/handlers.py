@@ -100,12 +100,22 @@ class Live(JSONHandler):
         self.finish()
 
 
+def answer_ready(handler: JSONHandler) -> None:
+    # Triton answers 400 when not ready (the KServe spec says "4xx means false"); with no
+    # scheduler, 503 and when to ask again, as every request then gets.
+    handler.set_header("Content-Type", "text/plain")
+    d = handler.router.dispatcher
+    if d.scheduler_lost is not None:
+        handler.set_header("Retry-After", handler.router.retry_after)
+        handler.set_status(503)
+    else:
+        handler.set_status(200 if d.ready else 400)
+    handler.finish()
+
+
 class Ready(JSONHandler):
     def get(self) -> None:
-        # Triton answers 400 when not ready; the KServe spec says "4xx means false".
-        self.set_header("Content-Type", "text/plain")
-        self.set_status(200 if self.router.dispatcher.ready else 400)
-        self.finish()
+        answer_ready(self)
 
 
 class ServerMetadata(JSONHandler):
@@ -122,9 +132,7 @@ class ModelMetadata(JSONHandler):
 class ModelReady(JSONHandler):
     def get(self, name: str, version: str | None = None) -> None:
         if self.check_model(name, version):
-            self.set_header("Content-Type", "text/plain")
-            self.set_status(200 if self.router.dispatcher.ready else 400)
-            self.finish()
+            answer_ready(self)
 
 
 class ModelConfig(JSONHandler):

@@ -44,6 +44,7 @@ JOIN_ATTEMPTS = 8  # a round of attempts to join: 0, 1, 3, 7, 15, then 30 s apar
 SHORT_SESSION = 60.0  # a joined worker dropped sooner than this counts as a failed join
 JOIN_TIMEOUT = float(os.environ.get("BATCH_ROUTER_JOIN_TIMEOUT", 120))  # seconds to reach and register with a scheduler
 FRONTEND_CHILD = "BATCH_ROUTER_FRONTEND_CHILD"  # set in the front ends `up` and `serve` start
+RECONNECT_TIMEOUT = 3.0  # seconds each try to reach a lost scheduler may take
 CPUS_ENV = "BATCH_ROUTER_WORKER_CPUS"  # the cores a worker `up` starts may use (worker.cpu-affinity)
 RESTARTS_ENV = "BATCH_ROUTER_WORKER_RESTARTS"  # how many times `up` has started this worker again
 
@@ -100,13 +101,13 @@ def open_remote_access(settings: Settings, port: int, host: str, rotate_ca: bool
     return RemoteAccess.open(address, port, host, tls_dir(settings), settings.scheduler.bore_server, rotate_ca)
 
 
-async def serve_until_signal(client: Client, settings: Settings) -> None:
+async def serve_until_signal(client: Client, settings: Settings, connect=None) -> None:
     """Run the HTTP front end until SIGINT/SIGTERM, then answer everything queued and in
     flight before closing connections."""
     from router_api.app import start_front_end
 
     host, port = settings.http.host, settings.http.port
-    router, server = await start_front_end(client, settings)
+    router, server = await start_front_end(client, settings, connect)
     freeze_startup_heap("front end")
     print(f"batch-router: serving http://{host}:{port}/v2/models/{router.model_name}", flush=True)
     await wait_for_signal()
@@ -258,10 +259,12 @@ async def serve(settings: Settings, scheduler_address: str) -> None:
             raise SystemExit(f"no cluster CA in {ca_dir}: start `batch-router scheduler --public-address ...` first")
         security = ClusterCA(ca_dir).security("client")
     frontends = spawn_frontends(scheduler_address, settings)
+    # Should the scheduler be lost: a fresh client each try, until it is back.
+    connect = partial(Client, scheduler_address, asynchronous=True, security=security, timeout=RECONNECT_TIMEOUT, set_as_default=False)
     try:
         with dask.config.set(DASK_SETTINGS):
             async with Client(scheduler_address, asynchronous=True, security=security) as client:
-                await serve_until_signal(client, settings)
+                await serve_until_signal(client, settings, connect)
     finally:
         await asyncio.to_thread(stop_processes, frontends)
 

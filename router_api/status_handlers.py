@@ -18,7 +18,8 @@ class Workers(JSONHandler):
         queue = {"requests": len(d.queue), "rows": d.queue.rows, "received": d.received, "batches_sent": d.sent,
                  "hedged": d.hedges, "probes": d.probes}  # fmt: skip
         shm = self.router.shm.stats() if self.router.shm is not None else None  # request bodies in shared memory
-        me = {"pid": os.getpid(), "client": self.router.link.client.id}  # which of several front ends answered
+        me = {"pid": os.getpid(), "client": self.router.link.client.id,  # which of several front ends answered
+              "scheduler": "lost" if d.scheduler_lost is not None else "connected"}  # fmt: skip
         self.write_json({"policy": d.policy.name, "frontend": me, "workers": self.router.workers(), "queue": queue, "shared_memory": shm})
 
 

@@ -31,8 +31,8 @@ def request(url: str, method: str, path: str, body: bytes | None = None, headers
         conn.close()
 
 
-def classify(url: str, image: bytes, query: str = "", ctype: str = "image/jpeg") -> Response:
-    return request(url, "POST", "/v1/classify" + query, image, {"Content-Type": ctype})
+def classify(url: str, image: bytes, query: str = "", ctype: str = "image/jpeg", timeout: float = 60) -> Response:
+    return request(url, "POST", "/v1/classify" + query, image, {"Content-Type": ctype}, timeout)
 
 
 def infer_binary(url: str, x: np.ndarray, params: dict | None = None, model: str = "resnet50") -> Response:

@@ -29,6 +29,8 @@ from router_api.dispatch_events import (
     Replied,
     Request,
     Requeue,
+    SchedulerBack,
+    SchedulerLost,
     Send,
     Tick,
     Unavailable,
@@ -188,6 +190,26 @@ def test_shutdown_answers_whatever_is_left_503():
     d.handle(Closing(1.0))
     errors = failed(d.handle(Abort(30.0)))
     assert set(errors) == {r1, r2} and all(isinstance(e, Unavailable) for e in errors.values())
+
+
+def test_losing_the_scheduler_answers_everything_503_and_forgets_the_workers():
+    d = dispatcher("A", window=1)
+    d.handle(WorkerJoined(0.0, {"address": "A", "name": "A", "sha256": "x"}, version=7))
+    r1, _ = arrive(d, 0.0)
+    (batch,) = sent(d.handle(Wake(0.0)))
+    r2, _ = arrive(d, 0.0)
+    errors = failed(d.handle(SchedulerLost(1.0, "client connecting")))
+    assert set(errors) == {r1, r2} and all(isinstance(e, Unavailable) and "scheduler" in str(e) for e in errors.values())
+    assert d.views == {} and not d.ready and d.idle
+    r3, actions = arrive(d, 2.0)  # refused at once while it is gone
+    assert isinstance(failed(actions)[r3], Unavailable)
+    assert answered(reply(d, batch, 2.5)) == {}  # the old worker's late reply answers nobody again
+    # A new scheduler counts its worker events from zero: its first listing is applied.
+    d.handle(WorkersListed(3.0, {"B": {"address": "B", "name": "B", "sha256": "x"}}, version=1))
+    d.handle(SchedulerBack(3.0))
+    assert set(d.views) == {"B"} and d.ready
+    r4, _ = arrive(d, 3.0)
+    assert [b.view.address for b in sent(d.handle(Wake(3.0)))] == ["B"]
 
 
 def test_membership_ignores_other_models_and_lists_older_than_the_events_applied():

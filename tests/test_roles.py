@@ -137,3 +137,68 @@ def test_a_worker_that_cannot_join_says_so_and_stops(tmp_path):
     time.sleep(3)
     waiting.send_signal(signal.SIGTERM)
     assert waiting.wait(15) is not None
+
+
+@pytest.mark.integration
+def test_the_front_end_survives_losing_its_scheduler(model_path):
+    """Split roles, the scheduler SIGKILLed under load: every request is answered (a
+    result or 503 with Retry-After; never a hang, never a 500), ready says 503 within
+    2 s; a scheduler started again on the same port is found within 10 s, the dead
+    worker is forgotten and the new one serves, with no restart of `serve`."""
+    import signal
+    import threading
+
+    sport, dport, hport = free_port(), free_port(), free_port()
+    address, url = f"tcp://127.0.0.1:{sport}", f"http://127.0.0.1:{hport}"
+    procs = [launch("scheduler", "--port", str(sport), "--dashboard-port", str(dport), log="loss-scheduler-1.log")]
+    try:
+        procs.append(launch("worker", address, "--name", "before", "--threads", "1", log="loss-worker-1.log"))
+        # Dask's client tries to reconnect for this long, then closes: the front end's next clients find the new scheduler.
+        env = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
+        procs.append(launch("serve", "--scheduler", address, "--port", str(hport), log="loss-serve.log", env=env))
+        wait_ready(url)
+        statuses: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    r = classify(url, make_image(6), timeout=15)
+                    statuses.append((r.status, r.headers.get("retry-after", "")))
+                except OSError as e:  # a hang or a dropped connection
+                    statuses.append((0, repr(e)))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        procs[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        while request(url, "GET", "/v2/health/ready", timeout=2).status != 503:
+            assert time.monotonic() - killed < 2.0, "ready still says yes 2 s after the scheduler died"
+            time.sleep(0.05)
+        time.sleep(3)
+        lost = request(url, "POST", "/v1/classify", make_image(7), {"Content-Type": "image/jpeg"}, timeout=5)
+        assert lost.status == 503 and lost.headers.get("retry-after") and "scheduler" in lost.json()["error"]
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert statuses and {s for s, _ in statuses} <= {200, 503}, sorted(set(statuses))
+        assert all(ra for s, ra in statuses if s == 503)
+
+        procs[0] = launch("scheduler", "--port", str(sport), "--dashboard-port", str(dport), log="loss-scheduler-2.log")
+        back = time.monotonic()
+        while (me := request(url, "GET", "/v1/workers", timeout=2).json())["frontend"]["scheduler"] != "connected":
+            assert time.monotonic() - back < 10.0 + 5.0, "not reconnected 10 s after the scheduler came back"  # +5: its start-up
+            time.sleep(0.1)
+        assert me["workers"] == []  # the dead one forgotten
+        procs.append(launch("worker", address, "--name", "after", "--threads", "1", log="loss-worker-2.log"))
+        wait_ready(url)
+        r = classify(url, make_image(8))
+        assert r.status == 200 and r.json()["worker"] == "after"
+        assert [w["name"] for w in request(url, "GET", "/v1/workers").json()["workers"]] == ["after"]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            p.wait(30)
