@@ -37,6 +37,8 @@ DASK_SETTINGS = {
     # Dask keeps the last N messages of every stream (and events of every topic) for
     # debugging; at 1000 that is ~600 MB per worker stream of retained batches.
     "distributed.admin.low-level-log-length": 32,
+    # Each burst of batches is a "computation" holding its TaskGroup: keep a few, not 100.
+    "distributed.diagnostics.computations.max-history": 8,
 }
 
 # Over a tunnel (bore.pub, 100-500 ms round trips, Colab runtimes that vanish): notice a

@@ -22,6 +22,7 @@ from scheduler_plugins.builtin_models import default_name
 from scheduler_plugins.history import History
 from scheduler_plugins.model_store import ModelFile
 from scheduler_plugins.roles import refuse_workers
+from scheduler_plugins.spans import PRUNE_EVERY_S, forget, tolerate_pruned
 
 logger = logging.getLogger("scheduler_plugins.plugin")
 
@@ -60,7 +61,7 @@ class BatchRouterPlugin(SchedulerPlugin):
         self.views: dict[str, WorkerView] = {}  # for placing Python-API tasks
         self.tuning = placement_tuning(settings)
         self.policy = make_policy(settings.placement.policy, self.tuning)
-        self._publisher = None
+        self._publisher = self._pruner = None
         # A front end silent for a few of its reporting intervals is gone.
         self.history = History(settings.dashboard.history, max(5.0, 4 * settings.dashboard.interval), settings.priority_levels)
         self._refused: set[str] = set()  # front ends whose statistics were refused (logged once)
@@ -90,11 +91,16 @@ class BatchRouterPlugin(SchedulerPlugin):
 
         self._publisher = PeriodicCallback(self.publish_state, 1e3 * self.publish_every)
         self._publisher.start()
+        # Dask keeps a span and a TaskGroup per burst of batches for ever, and caches each key: forget them.
+        tolerate_pruned(scheduler)
+        self._pruner = PeriodicCallback(lambda: forget(scheduler), 1e3 * PRUNE_EVERY_S)
+        self._pruner.start()
         logger.info("serving model %s sha256=%s", self.model.path, self.model.sha256[:12])
 
     async def close(self) -> None:
-        if self._publisher is not None:
-            self._publisher.stop()
+        for callback in (self._publisher, self._pruner):
+            if callback is not None:
+                callback.stop()
 
     # -- live worker state ----------------------------------------------------------
 

@@ -18,7 +18,7 @@ from core.config import Settings, cache_dir, parse
 from core.service_curve import ServiceCurve
 from core.heap import freeze_startup_heap
 from core.protocol import EXTENSION
-from worker_setup import direct_lane, preprocess
+from worker_setup import digests, direct_lane, preprocess
 from worker_setup.gpu import open_source
 from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
 from worker_setup.model_cache import ensure_model
@@ -162,3 +162,4 @@ async def start_metrics(worker, model: WorkerModel, settings: Settings) -> None:
         if model.simulated:
             logger.warning("GPU metrics are SIMULATED from this worker's busy time: %s", source.info["name"])
     worker.metrics[EXTENSION] = worker_metric(model, sampler, errors)
+    digests.install(worker)  # Dask's per-span sums, one per burst of batches, for ever: pruned
