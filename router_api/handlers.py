@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 
 import numpy as np
 from tornado import httputil, web
@@ -17,9 +18,11 @@ from tornado import httputil, web
 from core import image_header
 from core.codec import pack_item
 from core.protocol import ImageItem, ItemError, TensorItem
-from router_api import kserve
+from router_api import json_child, kserve
 from router_api.dispatch_events import Answer, DeadlineExceeded, Unavailable
 from router_api.shm import MIN_SLAB
+
+logger = logging.getLogger("router_api.handlers")
 
 DRAIN = 4  # bodies declared up to this many times the limit are read and dropped before the 413
 
@@ -272,11 +275,17 @@ class Infer(BodyHandler):
         header = self.request.headers.get("Inference-Header-Content-Length")
         try:
             header_length = int(header) if header is not None else None
-            req = kserve.parse_infer_request(self.body, header_length, entry.inputs, entry.outputs, router.max_batch_size)
-        except kserve.ProtocolError as e:
-            return self.fail(e.status, str(e))
         except ValueError:
             return self.fail(400, f"bad Inference-Header-Content-Length: {header!r}")
+        try:  # large JSON in a child process: json.loads would hold the event loop for seconds
+            req = await json_child.parse_infer_request(self.body, header_length, entry.inputs, entry.outputs, router.max_batch_size)
+        except kserve.ProtocolError as e:
+            return self.fail(e.status, str(e))
+        except json_child.ParserFailed as e:
+            logger.error("%s", e)
+            return self.fail(503, "could not parse the request right now", Retry_After=router.retry_after)
+        if self.gone:  # its client left meanwhile (and its slab went back)
+            return
         item = TensorItem(
             rows=req.rows,
             inputs={i.name: as_frame(i.data) for i in req.inputs},
