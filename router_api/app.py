@@ -21,6 +21,7 @@ from router_api.cluster_link import ClusterLink
 from router_api.dispatch_events import Answer
 from router_api.shm import ShmPool
 from router_api.handlers import (
+    HEAD_READ,
     Classify,
     Infer,
     Live,
@@ -229,8 +230,9 @@ async def start_front_end(client, settings: Settings, connect=None) -> tuple[Rou
     except Exception as e:  # an older plugin: the service runs, without the link
         logger.warning("the scheduler did not say where its dashboard is: %s", e)
     http = settings.http
-    server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size,
-                                   idle_connection_timeout=http.idle_timeout or None, body_timeout=http.body_timeout or None)  # fmt: skip
+    # Tornado's body timeout closes without a word: the handlers' own (408, 413) come first.
+    server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size, max_header_size=HEAD_READ,
+                                   idle_connection_timeout=http.idle_timeout or None, body_timeout=http.body_timeout + 5 if http.body_timeout else None)  # fmt: skip
     host, port = settings.http.host, settings.http.port
     # Several front ends share the port: the kernel spreads connections among them.
     server.listen(port, address=host, reuse_port=settings.http.frontends > 1)

@@ -24,6 +24,9 @@ from router_api.shm import MIN_SLAB
 
 logger = logging.getLogger("router_api.handlers")
 
+MAX_URL, MAX_HEADERS = 8 * 1024, 64 * 1024  # longer: 414, 431 (Tornado reads up to HEAD_READ, and drops beyond)
+HEAD_READ = 1024 * 1024
+STALLED = 1.0  # seconds without a byte of a body already over the limit: answered 413 then
 DRAIN = 4  # bodies declared up to this many times the limit are read and dropped before the 413
 
 
@@ -68,9 +71,16 @@ class JSONHandler(web.RequestHandler):
         self.admitted()
 
     def admitted(self) -> bool:
-        """The Host header names this server (a DNS-rebinding page's does not), and the
-        bearer token is right where one is set; otherwise answers 403 or 401."""
+        """The URL and headers are of a sane size (else 414, 431), the Host header names
+        this server (a DNS-rebinding page's does not: 403), and the bearer token is right
+        where one is set (401)."""
         router = self.router
+        if len(self.request.uri) > MAX_URL:
+            self.fail(414, f"the URL is {len(self.request.uri)} bytes, over {MAX_URL}")
+            return False
+        if (head := sum(len(k) + len(v) + 4 for k, v in self.request.headers.get_all())) > MAX_HEADERS:
+            self.fail(431, f"the headers are {head} bytes, over {MAX_HEADERS}")
+            return False
         host = self.request.headers.get("Host")
         if host is not None and router.allowed_hosts is not None and split_host(host) not in router.allowed_hosts:
             self.fail(403, f"Host {host!r} is not this server's: it serves {sorted(router.allowed_hosts)} (http.host)")
@@ -160,8 +170,8 @@ class BodyHandler(JSONHandler):
 
     shared = False  # may the body go into shared memory (router_api.shm)?
     # What prepare() sets, for a request that never reached it (a 405, say).
-    slab = trace = None
-    gone = False
+    slab = trace = body_timer = None
+    gone = draining = False
     pending: tuple | list = ()
 
     def prepare(self) -> None:
@@ -183,11 +193,34 @@ class BodyHandler(JSONHandler):
             return self.fail(413, f"request body exceeds the {self.limit} byte limit")
         if declared > self.limit:  # drained first, so that a client still sending reads the 413
             self.too_large = True
+        # A body that never comes gets an answer, not a silent close: 413 at once for one
+        # already too large (once nothing has come for a moment), else 408 at body-timeout.
+        body_timeout = self.router.settings.http.body_timeout
+        wait = min(STALLED, body_timeout or STALLED) if self.too_large else body_timeout
+        self.body_timer = asyncio.get_running_loop().call_later(wait, self._body_late) if wait else None
         self.slab = None
         self.gone = False  # the client went away
         pool = self.router.shm
         if self.shared and pool is not None and MIN_SLAB <= declared <= self.limit and self.router.link.shm_workers():
             self.slab = pool.take(declared)
+
+    def _body_late(self) -> None:
+        if self._finished:
+            return
+        limit = self.router.settings.http.body_timeout
+        if self.too_large and self.size and not self.draining and limit > STALLED:  # coming: drained until body-timeout
+            self.draining = True
+            self.body_timer = asyncio.get_running_loop().call_later(limit - STALLED, self._body_late)
+            return
+        self.set_header("Connection", "close")
+        if self.too_large:
+            return self.fail(413, f"request body exceeds the {self.limit} byte limit")
+        self.fail(408, f"request body not received within {limit:g} s (http.body-timeout)")
+
+    def _stop_body_timer(self) -> None:
+        if getattr(self, "body_timer", None) is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
 
     def data_received(self, chunk: bytes) -> None:
         start = self.size
@@ -216,17 +249,21 @@ class BodyHandler(JSONHandler):
             self.slab = None
 
     def reject_large(self) -> bool:
+        """The body is all here (every handler's first call): answer 413 if too large."""
+        self._stop_body_timer()
         if self.too_large:
             self.fail(413, f"request body exceeds the {self.limit} byte limit")
         return self.too_large
 
     def on_connection_close(self) -> None:
+        self._stop_body_timer()
         self.gone = True
         for request in self.pending:
             self.router.link.cancel(request)
         self._give_back()
 
     def on_finish(self) -> None:
+        self._stop_body_timer()
         self._give_back()
         if self.trace is not None and "received" in self.trace:  # answered by a worker
             self.trace["answered"] = self.router.link.now

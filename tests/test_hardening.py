@@ -112,6 +112,30 @@ def test_a_declared_body_far_over_the_limit_gets_a_json_413_at_once(cluster):
     assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"].startswith("request body exceeds")
 
 
+def test_a_declared_body_never_sent_gets_a_json_413_or_408(impatient):
+    """Over the limit (64 MiB) but not past the drain bound: a 413 once nothing comes;
+    within it: a 408 at body-timeout (1 s here). Never a silent close."""
+    for length, status in ((100_000_000, b"413"), (100_000, b"408")):
+        head = (b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: %d\r\n\r\n" % length)  # fmt: skip
+        with socket.create_connection(("127.0.0.1", impatient.port), timeout=30) as s:
+            s.sendall(head)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+
+
+@pytest.mark.parametrize("path, headers, status", [
+    ("/v2/health/live?" + "x" * 100_000, {}, 414),  # a 100 KB URL
+    ("/v1/classify", {f"X-Pad-{i}": "y" * 1000 for i in range(115)}, 431),  # 115 KB of headers
+], ids=["url", "headers"])  # fmt: skip
+def test_an_oversized_url_or_header_block_gets_its_status_in_json(cluster, path, headers, status):
+    r = request(cluster.url, "GET", path, headers=headers)
+    assert r.status == status and error_of(r)
+
+
 def test_non_finite_outputs_are_written_as_valid_json():
     """NaN and infinities, which JSON has no numbers for, are written as proto3's JSON
     mapping writes them: the strings "NaN", "Infinity" and "-Infinity"."""
@@ -136,7 +160,7 @@ def impatient(model_path):
 @pytest.mark.parametrize("sent", [
     b"",  # a silent connection
     b"POST /v2/models/resnet50/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # headers never finished
-    b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\nabc",  # a body never sent
+    b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\nabc",  # a body never finished
     b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # then an idle keep-alive
 ], ids=["silent", "headers", "body", "keep-alive"])  # fmt: skip
 def test_slow_or_silent_clients_are_let_go(impatient, sent):
