@@ -299,6 +299,7 @@ class Settings:
     max_batch_size: int = key(Int(minimum=1))
     max_queue_delay: float = key(Duration())
     max_queue_size: int = key(Int())
+    max_queue_wait: float | None = key(Duration(off=True))
     window: int = key(Int(minimum=1))
     max_window: int = key(Int(minimum=1))
     priority_levels: int = key(Int(minimum=1))

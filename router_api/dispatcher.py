@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 
+from core.admission import expected_wait
 from core.codec import pack_item
 from core.config import Settings, placement_tuning
 from core.buckets import batch_shapes
@@ -48,6 +49,7 @@ class Dispatcher:
         self.levels = settings.priority_levels
         self.default_level = settings.default_priority_level
         self.default_timeout = settings.default_timeout
+        self.max_queue_wait = settings.max_queue_wait
         shape = model["inputs"][0]["shape"]
         most, self.buckets = batch_shapes(shape[0] if shape else None, settings.max_batch_size, model.get("buckets"))
         self.queue = BatchQueue(
@@ -138,6 +140,12 @@ class Dispatcher:
         if self.scheduler_lost is not None:
             self.stats_of(r).rejected["unavailable"] += 1
             return self._fail(r, Unavailable(self.scheduler_lost))
+        if self.max_queue_wait is not None:  # shed at the door what would wait too long anyway
+            wait = expected_wait(self.queue.rows, list(self.views.values()), self.queue.max_batch_size, e.now, self.tuning)
+            if wait is not None and wait > self.max_queue_wait:
+                self.stats_of(r).rejected["queue_full"] += 1
+                return self._fail(r, Unavailable(f"the queue is {wait:.1f} s deep at the rate the workers serve, "
+                                                 f"over max-queue-wait ({self.max_queue_wait:g} s)"))  # fmt: skip
         try:
             r.priority = resolve_priority(r.priority, self.levels, self.default_level)
             timeout = resolve_timeout(r.timeout_s, self.default_timeout)

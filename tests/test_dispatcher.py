@@ -126,6 +126,26 @@ def test_refusals_say_why_at_once():
     assert "shutting down" in str(failed(actions)[r]) and not d.ready
 
 
+def test_a_request_that_would_wait_past_max_queue_wait_is_refused_at_the_door():
+    """A worker measured at 0.1 s a row serves 10 rows a second: with 1 s allowed, about
+    ten requests may wait; the next gets 503 at once, and once the queue drains, the
+    door opens again. Unmeasured, nobody knows the wait: everything is admitted."""
+    d = dispatcher("A", window=1, max_batch_size=4, max_queue_wait="1s")
+    assert all(not failed(arrive(d, 0.0)[1]) for _ in range(30))  # no measurement yet
+    d = dispatcher("A", window=1, max_batch_size=4, max_queue_wait="1s")
+    measured(d, "A", per_row=0.1, at=0.0)
+    outcomes = [failed(arrive(d, 0.0)[1]) for _ in range(20)]
+    admitted = sum(1 for f in outcomes if not f)
+    assert 9 <= admitted <= 11, admitted
+    refused = [e for f in outcomes for e in f.values()]
+    assert refused and all(isinstance(e, Unavailable) and "max-queue-wait" in str(e) for e in refused)
+    assert d.stats.rejected["queue_full"] == len(refused)
+    batches = sent(d.handle(Wake(0.0)))
+    while batches:  # served, and the queue drains
+        batches = sent(reply(d, batches[0], 0.1, service_s=0.4))
+    assert not failed(arrive(d, 1.0)[1])
+
+
 def test_a_request_that_times_out_in_the_queue_is_never_sent():
     d = dispatcher("A", window=1)
     arrive(d, 0.0)
