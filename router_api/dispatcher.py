@@ -164,9 +164,11 @@ class Dispatcher:
         """Dropped if not sent yet; if on a worker, its answer is discarded and it is
         not sent again should that worker die."""
         r = e.request
+        if r.done:
+            return
         if self.queue.cancel(r):
-            self.stats_of(r).rejected["cancelled"] += 1
             r.item = r.packed = None  # its bytes need not wait for the entry to reach the head
+        self.stats_of(r).rejected["cancelled"] += 1  # queued or already on a worker
         r.done = True
 
     def _pump(self, now: float) -> None:
@@ -253,7 +255,10 @@ class Dispatcher:
             # Queue wait lasts until the batch that answered left (a hedged copy's
             # requests waited through the first try).
             queue = batch.sent_at - r.arrival
-            self.stats_of(r).request_done(ok, ns(now - r.arrival), ns(queue))
+            if ok or result.status >= 500:
+                self.stats_of(r).request_done(ok, ns(now - r.arrival), ns(queue))
+            else:  # an image that does not decode, say: the client's mistake, not the backend's
+                self.stats_of(r).rejected["invalid"] += 1
             if ok:
                 self.telemetry.request_served(now - r.arrival, queue, round_trip, compute)
             if r.trace is not None and t.stamps:

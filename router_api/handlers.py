@@ -257,6 +257,8 @@ class BodyHandler(JSONHandler):
 
     def on_connection_close(self) -> None:
         self._stop_body_timer()
+        if not self._finished:  # counted as nginx does, not as the 200 it never got
+            self.set_status(499, "Client Closed Request")
         self.gone = True
         for request in self.pending:
             self.router.link.cancel(request)

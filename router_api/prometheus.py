@@ -25,7 +25,7 @@ from router_api.triton_stats import ModelStats
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the format generate_latest writes
 
 # Triton's failure reasons: which of ours each one counts (BACKEND: failed after dispatch).
-FAILURE_REASONS = {"REJECTED": ("timeout",), "CANCELED": ("cancelled",), "OTHER": ("queue_full", "unavailable")}
+FAILURE_REASONS = {"REJECTED": ("timeout",), "CANCELED": ("cancelled",), "OTHER": ("queue_full", "unavailable", "invalid")}
 
 PHASE_HELP = {
     "request": "Request latency from arrival to answer, successful requests",

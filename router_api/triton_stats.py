@@ -20,7 +20,7 @@ class ModelStats:
         self.device_wait = [0, 0]  # [requests, ns] waiting on a worker for its device; not a Triton field
         self.execution_count = 0  # batches
         self.last_inference_ms = 0
-        self.rejected = defaultdict(int)  # reason -> count (queue_full, timeout, cancelled, unavailable)
+        self.rejected = defaultdict(int)  # reason -> count (queue_full, timeout, cancelled, unavailable, invalid: a 4xx from the worker)
 
     def _add(self, field: str, ns: int, n: int = 1) -> None:
         d = self.durations[field]

@@ -66,3 +66,29 @@ def test_the_dashboard_link(cluster):
     pages = request(cluster.url, "GET", "/v1/dashboard").json()["pages"]
     assert pages["overview"] == f"http://127.0.0.1:{cluster.dashboard_port}/gpu-router"
     assert request(pages["overview"], "GET", "/gpu-router").status == 200
+
+
+def test_counters_tell_the_truth_about_client_mistakes_and_aborts(cluster):
+    """An image that does not decode is the client's failure (OTHER, "invalid"), not the
+    backend's; a client that leaves before its answer is counted as 499, and as
+    cancelled, never as a 200 or not at all."""
+    import socket
+    import time
+
+    before = scrape(cluster.url)
+    assert classify(cluster.url, b"\xff\xd8 not really a jpeg").status == 400
+    for _ in range(3):  # sent whole, then the client leaves
+        image = make_image(11)
+        head = (f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: {len(image)}\r\n\r\n").encode()  # fmt: skip
+        with socket.create_connection(("127.0.0.1", cluster.port)) as s:
+            s.sendall(head + image)
+    time.sleep(1.0)
+    after = scrape(cluster.url)
+    grew = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
+    uint8 = "resnet50-uint8"
+    assert grew("nv_inference_request_failure_total", model=uint8, reason="BACKEND") == 0
+    assert grew("nv_inference_request_failure_total", model=uint8, reason="OTHER") == 1
+    assert grew("batch_router_http_responses_total", code="499") == 3
+    assert grew("nv_inference_request_failure_total", model=uint8, reason="CANCELED") == 3
+    assert grew("batch_router_http_responses_total", code="200") == 1  # the first scrape, counted once it was sent
