@@ -121,14 +121,14 @@ class ClusterLink:
 
     def submit(
         self, item: Item, rows: int, priority: int = 0, timeout_us: int = 0, packed: Item | None = None, model: str = "",
-        trace: dict | None = None,
+        trace: dict | None = None, copyable: bool = True,
     ) -> tuple[Request, asyncio.Future]:
         """Queue one request; its future gets the Answer, or the error to answer with
         (DeadlineExceeded: 504). A request refused at once raises here (ValueError: 400,
         Unavailable: 503), so a multi-part request stops at its first refused part."""
         future = self.loop.create_future()
         request = Request(rows, priority, self.now, item=item, packed=packed, waiter=future, timeout_s=timeout_us / 1e6, model=model,
-                          trace=trace)  # fmt: skip
+                          trace=trace, copyable=copyable)  # fmt: skip
         self.handle(Arrived(self.now, request))
         if future.done():
             raise future.exception()

@@ -36,6 +36,9 @@ class Request(Pending):
     model: str = ""  # the model name it came in for ("" = the cluster's model): whose statistics count it
     trace: dict | None = None  # core.trace's stamps, when tracing is on
     carriers: int = 0  # batches in flight that hold it and may still answer it
+    # May a hedge or probe copy it? Not when its cost is its own input's (a large image):
+    # a copy would only pay that cost twice, on a second worker.
+    copyable: bool = True
     done: bool = False  # answered, failed or given up by its client
 
 

@@ -26,6 +26,7 @@ logger = logging.getLogger("router_api.handlers")
 
 MAX_URL, MAX_HEADERS = 8 * 1024, 64 * 1024  # longer: 414, 431 (Tornado reads up to HEAD_READ, and drops beyond)
 HEAD_READ = 1024 * 1024
+COPY_MAX_PIXELS = 2_000_000  # larger images are never hedged or probed: their decode is their own cost
 STALLED = 1.0  # seconds without a byte of a body already over the limit: answered 413 then
 DRAIN = 4  # bodies declared up to this many times the limit are read and dropped before the 413
 
@@ -272,7 +273,8 @@ class BodyHandler(JSONHandler):
             self.router.traces.append(self.trace)
 
     async def run(
-        self, items: list, rows: int, priority: int = 0, timeout_us: int = 0, packed=None, model: str = ""
+        self, items: list, rows: int, priority: int = 0, timeout_us: int = 0, packed=None, model: str = "",
+        copyable: list[bool] | None = None,
     ) -> list[Answer] | None:
         """Queue items (one per request row group) and wait for all of them.
 
@@ -280,9 +282,9 @@ class BodyHandler(JSONHandler):
         """
         try:
             futures = []
-            for item in items:
+            for i, item in enumerate(items):
                 request, future = self.router.link.submit(item, rows, priority, timeout_us, packed if len(items) == 1 else None, model,
-                                                          self.trace if not futures else None)  # fmt: skip
+                                                          self.trace if not futures else None, copyable[i] if copyable else True)  # fmt: skip
                 self.pending.append(request)
                 futures.append(future)
             replies = await asyncio.gather(*futures, return_exceptions=True)
@@ -364,18 +366,16 @@ class Infer(BodyHandler):
 class Classify(BodyHandler):
     """POST /v1/classify: one image as the body, or several as multipart/form-data."""
 
-    def pixel_budget(self, images: list) -> str | None:
-        """Why these images are too large to decode, from their headers; None if not.
-        Formats other than JPEG and PNG are checked by the worker, before it decodes."""
+    def pixel_budget(self, sizes: list[tuple[int, int] | None]) -> str | None:
+        """Why these images are too large to decode, from their headers' sizes; None if
+        not. Formats other than JPEG and PNG are checked by the worker, before it decodes."""
         http, total = self.router.settings.http, 0
-        for i, img in enumerate(images):
-            wh = image_header.dimensions(img)
+        for i, wh in enumerate(sizes):
             if wh is None:
                 continue
-            pixels = wh[0] * wh[1]
-            total += pixels
+            total += (pixels := wh[0] * wh[1])
             if pixels > http.max_image_pixels:
-                which = f"image {i}" if len(images) > 1 else "the image"
+                which = f"image {i}" if len(sizes) > 1 else "the image"
                 return f"{which} is {wh[0]}x{wh[1]} = {pixels} pixels, over the {http.max_image_pixels} limit (http.max-image-pixels)"
         if total > http.max_request_pixels:
             return f"the images hold {total} pixels together, over the {http.max_request_pixels} limit (http.max-request-pixels)"
@@ -409,7 +409,8 @@ class Classify(BodyHandler):
             return self.fail(400, "empty body: send an image (image/jpeg or image/png)")
         else:
             images = [self.body]
-        if (refused := self.pixel_budget(images)) is not None:
+        sizes = [image_header.dimensions(img) for img in images]
+        if (refused := self.pixel_budget(sizes)) is not None:
             return self.fail(413, refused)
         try:
             priority = int(self.get_query_argument("priority", "0") or 0)
@@ -419,7 +420,9 @@ class Classify(BodyHandler):
         except ValueError:
             return self.fail(400, "priority and timeout must be non-negative integers")
         items = [ImageItem(as_frame(img), top_k) for img in images]
-        replies = await self.run(items, 1, priority, timeout_us, model=self.router.images)
+        # Never hedged or probed: an image whose decode is its own cost (large, or of a size unknown here).
+        copyable = [wh is not None and wh[0] * wh[1] <= COPY_MAX_PIXELS for wh in sizes]
+        replies = await self.run(items, 1, priority, timeout_us, model=self.router.images, copyable=copyable)
         if replies is None:
             return
         failed = [(i, r.result) for i, r in enumerate(replies) if isinstance(r.result, ItemError)]

@@ -33,7 +33,7 @@ def hedges(
             continue
         if not within_budget():
             return
-        live = [r for r in batch.requests if not r.done]
+        live = [r for r in batch.requests if not r.done and r.copyable]
         others = [v for v in views if v is not batch.view and v.responsive and v.has_room]
         if live and others:
             rows = sum(r.rows for r in live)
@@ -62,6 +62,6 @@ def probes(sent: list[Batch], views: list[WorkerView], now: float, fresh_for: fl
     just sent elsewhere, to copy to it."""
     for view in due_for_probe(views, now, fresh_for):
         source = next((b for b in reversed(sent) if b.view is not view), None)
-        live = [r for r in source.requests if not r.done and r.item is not None] if source else []
+        live = [r for r in source.requests if not r.done and r.item is not None and r.copyable] if source else []
         if live:
             yield view, source, min(live, key=lambda r: r.rows)

@@ -289,6 +289,22 @@ def test_a_slow_batch_is_hedged_to_the_other_worker_within_budget():
     assert sent(d.handle(Tick(0.02))) == []  # never twice
 
 
+def test_a_request_whose_cost_is_its_own_input_is_never_copied():
+    """A large image is slow because of itself: a hedge or a probe would pay its decode
+    again on another worker (and copy a bomb there). Only the others in its batch go."""
+    d = dispatcher("A", "B", placement={"hedge-budget": 1.0, "hedge-min": 0})
+    big, _ = arrive(d, 0.0)
+    big.copyable = False
+    small, _ = arrive(d, 0.0)
+    d.handle(Wake(0.0))
+    (copy,) = sent(d.handle(Tick(0.01)), Hedge)
+    assert copy.requests == [small]
+    d = fast_and_stale()
+    r, _ = arrive(d, 60.0)
+    r.copyable = False
+    assert sent(d.handle(Wake(60.0)), Probe) == []
+
+
 def test_a_hedge_dask_would_not_take_can_be_tried_again():
     d, r, first, copy = hedged()
     assert failed(d.handle(NotSent(0.01, copy.id, "scheduler gone"))) == {}  # the first try still runs
