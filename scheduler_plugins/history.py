@@ -200,6 +200,7 @@ class History:
                     "weight": placement.get("weight"),
                     "in_flight": placement.get("in_flight"),
                     "health": health(info, state, point, placement["responsive"]),
+                    "restarts": info.get("restarts") or 0,  # times `up` started it again after it died
                 }
             )
         return cards

@@ -51,12 +51,12 @@ def gpu(util: int = 50, throttle: list[str] | None = None, source: str = "nvml",
     }  # fmt: skip
 
 
-def worker(name: str, device: str = "cuda", sample: dict | None = None, simulated: bool = False, **state) -> dict:
+def worker(name: str, device: str = "cuda", sample: dict | None = None, simulated: bool = False, restarts: int = 0, **state) -> dict:
     """A worker as the plugin's tick sees it: startup info plus heartbeat metrics."""
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     metered = device == "cuda" or simulated  # the worker registered a GPU source
     return {
         "info": {"name": name, "device": device, "providers": providers, "cuda_fallback": False,
-                 "gpu": {"source": "simulated" if simulated else "nvml"} if metered else None},  # fmt: skip
+                 "gpu": {"source": "simulated" if simulated else "nvml"} if metered else None, "restarts": restarts},  # fmt: skip
         "state": {"gpu": sample, "simulated": simulated, "stats": {}, "errors": [], **state},
     }

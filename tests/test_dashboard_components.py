@@ -22,7 +22,7 @@ def history() -> History:
     fleet = lambda util, hot: {  # noqa: E731
         "tcp://t4": worker("t4", sample=gpu(util=util, throttle=["hw_slowdown"] if hot else None)),
         "tcp://sim": worker("sim", sample=gpu(util=30, source="simulated"), simulated=True),
-        "tcp://cpu": worker("cpu", device="cpu"),
+        "tcp://cpu": worker("cpu", device="cpu", restarts=2),
     }
     h.add_workers(100.0, fleet(40, False))
     h.add_workers(100.5, fleet(90, True))
@@ -40,7 +40,8 @@ def test_overview_cards_headline_and_timeline(history):
     o.update()
     cards = dict(zip(o.cards.data["name"], o.cards.data["body"]))
     assert list(cards) == ["cpu", "sim", "t4"]
-    assert "no GPU: CPU only" in cards["cpu"]
+    assert "no GPU: CPU only" in cards["cpu"] and "restarted 2x" in cards["cpu"]
+    assert "restarted" not in cards["t4"]
     assert "GPU SIMULATED" in cards["sim"]
     assert "Tesla T4: 90 % busy" in cards["t4"] and "health: throttling" in cards["t4"]
     assert "weight 0.70 · in flight 2" in cards["t4"]

@@ -41,7 +41,8 @@ def card_text(card: dict) -> str:
     else:
         lines.append("no GPU: CPU only")
     lines.append(f"weight {fmt(card['weight'], '.2f')} · in flight {fmt(card['in_flight'], 'd')}")
-    lines.append(f"health: {card['health']}")
+    restarts = card.get("restarts") or 0
+    lines.append(f"health: {card['health']}" + (f" · restarted {restarts}x" if restarts else ""))
     return "\n".join(lines)
 
 
