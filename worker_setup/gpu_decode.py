@@ -35,6 +35,9 @@ logger = logging.getLogger("worker_setup.gpu_decode")
 SELF_TEST_MAX, SELF_TEST_MEAN = 6, 1.0
 
 
+MAX_ASPECT = 8  # longer strips go to Pillow, which resizes only the crop (preprocess.decode)
+
+
 def resize_crop_graph(size: int) -> onnx.ModelProto:
     """uint8 [1, H, W, 3] -> uint8 [1, size, size, 3]: resized to ``sizes`` (antialiased
     linear, half-pixel, as Pillow's BILINEAR), then cropped to [starts, ends) in H, W."""
@@ -125,7 +128,7 @@ class GpuDecoder:
 
     @staticmethod
     def _usable(img) -> bool:
-        """Contiguous HWC RGB within Pillow's size limit; anything else goes to Pillow
+        """Contiguous HWC RGB within Pillow's size limit, not a strip; anything else goes to Pillow
         (a decompression bomb gets Pillow's own 400 there, as on a CPU worker)."""
         from PIL import Image
 
@@ -133,7 +136,10 @@ class GpuDecoder:
             return False
         if img.__cuda_array_interface__.get("strides") is not None:
             return False
-        return Image.MAX_IMAGE_PIXELS is None or img.shape[0] * img.shape[1] <= Image.MAX_IMAGE_PIXELS
+        h, w = img.shape[0], img.shape[1]
+        if max(h, w) > MAX_ASPECT * min(h, w):  # resized whole, a 1x60000 strip would be 256x15M on the GPU
+            return False
+        return Image.MAX_IMAGE_PIXELS is None or h * w <= Image.MAX_IMAGE_PIXELS
 
     def self_test(self) -> tuple[bool, str]:
         """Decode a test picture both ways: the GPU path is used only if it agrees."""

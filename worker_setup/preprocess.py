@@ -88,9 +88,11 @@ def decode(data: bytes | np.ndarray, size: int) -> Image.Image:
         raise ImageTooLarge(f"image too large: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot decode image: {e}") from None
+    # Only the crop is resized (Pillow's box): the same pixels as resizing the whole image
+    # and cropping, without making the whole (a 1x50000 strip would be 256x12.8M).
     nw, nh, left, top = resize_box(*img.size, size)
-    img = img.resize((nw, nh), Image.BILINEAR)
-    return img.crop((left, top, left + size, top + size))
+    sx, sy = img.size[0] / nw, img.size[1] / nh
+    return img.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
 
 
 def resize_box(w: int, h: int, size: int) -> tuple[int, int, int, int]:
