@@ -44,7 +44,8 @@ JOIN_ATTEMPTS = 8  # a round of attempts to join: 0, 1, 3, 7, 15, then 30 s apar
 SHORT_SESSION = 60.0  # a joined worker dropped sooner than this counts as a failed join
 JOIN_TIMEOUT = float(os.environ.get("BATCH_ROUTER_JOIN_TIMEOUT", 120))  # seconds to reach and register with a scheduler
 FRONTEND_CHILD = "BATCH_ROUTER_FRONTEND_CHILD"  # set in the front ends `up` and `serve` start
-RECONNECT_TIMEOUT = 3.0  # seconds each try to reach a lost scheduler may take
+RECONNECT_TIMEOUT = 3.0  # seconds each try to reach a (lost) scheduler may take
+FIRST_CONNECT = 8  # tries at start: about 30 s for a scheduler still starting
 CPUS_ENV = "BATCH_ROUTER_WORKER_CPUS"  # the cores a worker `up` starts may use (worker.cpu-affinity)
 RESTARTS_ENV = "BATCH_ROUTER_WORKER_RESTARTS"  # how many times `up` has started this worker again
 
@@ -259,12 +260,18 @@ async def serve(settings: Settings, scheduler_address: str) -> None:
             raise SystemExit(f"no cluster CA in {ca_dir}: start `batch-router scheduler --public-address ...` first")
         security = ClusterCA(ca_dir).security("client")
     frontends = spawn_frontends(scheduler_address, settings)
-    # Should the scheduler be lost: a fresh client each try, until it is back.
-    connect = partial(Client, scheduler_address, asynchronous=True, security=security, timeout=RECONNECT_TIMEOUT, set_as_default=False)
+    # Clients that try for a few seconds each: Dask's own reconnection then gives up soon
+    # after a scheduler is lost (it backs off to seconds between tries), and the front end
+    # tries a fresh one every half second until the scheduler is back.
+    connect = partial(Client, scheduler_address, asynchronous=True, security=security, timeout=RECONNECT_TIMEOUT)
     try:
         with dask.config.set(DASK_SETTINGS):
-            async with Client(scheduler_address, asynchronous=True, security=security) as client:
+            client = await retry(connect, count=FIRST_CONNECT, delay_min=0.5, delay_max=1.0, retry_on_exceptions=(OSError, asyncio.TimeoutError),
+                                 operation=f"connecting to {scheduler_address}")  # fmt: skip
+            try:
                 await serve_until_signal(client, settings, connect)
+            finally:
+                await client.close()
     finally:
         await asyncio.to_thread(stop_processes, frontends)
 

@@ -153,9 +153,7 @@ def test_the_front_end_survives_losing_its_scheduler(model_path):
     procs = [launch("scheduler", "--port", str(sport), "--dashboard-port", str(dport), log="loss-scheduler-1.log")]
     try:
         procs.append(launch("worker", address, "--name", "before", "--threads", "1", log="loss-worker-1.log"))
-        # Dask's client tries to reconnect for this long, then closes: the front end's next clients find the new scheduler.
-        env = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
-        procs.append(launch("serve", "--scheduler", address, "--port", str(hport), log="loss-serve.log", env=env))
+        procs.append(launch("serve", "--scheduler", address, "--port", str(hport), log="loss-serve.log"))
         wait_ready(url)
         statuses: list[tuple[int, str]] = []
         stop = threading.Event()
@@ -189,7 +187,7 @@ def test_the_front_end_survives_losing_its_scheduler(model_path):
         procs[0] = launch("scheduler", "--port", str(sport), "--dashboard-port", str(dport), log="loss-scheduler-2.log")
         back = time.monotonic()
         while (me := request(url, "GET", "/v1/workers", timeout=2).json())["frontend"]["scheduler"] != "connected":
-            assert time.monotonic() - back < 10.0 + 5.0, "not reconnected 10 s after the scheduler came back"  # +5: its start-up
+            assert time.monotonic() - back < 10.0, "not reconnected 10 s after the scheduler was started again"
             time.sleep(0.1)
         assert me["workers"] == []  # the dead one forgotten
         procs.append(launch("worker", address, "--name", "after", "--threads", "1", log="loss-worker-2.log"))
