@@ -229,6 +229,7 @@ class Http:
     auth_token: str | None = key(Text(nullable=True))
     max_request_pixels: int = key(Int(minimum=1))
     body_timeout: float = key(Duration())
+    min_body_rate: int = key(Size())
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ MAX_URL, MAX_HEADERS = 8 * 1024, 64 * 1024  # longer: 414, 431 (Tornado reads up
 HEAD_READ = 1024 * 1024
 COPY_MAX_PIXELS = 2_000_000  # larger images are never hedged or probed: their decode is their own cost
 STALLED = 1.0  # seconds without a byte of a body already over the limit: answered 413 then
+BODY_TICK, RATE_WINDOW = 1.0, 5.0  # seconds between checks of a body arriving; over which its rate is taken
 DRAIN = 4  # bodies declared up to this many times the limit are read and dropped before the 413
 
 
@@ -172,7 +173,8 @@ class BodyHandler(JSONHandler):
     shared = False  # may the body go into shared memory (router_api.shm)?
     # What prepare() sets, for a request that never reached it (a 405, say).
     slab = trace = body_timer = None
-    gone = draining = False
+    gone = False
+    body_size_then = 0
     pending: tuple | list = ()
 
     def prepare(self) -> None:
@@ -194,29 +196,39 @@ class BodyHandler(JSONHandler):
             return self.fail(413, f"request body exceeds the {self.limit} byte limit")
         if declared > self.limit:  # drained first, so that a client still sending reads the 413
             self.too_large = True
-        # A body that never comes gets an answer, not a silent close: 413 at once for one
-        # already too large (once nothing has come for a moment), else 408 at body-timeout.
-        body_timeout = self.router.settings.http.body_timeout
-        wait = min(STALLED, body_timeout or STALLED) if self.too_large else body_timeout
-        self.body_timer = asyncio.get_running_loop().call_later(wait, self._body_late) if wait else None
+        # A body that never comes, or trickles in, gets an answer, not a silent close.
+        self.body_started = self.body_checked = asyncio.get_running_loop().time()
+        self.body_timer = asyncio.get_running_loop().call_later(BODY_TICK, self._body_check)
         self.slab = None
         self.gone = False  # the client went away
         pool = self.router.shm
         if self.shared and pool is not None and MIN_SLAB <= declared <= self.limit and self.router.link.shm_workers():
             self.slab = pool.take(declared)
 
-    def _body_late(self) -> None:
+    def _body_check(self) -> None:
+        """Once a second while a body arrives: one already over the limit of which nothing
+        came for STALLED seconds is answered 413; any other not complete within
+        body-timeout, or arriving slower than min-body-rate, 408. Then the connection closes."""
         if self._finished:
             return
-        limit = self.router.settings.http.body_timeout
-        if self.too_large and self.size and not self.draining and limit > STALLED:  # coming: drained until body-timeout
-            self.draining = True
-            self.body_timer = asyncio.get_running_loop().call_later(limit - STALLED, self._body_late)
+        http, now = self.router.settings.http, asyncio.get_running_loop().time()
+        elapsed, window = now - self.body_started, now - self.body_checked
+        why = None
+        if self.too_large and self.size == 0 and elapsed >= STALLED:
+            why = ""
+        elif http.body_timeout and elapsed >= http.body_timeout:
+            why = f"request body not received within {http.body_timeout:g} s (http.body-timeout)"
+        elif http.min_body_rate and window >= RATE_WINDOW:
+            if self.size - self.body_size_then < http.min_body_rate * window:
+                why = f"request body arriving slower than {http.min_body_rate} bytes/s (http.min-body-rate)"
+            self.body_checked, self.body_size_then = now, self.size
+        if why is None:
+            self.body_timer = asyncio.get_running_loop().call_later(BODY_TICK, self._body_check)
             return
         self.set_header("Connection", "close")
         if self.too_large:
             return self.fail(413, f"request body exceeds the {self.limit} byte limit")
-        self.fail(408, f"request body not received within {limit:g} s (http.body-timeout)")
+        self.fail(408, why)
 
     def _stop_body_timer(self) -> None:
         if getattr(self, "body_timer", None) is not None:

@@ -136,6 +136,27 @@ def test_an_oversized_url_or_header_block_gets_its_status_in_json(cluster, path,
     assert r.status == status and error_of(r)
 
 
+def test_a_body_that_trickles_in_gets_a_408(cluster):
+    """10 bytes a second, far under http.min-body-rate (16 KiB/s): a 408 after the first
+    5-second window, not a connection held until body-timeout (60 s)."""
+    import time
+
+    with socket.create_connection(("127.0.0.1", cluster.port), timeout=30) as s:
+        s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+        t0, answer = time.monotonic(), b""
+        s.settimeout(1.0)
+        while time.monotonic() - t0 < 20 and not answer.endswith(b"}"):
+            try:
+                s.sendall(b"x" * 10)
+                answer += s.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert "min-body-rate" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] and time.monotonic() - t0 < 10
+
+
 def test_non_finite_outputs_are_written_as_valid_json():
     """NaN and infinities, which JSON has no numbers for, are written as proto3's JSON
     mapping writes them: the strings "NaN", "Infinity" and "-Infinity"."""
