@@ -218,6 +218,27 @@ def make_app(router: Router) -> web.Application:
     )
 
 
+BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+JSON_400 = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body := kserve.error_body("malformed HTTP request (request line, headers or chunked framing)")), body))  # fmt: skip
+
+
+class ProtocolServer(httpserver.HTTPServer):
+    """Tornado answers what it cannot parse (a garbage request line, a bad chunk size)
+    with a bare 400 before any handler runs; this one writes it in the protocol's format."""
+
+    def handle_stream(self, stream, address) -> None:
+        write = stream.write
+
+        def write_json_400(data, *args, **kwargs):
+            if len(data) == len(BARE_400) and data == BARE_400:
+                data = JSON_400
+            return write(data, *args, **kwargs)
+
+        stream.write = write_json_400
+        super().handle_stream(stream, address)
+
+
 async def start_front_end(client, settings: Settings, connect=None) -> tuple[Router, httpserver.HTTPServer]:
     """Link a Dispatcher to the cluster behind ``client`` and listen for HTTP; ``connect``
     makes a new client for the same scheduler, should it be lost (``ClusterLink``)."""
@@ -231,7 +252,7 @@ async def start_front_end(client, settings: Settings, connect=None) -> tuple[Rou
         logger.warning("the scheduler did not say where its dashboard is: %s", e)
     http = settings.http
     # Tornado's body timeout closes without a word: the handlers' own (408, 413) come first.
-    server = httpserver.HTTPServer(make_app(router), max_body_size=router.max_body_size, max_header_size=HEAD_READ,
+    server = ProtocolServer(make_app(router), max_body_size=router.max_body_size, max_header_size=HEAD_READ,
                                    idle_connection_timeout=http.idle_timeout or None, body_timeout=http.body_timeout + 5 if http.body_timeout else None)  # fmt: skip
     host, port = settings.http.host, settings.http.port
     # Several front ends share the port: the kernel spreads connections among them.

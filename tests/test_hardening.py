@@ -157,6 +157,16 @@ def test_a_body_that_trickles_in_gets_a_408(cluster):
     assert "min-body-rate" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] and time.monotonic() - t0 < 10
 
 
+@pytest.mark.parametrize("sent", [
+    b"GARBAGE\r\n\r\n",  # no method, path or version
+    b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",  # a bad chunk size
+], ids=["request-line", "chunk-size"])  # fmt: skip
+def test_what_tornado_cannot_parse_still_gets_a_json_400(cluster, sent):
+    answer = raw(cluster.port, sent)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+
+
 def test_non_finite_outputs_are_written_as_valid_json():
     """NaN and infinities, which JSON has no numbers for, are written as proto3's JSON
     mapping writes them: the strings "NaN", "Infinity" and "-Infinity"."""
