@@ -20,8 +20,8 @@ from router_api import kserve
 from router_api.cluster_link import ClusterLink
 from router_api.dispatch_events import Answer
 from router_api.shm import ShmPool
+from router_api.json_handler import HEAD_READ
 from router_api.handlers import (
-    HEAD_READ,
     Classify,
     Infer,
     Live,

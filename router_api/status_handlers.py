@@ -7,7 +7,7 @@ import os
 
 from core import trace
 from router_api import prometheus
-from router_api.handlers import JSONHandler
+from router_api.json_handler import JSONHandler
 
 
 class Workers(JSONHandler):
