@@ -266,8 +266,11 @@ async def serve(settings: Settings, scheduler_address: str) -> None:
     connect = partial(Client, scheduler_address, asynchronous=True, security=security, timeout=RECONNECT_TIMEOUT)
     try:
         with dask.config.set(DASK_SETTINGS):
-            client = await retry(connect, count=FIRST_CONNECT, delay_min=0.5, delay_max=1.0, retry_on_exceptions=(OSError, asyncio.TimeoutError),
-                                 operation=f"connecting to {scheduler_address}")  # fmt: skip
+            try:
+                client = await retry(connect, count=FIRST_CONNECT, delay_min=0.5, delay_max=1.0,
+                                     retry_on_exceptions=(OSError, asyncio.TimeoutError), operation=f"connecting to {scheduler_address}")  # fmt: skip
+            except (OSError, asyncio.TimeoutError) as e:
+                raise SystemExit(f"batch-router serve: no scheduler answers at {scheduler_address}: {e}") from None
             try:
                 await serve_until_signal(client, settings, connect)
             finally:
