@@ -442,8 +442,9 @@ def main() -> None:
     print(table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} cores", "batch_time": args.batch_time, "clients": args.clients,
-                                         "results": results}, indent=1))  # fmt: skip
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} cores", "commit": commit, "batch_time": args.batch_time,
+                                         "clients": args.clients, "results": results}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
