@@ -182,11 +182,12 @@ class Service:
     def start(self) -> "Service":
         common = ["--model", str(self.model), "--model-name", MODEL]
         if not self.split:
-            self.procs.append(self._launch("up", "--workers", str(self.workers), "--threads", "1", "--port", str(self.port),
+            self.procs.append(self._launch("up", "--workers", str(self.workers), "--threads", "1", "--port", str(self.port), "--grpc-port", "0",
                                            "--scheduler-port", str(self.sport), "--dashboard-port", str(free_port()), *common))  # fmt: skip
         else:
             self.start_scheduler()
-            self.procs.append(self._launch("serve", "--scheduler", f"tcp://127.0.0.1:{self.sport}", "--port", str(self.port)))
+            self.procs.append(self._launch("serve", "--scheduler", f"tcp://127.0.0.1:{self.sport}", "--port", str(self.port),
+                                             "--grpc-port", "0"))
             self.start_workers()
         self.wait_workers(self.workers)
         return self

@@ -76,7 +76,7 @@ class Router:
         self.env = {**os.environ, "DASK_BATCH_ROUTER__UINT8_MODEL": "true" if uint8 else "false", **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = out / f"router-{name}.log"
-        self.cmd = [sys.executable, "-m", "router_api.cli", "up", "--device", device, "--port", str(self.port),
+        self.cmd = [sys.executable, "-m", "router_api.cli", "up", "--device", device, "--port", str(self.port), "--grpc-port", "0",
                     "--scheduler-port", str(free_port()), "--dashboard-port", str(free_port()),
                     "--gpu-metrics", gpu_metrics, *args]  # fmt: skip
 
@@ -206,7 +206,7 @@ def fp16_model(path: str, device: str, settings) -> tuple[str, dict]:
 
 def refused(out: Path, m: Mode, flags: list[str]) -> dict:
     """On a CPU, fp16 must be refused at startup with the setting's name."""
-    cmd = [sys.executable, "-m", "router_api.cli", "up", "--device", "cpu", "--port", str(free_port()), *flags]
+    cmd = [sys.executable, "-m", "router_api.cli", "up", "--device", "cpu", "--port", str(free_port()), "--grpc-port", "0", *flags]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     said = (p.stderr + p.stdout).strip().splitlines()
     if p.returncode == 0 or not any("precision: fp16 needs a CUDA device" in line for line in said):

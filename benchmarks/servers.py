@@ -76,7 +76,7 @@ def spawn_router(args: argparse.Namespace, root: Path = ROOT) -> tuple[subproces
     port = free_port()
     # `python -m` from this tree, never a console script: that would run whichever copy
     # is installed, and there is none where the package is only on PYTHONPATH.
-    cmd = [sys.executable, "-m", "router_api.cli", "up", "--port", str(port),
+    cmd = [sys.executable, "-m", "router_api.cli", "up", "--port", str(port), "--grpc-port", "0",
            "--dashboard-port", str(free_port()), "--scheduler-port", str(free_port())]
     if args.model_path:
         cmd += ["--model", str(args.model_path)]

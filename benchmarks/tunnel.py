@@ -113,7 +113,7 @@ def run_setting(rtt_ms: float, args: argparse.Namespace, jpeg: bytes, work: Path
         # The relay stands for distance: a worker that far is on another host, where the
         # direct lane never applies, so the front end must not take it to this one.
         serve = _launch(["-m", "router_api.cli", "serve", "--scheduler", f"tls://127.0.0.1:{sport}",
-                         "--port", str(hport), "--max-batch-size", str(args.max_batch_size)],
+                         "--port", str(hport), "--grpc-port", "0", "--max-batch-size", str(args.max_batch_size)],
                         logs["serve"], {**env, "DASK_BATCH_ROUTER__DIRECT_LANE": "off"})
         procs.append(serve)
         deadline = time.monotonic() + 180

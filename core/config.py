@@ -242,6 +242,11 @@ class Scheduler:
 
 
 @dataclass(frozen=True)
+class Grpc:
+    port: int = key(Int(maximum=65535))
+
+
+@dataclass(frozen=True)
 class Dashboard:
     interval: float = key(Duration())
     history: float = key(Duration())
@@ -311,6 +316,7 @@ class Settings:
     batching: Batching = section(Batching)
     placement: Placement = section(Placement)
     http: Http = section(Http)
+    grpc: Grpc = section(Grpc)
     scheduler: Scheduler = section(Scheduler)
     dashboard: Dashboard = section(Dashboard)
     tls: Tls = section(Tls)

@@ -87,6 +87,7 @@ class Router:
         # Images go to the uint8 entry where there is one: workers normalise them in the graph.
         self.images = u["name"] if u else self.model_name
         self.dashboard: str | None = None  # the Dask dashboard's base URL, when known
+        self.grpc = None  # the gRPC server (router_api.grpc_server), when grpc.port is set
         self.traces: deque | None = deque(maxlen=TRACES_KEPT) if settings.trace else None  # core.trace, when on
         # Tensor request bodies for workers on this host, in shared memory (router_api.shm).
         self.shm = ShmPool(settings.shared_memory) if settings.shared_memory and link.direct else None
@@ -258,4 +259,8 @@ async def start_front_end(client, settings: Settings, connect=None) -> tuple[Rou
     # Several front ends share the port: the kernel spreads connections among them.
     server.listen(port, address=host, reuse_port=settings.http.frontends > 1)
     logger.info("HTTP front end on http://%s:%d (model %s)", host, port, router.model_name)
+    if settings.grpc.port:
+        from router_api.grpc_server import start_grpc
+
+        router.grpc = await start_grpc(router, host, settings.grpc.port, settings.http.frontends > 1)
     return router, server

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 from tornado import web
 
 from router_api.dispatch_events import Answer, DeadlineExceeded, Unavailable
@@ -16,12 +15,6 @@ from router_api.shm import MIN_SLAB
 STALLED = 1.0  # seconds without a byte of a body already over the limit: answered 413 then
 BODY_TICK, RATE_WINDOW = 1.0, 5.0  # seconds between checks of a body arriving; over which its rate is taken
 DRAIN = 4  # bodies declared up to this many times the limit are read and dropped before the 413
-
-
-def as_frame(data: bytes | memoryview) -> np.ndarray:
-    """Wrap request bytes so Dask ships them as their own frame, never copied into a
-    pickle: protocol 5 sends numpy buffers out of band, but not ``bytes``."""
-    return np.frombuffer(data, dtype=np.uint8)
 
 
 @web.stream_request_body

@@ -37,8 +37,9 @@ KEYS = {
     "trace": "trace",
 }
 ROLE_KEYS = {
-    "up": {"host": "http.host", "port": "http.port", "scheduler_port": "scheduler.port", "frontends": "http.frontends"},
-    "serve": {"host": "http.host", "port": "http.port", "frontends": "http.frontends"},
+    "up": {"host": "http.host", "port": "http.port", "grpc_port": "grpc.port", "scheduler_port": "scheduler.port",
+           "frontends": "http.frontends"},
+    "serve": {"host": "http.host", "port": "http.port", "grpc_port": "grpc.port", "frontends": "http.frontends"},
     "scheduler": {"host": "scheduler.host", "port": "scheduler.port"},
 }
 
@@ -110,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=None, help="local worker processes (default 2)")
     up.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    up.add_argument("--grpc-port", type=int, default=None, help="KServe v2 gRPC port (default 8001; 0 = off)")
     up.add_argument("--scheduler-port", type=int, default=None, help="Dask scheduler port (default 8786)")
     up.add_argument("--frontends", type=int, default=None, help="HTTP front-end processes sharing the port (default 1)")
     up.add_argument("--dashboard-port", type=int, default=None, help="Dask dashboard port (default 8787)")
@@ -160,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--scheduler", required=True, help="e.g. tcp://127.0.0.1:8786")
     f.add_argument("--host", default=None)
     f.add_argument("--port", type=int, default=None)
+    f.add_argument("--grpc-port", type=int, default=None, help="KServe v2 gRPC port (default 8001; 0 = off)")
     f.add_argument("--frontends", type=int, default=None, help="front-end processes sharing the port (default 1)")
     batching(f)
     return p

@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import numpy as np
 from tornado import httputil
 
 from core import image_header
 from core.codec import pack_item
-from core.protocol import ImageItem, ItemError, TensorItem
+from core.protocol import ImageItem, ItemError
 from router_api import json_child, kserve
-from router_api.body_handler import BodyHandler, as_frame
+from router_api.body_handler import BodyHandler
 from router_api.json_handler import JSONHandler
+from router_api.tensors import as_frame, output_arrays, tensor_item
 
 logger = logging.getLogger("router_api.handlers")
 
@@ -109,14 +109,7 @@ class Infer(BodyHandler):
             return self.fail(503, "could not parse the request right now", Retry_After=router.retry_after)
         if self.gone:  # its client left meanwhile (and its slab went back)
             return
-        item = TensorItem(
-            rows=req.rows,
-            inputs={i.name: as_frame(i.data) for i in req.inputs},
-            shapes={i.name: tuple(i.shape) for i in req.inputs},
-            outputs=tuple(o.name for o in req.outputs),
-            entry=entry.kind,
-            shm=self.shm_refs(req.inputs),
-        )
+        item = tensor_item(req, entry.kind, self.shm_refs(req.inputs))
         packed = None
         if router.dispatcher.far_workers():  # zlib releases the GIL: off the event loop
             packed = await asyncio.to_thread(pack_item, item)
@@ -128,14 +121,11 @@ class Infer(BodyHandler):
         result = replies[0].result
         if isinstance(result, ItemError):
             return self.fail(result.status, result.message)
-        outs = result.outputs  # views of the bytes the worker packed: no copy until the body
-        arrays = [(o, np.frombuffer(outs[o.name].data, outs[o.name].dtype).reshape(outs[o.name].shape)) for o in req.outputs]
-        body, header_length = kserve.encode_infer_response(entry.name, router.version, req.id, arrays)
+        body, header_length = kserve.encode_infer_response(entry.name, router.version, req.id, output_arrays(req, result.outputs))
         if header_length is not None:
             self.set_header("Inference-Header-Content-Length", str(header_length))
             self.set_header("Content-Type", "application/octet-stream")
         self.finish(body)
-
 
     def shm_refs(self, inputs: list) -> dict | None:
         """Where each input lies in the body's slab, when they all do (JSON tensors do not)."""

@@ -100,7 +100,7 @@ def _named(entries: list, field: str) -> list[tuple[str, dict]]:
     return [(e["name"], e) for e in entries]
 
 
-def _check_shape(spec: TensorSpec, shape: Any, max_batch_size: int) -> tuple[int, ...]:
+def check_shape(spec: TensorSpec, shape: Any, max_batch_size: int) -> tuple[int, ...]:
     """Check a request shape against the model's; the first dim is the batch dim."""
     where = f"input '{spec.name}'"
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
@@ -228,7 +228,7 @@ def parse_infer_request(body: bytes | memoryview, header_length: int | None, inp
         if entry.get("datatype") != spec.datatype:
             raise ProtocolError(f"{where}: datatype {entry.get('datatype')!r} does not match model "
                                 f"datatype {spec.datatype}")
-        shape = _check_shape(spec, entry.get("shape"), max_batch_size)
+        shape = check_shape(spec, entry.get("shape"), max_batch_size)
         size = _field(entry, "parameters", {}, "an object", where).get("binary_data_size")
         if size is not None and "data" not in entry:
             expected = math.prod(shape) * DTYPES[spec.datatype].itemsize

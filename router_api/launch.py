@@ -114,9 +114,13 @@ async def serve_until_signal(client: Client, settings: Settings, connect=None) -
     await wait_for_signal()
     logger.info("shutting down: answering queued and in-flight requests")
     server.stop()
+    if router.grpc is not None:  # new calls refused; those running finish with the queue below
+        grpc_done = asyncio.ensure_future(router.grpc.stop(grace=30.0))
     await router.link.close()
     router.close()
     await server.close_all_connections()
+    if router.grpc is not None:
+        await grpc_done
 
 
 def spawn_worker(

@@ -1,4 +1,5 @@
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,10 @@ from tests.cluster import Cluster
 from scheduler_plugins.builtin_models import ensure_default_model
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
+
+# Services the tests start listen for gRPC only where a test asks (--grpc-port): several
+# run at once, and the default port (8001) is one.
+os.environ.setdefault("DASK_BATCH_ROUTER__GRPC__PORT", "0")
 
 # The `browser` fixture (headless Chromium) for the dashboard's browser tests.
 pytest_plugins = ["tests.browser"]

@@ -1,0 +1,123 @@
+"""KServe v2 gRPC messages <-> what the HTTP path already speaks (``kserve.py``).
+
+Pure functions over the generated messages that ship with ``tritonclient.grpc`` (never
+hand-written ones): a ``ModelInferRequest`` becomes the same ``kserve.InferRequest`` a
+REST body does, checked by the same rules (``ProtocolError`` -> INVALID_ARGUMENT), and
+metadata, config and statistics are the REST endpoints' dicts parsed into their
+messages, so the two protocols cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2 as pb
+
+from router_api import kserve
+from router_api.kserve import MAX_UINT, ProtocolError
+
+# The typed ``contents`` field each datatype travels in; FP16 has none (raw only).
+TYPED = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+         "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+         "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}  # fmt: skip
+
+
+def _param(params: Any, key: str) -> int:
+    """A non-negative integer request parameter (priority, timeout); 0 when absent."""
+    if key not in params:
+        return 0
+    p = params[key]
+    which = p.WhichOneof("parameter_choice")
+    value = getattr(p, which) if which in ("int64_param", "uint64_param") else None
+    if value is None or not 0 <= value <= MAX_UINT:
+        raise ProtocolError(f"parameter '{key}' must be a non-negative integer")
+    return value
+
+
+def _typed(spec: kserve.TensorSpec, t: Any, shape: tuple[int, ...]) -> bytes:
+    where = f"input '{spec.name}'"
+    field = TYPED.get(spec.datatype)
+    if field is None:
+        raise ProtocolError(f"{where}: {spec.datatype} has no typed contents; send it in raw_input_contents")
+    values = getattr(t.contents, field)
+    if len(values) != math.prod(shape):
+        raise ProtocolError(f"{where}: {len(values)} values in contents, shape {list(shape)} needs {math.prod(shape)}")
+    dtype = kserve.DTYPES[spec.datatype]
+    arr = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else None)
+    if dtype.kind in "iu" and arr.size:
+        info = np.iinfo(dtype)
+        if not info.min <= int(arr.min()) <= int(arr.max()) <= info.max:
+            raise ProtocolError(f"{where}: values out of range for {spec.datatype}")
+    return arr.astype(dtype).tobytes()
+
+
+def infer_request(msg: pb.ModelInferRequest, inputs: list[kserve.TensorSpec], outputs: list[kserve.TensorSpec],
+                  max_batch_size: int) -> kserve.InferRequest:  # fmt: skip
+    """Decode and fully validate one request; raises ProtocolError. Raw inputs stay the
+    message's own bytes (no copy)."""
+    specs = {s.name: s for s in inputs}
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise ProtocolError(f"raw_input_contents holds {len(raw)} entries for {len(msg.inputs)} inputs: one each, or none")
+    decoded: list[kserve.InferInput] = []
+    for i, t in enumerate(msg.inputs):
+        spec = specs.get(t.name)
+        if spec is None:
+            raise ProtocolError(f"unknown input '{t.name}', model inputs are {sorted(specs)}")
+        if any(d.name == t.name for d in decoded):
+            raise ProtocolError(f"input '{t.name}' is given more than once")
+        if t.datatype != spec.datatype:
+            raise ProtocolError(f"input '{t.name}': datatype {t.datatype!r} does not match model datatype {spec.datatype}")
+        shape = kserve.check_shape(spec, list(t.shape), max_batch_size)
+        if raw:
+            if t.HasField("contents"):
+                raise ProtocolError(f"input '{t.name}': contents and raw_input_contents both given")
+            expected = math.prod(shape) * kserve.DTYPES[spec.datatype].itemsize
+            if len(raw[i]) != expected:
+                raise ProtocolError(f"input '{t.name}': {len(raw[i])} raw bytes, shape {list(shape)} of {spec.datatype} needs {expected}")
+            data = raw[i]
+        else:
+            data = _typed(spec, t, shape)
+        decoded.append(kserve.InferInput(t.name, spec.datatype, shape, data))
+    if missing := [n for n in specs if all(d.name != n for d in decoded)]:
+        raise ProtocolError(f"missing input(s) {missing}")
+    rows = {d.shape[0] for d in decoded}
+    if len(rows) > 1:
+        raise ProtocolError(f"inputs disagree on the batch size: {sorted(rows)}")
+    known = {o.name for o in outputs}
+    asked = [o.name for o in msg.outputs] or [o.name for o in outputs]
+    if unknown := [n for n in asked if n not in known]:
+        raise ProtocolError(f"unknown output(s) {unknown}, model outputs are {sorted(known)}")
+    if len(set(asked)) != len(asked):
+        raise ProtocolError("an output is requested more than once")
+    return kserve.InferRequest(id=msg.id or None, inputs=decoded, outputs=[kserve.RequestedOutput(n, True) for n in asked],
+                               rows=rows.pop(), priority=_param(msg.parameters, "priority"),
+                               timeout_us=_param(msg.parameters, "timeout"), parameters={})  # fmt: skip
+
+
+def infer_response(model: str, version: str, request_id: str | None, arrays: list[tuple[Any, np.ndarray]]) -> pb.ModelInferResponse:
+    """Outputs as raw_output_contents, little-endian, as tritonclient reads them."""
+    r = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id or "")
+    for o, arr in arrays:
+        r.outputs.add(name=o.name, datatype=kserve.datatype_of(arr.dtype), shape=list(arr.shape))
+        r.raw_output_contents.append(np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes())
+    return r
+
+
+def server_metadata(meta: dict) -> pb.ServerMetadataResponse:
+    return json_format.ParseDict(meta, pb.ServerMetadataResponse(), ignore_unknown_fields=True)
+
+
+def model_metadata(meta: dict) -> pb.ModelMetadataResponse:
+    return json_format.ParseDict(meta, pb.ModelMetadataResponse(), ignore_unknown_fields=True)
+
+
+def model_config(config: dict) -> pb.ModelConfigResponse:
+    return pb.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig(), ignore_unknown_fields=True))
+
+
+def model_statistics(stats: dict) -> pb.ModelStatisticsResponse:
+    return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)

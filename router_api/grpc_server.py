@@ -1,0 +1,204 @@
+"""KServe v2 gRPC: Triton's ``inference.GRPCInferenceService`` on grpc.aio, in the front
+end's own event loop, behind the same dispatcher (batcher, placement, statistics) as
+HTTP. Messages are the generated ones in ``tritonclient.grpc``; decoding and checks are
+``grpc_codec``'s, the same rules as REST.
+
+Errors keep the protocol's meaning as status codes: INVALID_ARGUMENT (bad input),
+NOT_FOUND (unknown model), UNAVAILABLE (queue full, no scheduler, shutting down),
+DEADLINE_EXCEEDED (the request's timeout), RESOURCE_EXHAUSTED (over the message size
+limit: grpc's own check). A cancelled call drops its queued request, as a dropped HTTP
+connection does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+
+from core.codec import pack_item
+from core.protocol import ItemError
+from router_api import grpc_codec
+from router_api.dispatch_events import DeadlineExceeded, Unavailable
+from router_api.kserve import ProtocolError
+from router_api.tensors import output_arrays, tensor_item
+
+logger = logging.getLogger("router_api.grpc_server")
+
+
+class Refused(Exception):
+    """A call answered with a status code, not a response."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def status_of(http_status: int) -> grpc.StatusCode:
+    """A worker's per-item error (HTTP-style) as the gRPC code with its meaning."""
+    if http_status == 413:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if 400 <= http_status < 500:
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.UNAVAILABLE if http_status == 503 else grpc.StatusCode.INTERNAL
+
+
+class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, router) -> None:
+        self.router = router
+        token = router.settings.http.auth_token
+        self.bearer = f"Bearer {token}".encode() if token else None
+
+    # -- the checks every call passes -------------------------------------------------
+
+    def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        """The bearer token (http.auth-token), in the call's ``authorization`` metadata."""
+        if self.bearer is None:
+            return
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if not hmac.compare_digest(str(given).encode(), self.bearer):
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (http.auth-token)")
+
+    def _entry(self, name: str, version: str):
+        entry = self.router.entries.get(name)
+        if entry is None or version not in ("", self.router.version):
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"unknown model: '{name}'" + (f" version {version}" if version else ""))
+        return entry
+
+    async def _answer(self, context, make):
+        try:
+            self._admit(context)
+            return make()
+        except Refused as e:
+            await context.abort(e.code, e.message)
+
+    # -- health, metadata, configuration, statistics --------------------------------
+
+    async def ServerLive(self, request, context):
+        return await self._answer(context, lambda: pb.ServerLiveResponse(live=True))
+
+    async def ServerReady(self, request, context):
+        return await self._answer(context, lambda: pb.ServerReadyResponse(ready=self.router.dispatcher.ready))
+
+    async def ModelReady(self, request, context):
+        def make():
+            self._entry(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.router.dispatcher.ready)
+
+        return await self._answer(context, make)
+
+    async def ServerMetadata(self, request, context):
+        return await self._answer(context, lambda: grpc_codec.server_metadata(self.router.server_metadata()))
+
+    async def ModelMetadata(self, request, context):
+        return await self._answer(context, lambda: grpc_codec.model_metadata(
+            self.router.model_metadata(self._entry(request.name, request.version))))  # fmt: skip
+
+    async def ModelConfig(self, request, context):
+        return await self._answer(context, lambda: grpc_codec.model_config(
+            self.router.model_config(self._entry(request.name, request.version))))  # fmt: skip
+
+    async def ModelStatistics(self, request, context):
+        def make():
+            stats = self.router.dispatcher.entry_stats
+            if not request.name:
+                return grpc_codec.model_statistics({"model_stats": [s.as_triton() for s in stats.values()]})
+            return grpc_codec.model_statistics({"model_stats": [stats[self._entry(request.name, request.version).name].as_triton()]})
+
+        return await self._answer(context, make)
+
+    # -- inference ----------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):
+        try:
+            self._admit(context)
+            return await self._infer(request)
+        except Refused as e:
+            await context.abort(e.code, e.message)
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Many requests in flight on one stream, each answered as it finishes, with its
+        id; an error answers its own request (``error_message``) and the stream goes on."""
+        try:
+            self._admit(context)
+        except Refused as e:
+            await context.abort(e.code, e.message)
+        answers: asyncio.Queue = asyncio.Queue()
+        calls: set[asyncio.Task] = set()
+
+        async def one(msg: pb.ModelInferRequest) -> None:
+            try:
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(msg)))
+            except Refused as e:
+                answers.put_nowait(pb.ModelStreamInferResponse(error_message=e.message,
+                                                               infer_response=pb.ModelInferResponse(id=msg.id)))  # fmt: skip
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                call = asyncio.create_task(one(msg))
+                calls.add(call)
+                call.add_done_callback(calls.discard)
+            while calls:
+                await asyncio.gather(*calls, return_exceptions=True)
+            answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:  # the client cancelled, or the stream ended: nothing is left running
+            for task in [reader, *calls]:
+                task.cancel()
+
+    async def _infer(self, msg: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        router = self.router
+        entry = self._entry(msg.model_name, msg.model_version)
+        try:
+            req = grpc_codec.infer_request(msg, entry.inputs, entry.outputs, router.max_batch_size)
+        except ProtocolError as e:
+            raise Refused(status_of(e.status), e.message) from None
+        item = tensor_item(req, entry.kind)
+        packed = await asyncio.to_thread(pack_item, item) if router.dispatcher.far_workers() else None
+        link = router.link
+        try:
+            request, future = link.submit(item, req.rows, req.priority, req.timeout_us, packed, entry.name)
+        except ValueError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except Unavailable as e:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        try:
+            answer = await future
+        except asyncio.CancelledError:  # the call was cancelled: its request leaves the queue
+            link.cancel(request)
+            raise
+        except Unavailable as e:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except DeadlineExceeded as e:
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
+        except ValueError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except Exception as e:
+            raise Refused(grpc.StatusCode.INTERNAL, str(e)) from None
+        if isinstance(answer.result, ItemError):
+            raise Refused(status_of(answer.result.status), answer.result.message)
+        return grpc_codec.infer_response(entry.name, router.version, req.id, output_arrays(req, answer.result.outputs))
+
+
+async def start_grpc(router, host: str, port: int, reuse_port: bool) -> grpc.aio.Server:
+    """Listen on ``host:port``; messages above the HTTP body limit are refused by grpc
+    itself (RESOURCE_EXHAUSTED)."""
+    limit = router.max_body_size
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+               ("grpc.so_reuseport", 1 if reuse_port else 0)]  # fmt: skip
+    server = grpc.aio.server(options=options)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(router), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    await server.start()
+    logger.info("gRPC front end on %s", address)
+    return server
