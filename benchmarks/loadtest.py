@@ -48,6 +48,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     a = p.add_argument
     a("--url", default="http://127.0.0.1:8000", help="router base URL (ignored with --spawn)")
     a("--mode", choices=("classify", "infer"), default="classify")
+    a("--protocol", choices=("http", "grpc", "grpc-stream"), default="http",
+      help="infer mode: KServe v2 over HTTP, gRPC (unary), or gRPC with one stream per client")
+    a("--grpc-target", default="127.0.0.1:8001", help="the router's gRPC address (ignored with --spawn)")
+    a("--baseline-http", action="store_true", help="with --protocol grpc*: the same load over HTTP, same router")
     a("--model", default="resnet50", help="model name in /v2/models/<model>")
     a("--concurrency", type=int, default=16, help="closed loop: connections in flight")
     a("--rate", type=float, help="open loop: Poisson arrivals at this many req/s")
@@ -86,6 +90,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         sizes = []
     if not sizes or min(sizes) < 1:
         p.error(f"bad --baseline-batch-sizes {args.baseline_batch_sizes!r} (e.g. 1,8,32)")
+    if args.protocol != "http" and args.mode != "infer":
+        p.error("--protocol grpc needs --mode infer (classify is HTTP only)")
     return args
 
 
@@ -119,12 +125,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         result.update(metadata=meta, payload={"path": path, "bytes": len(body), "rows": rows})
         loop = f"open loop {args.rate} req/s" if args.rate else \
             f"closed loop {args.concurrency} conn"
-        title = f"router {url} {args.mode}, {loop}, {args.duration:g} s"
+        title = f"router {url} {args.mode} over {args.protocol}, {loop}, {args.duration:g} s"
         if args.rounds > 1:
             result.update(run_rounds(args, url, meta, path, headers, body, rows, title))
         else:
             result["router"] = asyncio.run(run_load(url, args, path, headers, body, rows))
             print_summary(title, result["router"])
+            if args.baseline_http:  # the same router, the same load, over HTTP
+                http_args = argparse.Namespace(**{**vars(args), "protocol": "http"})
+                result["baseline_http"] = asyncio.run(run_load(url, http_args, path, headers, body, rows))
+                print_summary("the same router and load over HTTP", result["baseline_http"])
         trace = asyncio.run(get_json(u.hostname or "127.0.0.1", u.port or 80, f"{u.path.rstrip('/')}/v1/trace"))
         if trace and trace.get("count"):  # a router started with --trace: where the time went
             result["trace"] = trace
@@ -135,6 +145,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.rounds > 1:
         return finish(args, result)
     ratios: dict[str, Any] = {}
+    if args.baseline_http:
+        http = result["baseline_http"]
+        ratios["router_over_http_req"] = ratio(result["router"]["req_per_s"], http["req_per_s"])
+        print(f"gRPC req/s / HTTP req/s: {ratios['router_over_http_req']}")
     if args.baseline_bare:
         bare = result["baseline_bare"] = bare_baseline(args, meta, path, headers, body, rows)
         ratios["router_over_bare_req"] = ratio(result["router"]["req_per_s"],

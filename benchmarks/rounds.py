@@ -41,11 +41,13 @@ ROUND_METRICS = [
     ("bare_p50_ms", "bare p50 ms", "{:.2f}"),
     ("router_over_bare_req", "router req/s / bare req/s", "{:.3f}"),
     ("latency_p50_delta_vs_bare_ms", "router p50 - bare p50 ms", "{:+.2f}"),
+    ("http_req_per_s", "same router over HTTP req/s", "{:.1f}"),
+    ("router_over_http_req", "gRPC req/s / HTTP req/s", "{:.3f}"),
 ]
 
 
 def round_figures(router: dict, raw: Optional[dict] = None,
-                  bare: Optional[dict] = None) -> dict:
+                  bare: Optional[dict] = None, http: Optional[dict] = None) -> dict:
     """One round's headline figures, ratios and p50 deltas (None where not measurable)."""
     p50 = router["latency_ms"]["p50"]
     f: dict[str, Any] = {"router_img_per_s": router["img_per_s"],
@@ -63,6 +65,8 @@ def round_figures(router: dict, raw: Optional[dict] = None,
                  router_over_bare_req=ratio(router["req_per_s"], bare["req_per_s"]),
                  latency_p50_delta_vs_bare_ms=None if p50 is None or bare_p50 is None
                  else round(p50 - bare_p50, 3))
+    if http is not None:  # --baseline-http: the same router, the same load over HTTP
+        f.update(http_req_per_s=http["req_per_s"], router_over_http_req=ratio(router["req_per_s"], http["req_per_s"]))
     return f
 
 
@@ -146,7 +150,10 @@ def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: s
             router = window_summary(rec.latencies, rec.errors, rec.completed_ok,
                                     args.duration, rows, rec.samples, delta)
             router["timeline"] = timeline(rec.trace, args.duration, rows)
-            bare = raw_out = None
+            bare = raw_out = http = None
+            if getattr(args, "baseline_http", False):
+                http = asyncio.run(run_load(url, argparse.Namespace(**{**vars(args), "protocol": "http"}), path, headers,
+                                            body, rows, warmup))  # fmt: skip
             if bare_url:
                 bare = asyncio.run(run_load(bare_url, args, path, headers, body, rows,
                                             warmup))
@@ -158,10 +165,12 @@ def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: s
                 t1, t0 = probe.sample(), t1
                 other["raw"] = probe.others(t0, t1)
                 idle["raw"] = probe.ours_except(t0, t1, {raw.proc.pid})
-            rnd = {"round": i + 1, **round_figures(router, raw_out, bare),
+            rnd = {"round": i + 1, **round_figures(router, raw_out, bare, http),
                    "other_cpu_cores": other, "router_idle_cpu_cores": idle, "router": router}
             if bare is not None:
                 rnd["bare"] = bare
+            if http is not None:
+                rnd["http"] = http
             if raw_out is not None:
                 rnd["raw"] = {k: v for k, v in raw_out.items()
                               if k not in ("model_path", "mode", "threads", "providers",
@@ -183,7 +192,7 @@ def run_rounds(args: argparse.Namespace, url: str, meta: Optional[dict], path: s
     print_rounds_table(rounds)
     summary = summarize_rounds(rounds)
     quote = [k for k in ("throughput_router_over_raw", "latency_p50_delta_ms",
-                         "router_over_bare_req", "latency_p50_delta_vs_bare_ms")
+                         "router_over_bare_req", "latency_p50_delta_vs_bare_ms", "router_over_http_req")
              if k in summary]
     if quote:
         print(f"medians over {args.rounds} rounds (min .. max) - quote these medians, "

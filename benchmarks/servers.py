@@ -76,7 +76,10 @@ def spawn_router(args: argparse.Namespace, root: Path = ROOT) -> tuple[subproces
     port = free_port()
     # `python -m` from this tree, never a console script: that would run whichever copy
     # is installed, and there is none where the package is only on PYTHONPATH.
-    cmd = [sys.executable, "-m", "router_api.cli", "up", "--port", str(port), "--grpc-port", "0",
+    grpc_port = free_port() if getattr(args, "protocol", "http") != "http" else 0
+    if grpc_port:
+        args.grpc_target = f"127.0.0.1:{grpc_port}"
+    cmd = [sys.executable, "-m", "router_api.cli", "up", "--port", str(port), "--grpc-port", str(grpc_port),
            "--dashboard-port", str(free_port()), "--scheduler-port", str(free_port())]
     if args.model_path:
         cmd += ["--model", str(args.model_path)]

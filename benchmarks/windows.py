@@ -65,8 +65,15 @@ async def load_window(url: str, args: argparse.Namespace, path: str, headers: di
     full = base + path
     warmup = args.warmup if warmup is None else warmup
 
-    async def send(conn: Connection):
+    async def post(conn: Connection):
         return await conn.request("POST", full, headers, body)
+
+    send = post
+    protocol = getattr(args, "protocol", "http")
+    if protocol != "http":  # the same tensors as KServe v2 gRPC calls
+        from benchmarks.grpcload import grpc_sender
+
+        send = grpc_sender(args.grpc_target, args.model, headers, body, stream=protocol == "grpc-stream")
 
     async def stats_at_window_start() -> Optional[dict]:
         await asyncio.sleep(warmup)
@@ -80,6 +87,8 @@ async def load_window(url: str, args: argparse.Namespace, path: str, headers: di
                               max_connections=args.max_connections, **common)
     else:
         rec = await closed_loop(host, port, send, args.concurrency, **common)
+    if hasattr(send, "close"):
+        await send.close()
     c0, c1 = _counts(await before), _counts(await get_json(host, port, stats_path))
     delta = None
     if c0 and c1 and c1[1] > c0[1]:

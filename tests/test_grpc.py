@@ -136,3 +136,19 @@ def test_a_cancelled_call_leaves_the_queue(slow):
     after = client.get_inference_statistics(MODEL).model_stats[0]
     assert after.inference_stats.success.count - before.inference_stats.success.count == 1  # the cancelled one never ran
     assert slow.stats(MODEL)["rejected"].get("cancelled", 0) >= 1
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "grpc-stream"])
+def test_the_load_test_speaks_grpc_beside_http(slow, tmp_path, protocol):
+    import json
+
+    from benchmarks import loadtest
+
+    out = tmp_path / "grpc.json"
+    rc = loadtest.main(["--url", slow.url, "--grpc-target", slow.grpc, "--mode", "infer", "--model", MODEL, "--protocol", protocol,
+                        "--concurrency", "2", "--duration", "1s", "--warmup", "0.2s", "--baseline-http", "--quiet",
+                        "--json", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["router"]["ok"] >= 2 and result["baseline_http"]["ok"] >= 2
+    assert result["router"]["error_count"] == 0 and result["router"]["mean_batch"] == 1.0
+    assert result["ratios"]["router_over_http_req"] > 0
