@@ -1,0 +1,65 @@
+"""Triton's system shared-memory regions, as tritonclient.utils.shared_memory makes them:
+registered, read and written by region and offset, and every bad reference a
+ProtocolError (400), never a read outside the region or a crash."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+import tritonclient.utils.shared_memory as shm
+
+from router_api.kserve import ProtocolError
+from router_api.system_shm import Registry
+
+
+@pytest.fixture
+def region():
+    key = f"/br-test-{uuid.uuid4().hex[:8]}"
+    handle = shm.create_shared_memory_region("client-side", key, 64)
+    shm.set_shared_memory_region(handle, [np.arange(16, dtype=np.float32)])
+    yield key
+    shm.destroy_shared_memory_region(handle)
+    assert not os.path.exists(f"/dev/shm{key}")
+
+
+def test_a_region_is_read_and_written_by_offset(region):
+    r = Registry()
+    r.register("in", region, offset=16, byte_size=48)
+    assert np.frombuffer(r.read("in", 0, 8), np.float32).tolist() == [4.0, 5.0]
+    r.write("in", 8, np.array([-1.0], np.float32).tobytes())
+    assert np.frombuffer(open(f"/dev/shm{region}", "rb").read()[24:28], np.float32)[0] == -1.0
+    assert r.status() == [{"name": "in", "key": region, "offset": 16, "byte_size": 48}]
+    r.unregister("in")
+    assert r.status() == []
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda r, key: r.register("in", key, 0, 8), "already registered"),
+    (lambda r, key: r.register("x", "../../etc/passwd", 0, 8), "not a POSIX"),
+    (lambda r, key: r.register("x", "/no-such-region-here", 0, 8), "cannot open"),
+    (lambda r, key: r.register("x", key, 60, 8), "fewer than"),
+    (lambda r, key: r.register("x", key, -1, 8), "non-negative"),
+    (lambda r, key: r.read("in", 60, 8), "outside"),
+    (lambda r, key: r.read("in", -4, 4), "outside"),
+    (lambda r, key: r.read("nope", 0, 4), "no shared memory region"),
+    (lambda r, key: r.write("in", 62, b"1234"), "outside"),
+])  # fmt: skip
+def test_bad_references_are_protocol_errors(region, call, says):
+    r = Registry()
+    r.register("in", region, 0, 64)
+    with pytest.raises(ProtocolError, match=says):
+        call(r, region)
+    r.close()
+
+
+def test_a_region_truncated_after_registering_is_refused_not_a_sigbus(region):
+    r = Registry()
+    r.register("in", region, 0, 64)
+    os.truncate(f"/dev/shm{region}", 16)
+    with pytest.raises(ProtocolError, match="fewer than"):
+        r.read("in", 0, 64)
+    assert len(r.read("in", 0, 16)) == 16
+    r.close()
