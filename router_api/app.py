@@ -33,11 +33,13 @@ from router_api.handlers import (
     Ready,
     ServerMetadata,
 )
+from router_api.shm_handlers import ShmRegister, ShmStatus, ShmUnregister
 from router_api.status_handlers import Dashboard, Metrics, Trace, Workers
+from router_api.system_shm import Registry
 
 logger = logging.getLogger("router_api.app")
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "schedule_policy", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "schedule_policy", "statistics", "system_shared_memory"]
 TRACES_KEPT = 1000
 RANDOM_WEIGHTS_NOTE = "random (seed=0): predictions are meaningless"
 
@@ -91,10 +93,12 @@ class Router:
         self.traces: deque | None = deque(maxlen=TRACES_KEPT) if settings.trace else None  # core.trace, when on
         # Tensor request bodies for workers on this host, in shared memory (router_api.shm).
         self.shm = ShmPool(settings.shared_memory) if settings.shared_memory and link.direct else None
+        self.system_shm = Registry()  # clients' regions (Triton's system shared-memory extension)
 
     def close(self) -> None:
         if self.shm is not None:
             self.shm.close()
+        self.system_shm.close()
 
     def server_metadata(self) -> dict:
         from importlib.metadata import PackageNotFoundError, version
@@ -209,6 +213,9 @@ def make_app(router: Router) -> web.Application:
             (model + r"/stats", ModelStatistics, args),
             (model + r"/infer", Infer, args),
             (r"/v1/classify", Classify, args),
+            (r"/v2/systemsharedmemory(?:/region/([^/]+))?/status", ShmStatus, args),
+            (r"/v2/systemsharedmemory/region/([^/]+)/register", ShmRegister, args),
+            (r"/v2/systemsharedmemory(?:/region/([^/]+))?/unregister", ShmUnregister, args),
             (r"/v1/workers", Workers, args),
             (r"/v1/trace", Trace, args),
             (r"/v1/dashboard", Dashboard, args),

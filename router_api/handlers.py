@@ -109,6 +109,10 @@ class Infer(BodyHandler):
             return self.fail(503, "could not parse the request right now", Retry_After=router.retry_after)
         if self.gone:  # its client left meanwhile (and its slab went back)
             return
+        try:
+            router.system_shm.resolve(req)  # inputs given by region and offset
+        except kserve.ProtocolError as e:
+            return self.fail(e.status, str(e))
         item = tensor_item(req, entry.kind, self.shm_refs(req.inputs))
         packed = None
         if router.dispatcher.far_workers():  # zlib releases the GIL: off the event loop
@@ -121,7 +125,12 @@ class Infer(BodyHandler):
         result = replies[0].result
         if isinstance(result, ItemError):
             return self.fail(result.status, result.message)
-        body, header_length = kserve.encode_infer_response(entry.name, router.version, req.id, output_arrays(req, result.outputs))
+        arrays = output_arrays(req, result.outputs)
+        try:
+            router.system_shm.write_outputs(arrays)  # outputs asked for in a region
+        except kserve.ProtocolError as e:
+            return self.fail(e.status, str(e))
+        body, header_length = kserve.encode_infer_response(entry.name, router.version, req.id, arrays)
         if header_length is not None:
             self.set_header("Inference-Header-Content-Length", str(header_length))
             self.set_header("Content-Type", "application/octet-stream")

@@ -62,13 +62,34 @@ class InferInput:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    data: bytes | memoryview
+    data: bytes | memoryview | ShmTensor  # ShmTensor: until the handler reads its region
+
+
+@dataclass(frozen=True)
+class ShmTensor:
+    """A tensor in a registered system shared-memory region (Triton's extension)."""
+    region: str
+    offset: int
+    byte_size: int
+
+
+def shm_tensor(params: dict, where: str) -> ShmTensor | None:
+    """The shared_memory_* parameters of an input or output, or None without them."""
+    region = params.get("shared_memory_region")
+    if region is None:
+        return None
+    size, offset = params.get("shared_memory_byte_size"), params.get("shared_memory_offset", 0)
+    if not isinstance(region, str) or type(size) is not int or size <= 0 or type(offset) is not int or offset < 0:
+        raise ProtocolError(f"{where}: shared_memory_region must be a name, shared_memory_byte_size a positive integer "
+                            "and shared_memory_offset a non-negative one")  # fmt: skip
+    return ShmTensor(region, offset, size)
 
 
 @dataclass
 class RequestedOutput:
     name: str
     binary: bool
+    shm: ShmTensor | None = None  # written into this region instead of the body
 
 
 @dataclass
@@ -175,7 +196,7 @@ def _resolve_outputs(req: dict, outputs: list[TensorSpec], binary_default: bool)
         if "classification" in params:
             raise ProtocolError(f"{where}: the classification extension is not supported")
         binary = _field(params, "binary_data", binary_default, "a boolean", where)
-        resolved.append(RequestedOutput(name, binary))
+        resolved.append(RequestedOutput(name, binary, shm_tensor(params, where)))
     return resolved
 
 
@@ -229,8 +250,16 @@ def parse_infer_request(body: bytes | memoryview, header_length: int | None, inp
             raise ProtocolError(f"{where}: datatype {entry.get('datatype')!r} does not match model "
                                 f"datatype {spec.datatype}")
         shape = check_shape(spec, entry.get("shape"), max_batch_size)
-        size = _field(entry, "parameters", {}, "an object", where).get("binary_data_size")
-        if size is not None and "data" not in entry:
+        params = _field(entry, "parameters", {}, "an object", where)
+        size = params.get("binary_data_size")
+        shm = shm_tensor(params, where)
+        if shm is not None:  # in a registered region: the handler reads it from there
+            expected = math.prod(shape) * DTYPES[spec.datatype].itemsize
+            if size is not None or "data" in entry or shm.byte_size != expected:
+                raise ProtocolError(f"{where}: a shared-memory input takes neither data nor binary_data_size, and "
+                                    f"shared_memory_byte_size {shm.byte_size} must be {expected} (shape {list(shape)})")  # fmt: skip
+            data = shm
+        elif size is not None and "data" not in entry:
             expected = math.prod(shape) * DTYPES[spec.datatype].itemsize
             if type(size) is not int or size != expected:
                 raise ProtocolError(f"{where}: binary_data_size {size!r} does not match shape "
@@ -266,7 +295,9 @@ def encode_infer_response(model_name: str, model_version: str, request_id: str |
     for requested, arr in outputs:
         datatype = datatype_of(arr.dtype)
         tensor: dict[str, Any] = {"name": requested.name, "datatype": datatype, "shape": list(arr.shape)}
-        if requested.binary:  # a view where the array already is little-endian and contiguous
+        if requested.shm is not None:  # already written into its region
+            tensor["parameters"] = {"shared_memory_region": requested.shm.region, "shared_memory_byte_size": arr.nbytes}
+        elif requested.binary:  # a view where the array already is little-endian and contiguous
             raw = np.ascontiguousarray(arr, dtype=DTYPES[datatype])
             tensor["parameters"] = {"binary_data_size": raw.nbytes}
             blobs.append(memoryview(raw).cast("B"))

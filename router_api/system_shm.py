@@ -18,7 +18,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from router_api.kserve import ProtocolError
+import numpy as np
+
+from router_api.kserve import DTYPES, InferRequest, ProtocolError, ShmTensor, datatype_of
 
 SHM_DIR = Path("/dev/shm")
 KEY = re.compile(r"^/?[A-Za-z0-9_.\-]{1,250}$")  # one name, no directories
@@ -92,6 +94,23 @@ class Registry:
             view[:] = data
         finally:
             view.release()
+
+    def resolve(self, req: InferRequest) -> None:
+        """Replace every input given by region with its bytes (``kserve`` checked sizes)."""
+        for i in req.inputs:
+            if isinstance(i.data, ShmTensor):
+                i.data = self.read(i.data.region, i.data.offset, i.data.byte_size)
+
+    def write_outputs(self, arrays: list) -> None:
+        """Outputs asked for in a region go there (the response then names it only)."""
+        for requested, arr in arrays:
+            if (to := requested.shm) is None:
+                continue
+            raw = np.ascontiguousarray(arr, dtype=DTYPES[datatype_of(arr.dtype)])
+            if raw.nbytes > to.byte_size:
+                raise ProtocolError(f"output '{requested.name}' is {raw.nbytes} bytes, over the {to.byte_size} "
+                                    f"given in region '{to.region}'")  # fmt: skip
+            self.write(to.region, to.offset, memoryview(raw).cast("B"))
 
     def close(self) -> None:
         self.unregister()

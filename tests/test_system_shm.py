@@ -63,3 +63,43 @@ def test_a_region_truncated_after_registering_is_refused_not_a_sigbus(region):
         r.read("in", 0, 64)
     assert len(r.read("in", 0, 16)) == 16
     r.close()
+
+
+# -- against a live cluster, with tritonclient unmodified -----------------------------
+
+from tests.test_grpc import MODEL, image, slow  # noqa: E402,F401  (the one-node model's cluster)
+
+
+@pytest.mark.integration
+def test_http_inputs_and_outputs_by_region_give_the_bodys_answer(slow):  # noqa: F811
+    import tritonclient.http as httpclient
+
+    from tests.http import infer_binary, logits_of
+
+    client = httpclient.InferenceServerClient(slow.url.removeprefix("http://"))
+    x = image(0.75)
+    keys = [f"/br-in-{uuid.uuid4().hex[:6]}", f"/br-out-{uuid.uuid4().hex[:6]}"]
+    h_in, h_out = shm.create_shared_memory_region("in", keys[0], x.nbytes), shm.create_shared_memory_region("out", keys[1], 12)
+    try:
+        shm.set_shared_memory_region(h_in, [x])
+        client.register_system_shared_memory("in", keys[0], x.nbytes)
+        client.register_system_shared_memory("out", keys[1], 12)
+        assert {r["name"] for r in client.get_system_shared_memory_status()} == {"in", "out"}
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_shared_memory("in", x.nbytes)
+        out = httpclient.InferRequestedOutput("logits", binary_data=True)
+        out.set_shared_memory("out", 12)
+        client.infer(MODEL, [inp], outputs=[out])
+        got = shm.get_contents_as_numpy(h_out, np.float32, [1, 3])
+        assert np.array_equal(got, logits_of(infer_binary(slow.url, x), 1))  # as if the tensor came in the body
+        inp.set_shared_memory("in", x.nbytes, offset=8)  # past the region's end: refused
+        with pytest.raises(httpclient.InferenceServerException, match="outside region"):
+            client.infer(MODEL, [inp], outputs=[out])
+        client.unregister_system_shared_memory()
+        assert client.get_system_shared_memory_status() == []
+        fds = os.listdir(f"/proc/{slow.proc.pid}/fd")
+        assert not any(keys[0][1:] in os.readlink(f"/proc/{slow.proc.pid}/fd/{fd}") for fd in fds if os.path.exists(f"/proc/{slow.proc.pid}/fd/{fd}"))
+    finally:
+        shm.destroy_shared_memory_region(h_in)
+        shm.destroy_shared_memory_region(h_out)
+    assert not any(os.path.exists(f"/dev/shm{k}") for k in keys)
