@@ -37,6 +37,13 @@ def _param(params: Any, key: str) -> int:
     return value
 
 
+def _shm(params: Any, where: str) -> kserve.ShmTensor | None:
+    """The shared_memory_* parameters, as REST's are read (``kserve.shm_tensor``)."""
+    plain = {k: getattr(p, p.WhichOneof("parameter_choice")) for k, p in params.items()
+             if k.startswith("shared_memory_") and p.WhichOneof("parameter_choice")}  # fmt: skip
+    return kserve.shm_tensor(plain, where)
+
+
 def _typed(spec: kserve.TensorSpec, t: Any, shape: tuple[int, ...]) -> bytes:
     where = f"input '{spec.name}'"
     field = TYPED.get(spec.datatype)
@@ -59,11 +66,12 @@ def infer_request(msg: pb.ModelInferRequest, inputs: list[kserve.TensorSpec], ou
     """Decode and fully validate one request; raises ProtocolError. Raw inputs stay the
     message's own bytes (no copy)."""
     specs = {s.name: s for s in inputs}
-    raw = msg.raw_input_contents
-    if raw and len(raw) != len(msg.inputs):
-        raise ProtocolError(f"raw_input_contents holds {len(raw)} entries for {len(msg.inputs)} inputs: one each, or none")
+    raw = list(msg.raw_input_contents)
+    by_region = {t.name: _shm(t.parameters, f"input '{t.name}'") for t in msg.inputs}
+    if raw and len(raw) != sum(1 for r in by_region.values() if r is None):
+        raise ProtocolError(f"raw_input_contents holds {len(raw)} entries: one for each input not in shared memory, or none")
     decoded: list[kserve.InferInput] = []
-    for i, t in enumerate(msg.inputs):
+    for t in msg.inputs:
         spec = specs.get(t.name)
         if spec is None:
             raise ProtocolError(f"unknown input '{t.name}', model inputs are {sorted(specs)}")
@@ -72,13 +80,18 @@ def infer_request(msg: pb.ModelInferRequest, inputs: list[kserve.TensorSpec], ou
         if t.datatype != spec.datatype:
             raise ProtocolError(f"input '{t.name}': datatype {t.datatype!r} does not match model datatype {spec.datatype}")
         shape = kserve.check_shape(spec, list(t.shape), max_batch_size)
-        if raw:
+        expected = math.prod(shape) * kserve.DTYPES[spec.datatype].itemsize
+        if (shm := by_region[t.name]) is not None:  # read from the region by the server, once checked
+            if t.HasField("contents") or shm.byte_size != expected:
+                raise ProtocolError(f"input '{t.name}': a shared-memory input takes no contents, and "
+                                    f"shared_memory_byte_size {shm.byte_size} must be {expected} (shape {list(shape)})")  # fmt: skip
+            data = shm
+        elif raw:
             if t.HasField("contents"):
                 raise ProtocolError(f"input '{t.name}': contents and raw_input_contents both given")
-            expected = math.prod(shape) * kserve.DTYPES[spec.datatype].itemsize
-            if len(raw[i]) != expected:
-                raise ProtocolError(f"input '{t.name}': {len(raw[i])} raw bytes, shape {list(shape)} of {spec.datatype} needs {expected}")
-            data = raw[i]
+            data = raw.pop(0)
+            if len(data) != expected:
+                raise ProtocolError(f"input '{t.name}': {len(data)} raw bytes, shape {list(shape)} of {spec.datatype} needs {expected}")
         else:
             data = _typed(spec, t, shape)
         decoded.append(kserve.InferInput(t.name, spec.datatype, shape, data))
@@ -88,12 +101,12 @@ def infer_request(msg: pb.ModelInferRequest, inputs: list[kserve.TensorSpec], ou
     if len(rows) > 1:
         raise ProtocolError(f"inputs disagree on the batch size: {sorted(rows)}")
     known = {o.name for o in outputs}
-    asked = [o.name for o in msg.outputs] or [o.name for o in outputs]
-    if unknown := [n for n in asked if n not in known]:
+    asked = [(o.name, _shm(o.parameters, f"output '{o.name}'")) for o in msg.outputs] or [(o.name, None) for o in outputs]
+    if unknown := [n for n, _ in asked if n not in known]:
         raise ProtocolError(f"unknown output(s) {unknown}, model outputs are {sorted(known)}")
-    if len(set(asked)) != len(asked):
+    if len({n for n, _ in asked}) != len(asked):
         raise ProtocolError("an output is requested more than once")
-    return kserve.InferRequest(id=msg.id or None, inputs=decoded, outputs=[kserve.RequestedOutput(n, True) for n in asked],
+    return kserve.InferRequest(id=msg.id or None, inputs=decoded, outputs=[kserve.RequestedOutput(n, True, shm) for n, shm in asked],
                                rows=rows.pop(), priority=_param(msg.parameters, "priority"),
                                timeout_us=_param(msg.parameters, "timeout"), parameters={})  # fmt: skip
 
@@ -102,8 +115,13 @@ def infer_response(model: str, version: str, request_id: str | None, arrays: lis
     """Outputs as raw_output_contents, little-endian, as tritonclient reads them."""
     r = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id or "")
     for o, arr in arrays:
-        r.outputs.add(name=o.name, datatype=kserve.datatype_of(arr.dtype), shape=list(arr.shape))
-        r.raw_output_contents.append(np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes())
+        out = r.outputs.add(name=o.name, datatype=kserve.datatype_of(arr.dtype), shape=list(arr.shape))
+        if o.shm is not None:  # already in its region: named here, and an empty entry keeps the others' places
+            out.parameters["shared_memory_region"].string_param = o.shm.region
+            out.parameters["shared_memory_byte_size"].int64_param = arr.nbytes
+            r.raw_output_contents.append(b"")
+        else:
+            r.raw_output_contents.append(np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes())
     return r
 
 

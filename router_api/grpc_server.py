@@ -111,6 +111,38 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await self._answer(context, make)
 
+    # -- system shared memory (router_api.system_shm) ----------------------------------
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        def make():
+            regions = self._shm(lambda r: r.status(request.name or None))
+            reply = pb.SystemSharedMemoryStatusResponse()
+            for r in regions:
+                reply.regions[r["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**r))
+            return reply
+
+        return await self._answer(context, make)
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        def make():
+            self._shm(lambda r: r.register(request.name, request.key, request.offset, request.byte_size))
+            return pb.SystemSharedMemoryRegisterResponse()
+
+        return await self._answer(context, make)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        def make():
+            self.router.system_shm.unregister(request.name or None)
+            return pb.SystemSharedMemoryUnregisterResponse()
+
+        return await self._answer(context, make)
+
+    def _shm(self, use):
+        try:
+            return use(self.router.system_shm)
+        except ProtocolError as e:
+            raise Refused(grpc.StatusCode.NOT_FOUND if e.status == 404 else grpc.StatusCode.INVALID_ARGUMENT, e.message) from None
+
     # -- inference ----------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
@@ -159,6 +191,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         entry = self._entry(msg.model_name, msg.model_version)
         try:
             req = grpc_codec.infer_request(msg, entry.inputs, entry.outputs, router.max_batch_size)
+            router.system_shm.resolve(req)  # inputs given by region and offset
         except ProtocolError as e:
             raise Refused(status_of(e.status), e.message) from None
         item = tensor_item(req, entry.kind)
@@ -185,7 +218,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise Refused(grpc.StatusCode.INTERNAL, str(e)) from None
         if isinstance(answer.result, ItemError):
             raise Refused(status_of(answer.result.status), answer.result.message)
-        return grpc_codec.infer_response(entry.name, router.version, req.id, output_arrays(req, answer.result.outputs))
+        arrays = output_arrays(req, answer.result.outputs)
+        self._shm(lambda r: r.write_outputs(arrays))  # outputs asked for in a region
+        return grpc_codec.infer_response(entry.name, router.version, req.id, arrays)
 
 
 async def start_grpc(router, host: str, port: int, reuse_port: bool) -> grpc.aio.Server:

@@ -52,7 +52,7 @@ def mangled(**change) -> pb.ModelInferRequest:
     (dict(a=lambda m: setattr(m.inputs[0], "datatype", "FP64")), "datatype"),
     (dict(a=lambda m: m.inputs[0].shape.append(1)), "rank"),
     (dict(a=lambda m: m.raw_input_contents.__setitem__(0, b"abc")), "raw bytes"),
-    (dict(a=lambda m: m.raw_input_contents.pop()), "one each"),
+    (dict(a=lambda m: m.raw_input_contents.pop()), "one for each input"),
     (dict(a=lambda m: m.inputs.pop(), b=lambda m: m.raw_input_contents.pop()), "missing input"),
     (dict(a=lambda m: m.outputs.add(name="nope")), "unknown output"),
     (dict(a=lambda m: m.parameters["priority"].CopyFrom(pb.InferParameter(string_param="x"))), "priority"),

@@ -103,3 +103,36 @@ def test_http_inputs_and_outputs_by_region_give_the_bodys_answer(slow):  # noqa:
         shm.destroy_shared_memory_region(h_in)
         shm.destroy_shared_memory_region(h_out)
     assert not any(os.path.exists(f"/dev/shm{k}") for k in keys)
+
+
+@pytest.mark.integration
+def test_grpc_inputs_and_outputs_by_region_match_http(slow):  # noqa: F811
+    import tritonclient.grpc as grpcclient
+
+    from tests.http import infer_binary, logits_of
+
+    client = grpcclient.InferenceServerClient(slow.grpc)
+    x = image(0.6)
+    keys = [f"/br-gin-{uuid.uuid4().hex[:6]}", f"/br-gout-{uuid.uuid4().hex[:6]}"]
+    h_in, h_out = shm.create_shared_memory_region("gin", keys[0], x.nbytes), shm.create_shared_memory_region("gout", keys[1], 12)
+    try:
+        shm.set_shared_memory_region(h_in, [x])
+        client.register_system_shared_memory("gin", keys[0], x.nbytes)
+        client.register_system_shared_memory("gout", keys[1], 12)
+        assert set(client.get_system_shared_memory_status().regions) == {"gin", "gout"}
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_shared_memory("gin", x.nbytes)
+        out = grpcclient.InferRequestedOutput("logits")
+        out.set_shared_memory("gout", 12)
+        client.infer(MODEL, [inp], outputs=[out])
+        assert np.array_equal(shm.get_contents_as_numpy(h_out, np.float32, [1, 3]), logits_of(infer_binary(slow.url, x), 1))
+        inp.set_shared_memory("nope", x.nbytes)
+        with pytest.raises(grpcclient.InferenceServerException) as e:
+            client.infer(MODEL, [inp], outputs=[out])
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "no shared memory region" in e.value.message()
+        client.unregister_system_shared_memory()
+        assert len(client.get_system_shared_memory_status().regions) == 0
+    finally:
+        shm.destroy_shared_memory_region(h_in)
+        shm.destroy_shared_memory_region(h_out)
+    assert not any(os.path.exists(f"/dev/shm{k}") for k in keys)
