@@ -48,10 +48,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     a = p.add_argument
     a("--url", default="http://127.0.0.1:8000", help="router base URL (ignored with --spawn)")
     a("--mode", choices=("classify", "infer"), default="classify")
-    a("--protocol", choices=("http", "grpc", "grpc-stream"), default="http",
-      help="infer mode: KServe v2 over HTTP, gRPC (unary), or gRPC with one stream per client")
+    a("--protocol", choices=("http", "http-shm", "grpc", "grpc-stream"), default="http",
+      help="infer mode: KServe v2 over HTTP, HTTP with tensors in system shared memory, gRPC (unary), "
+           "or gRPC with one stream per client")
     a("--grpc-target", default="127.0.0.1:8001", help="the router's gRPC address (ignored with --spawn)")
-    a("--baseline-http", action="store_true", help="with --protocol grpc*: the same load over HTTP, same router")
+    a("--baseline-http", action="store_true", help="with another --protocol: the same load over plain HTTP, same router")
     a("--model", default="resnet50", help="model name in /v2/models/<model>")
     a("--concurrency", type=int, default=16, help="closed loop: connections in flight")
     a("--rate", type=float, help="open loop: Poisson arrivals at this many req/s")
@@ -148,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.baseline_http:
         http = result["baseline_http"]
         ratios["router_over_http_req"] = ratio(result["router"]["req_per_s"], http["req_per_s"])
-        print(f"gRPC req/s / HTTP req/s: {ratios['router_over_http_req']}")
+        print(f"{args.protocol} req/s / HTTP req/s: {ratios['router_over_http_req']}")
     if args.baseline_bare:
         bare = result["baseline_bare"] = bare_baseline(args, meta, path, headers, body, rows)
         ratios["router_over_bare_req"] = ratio(result["router"]["req_per_s"],

@@ -42,7 +42,7 @@ ROUND_METRICS = [
     ("router_over_bare_req", "router req/s / bare req/s", "{:.3f}"),
     ("latency_p50_delta_vs_bare_ms", "router p50 - bare p50 ms", "{:+.2f}"),
     ("http_req_per_s", "same router over HTTP req/s", "{:.1f}"),
-    ("router_over_http_req", "gRPC req/s / HTTP req/s", "{:.3f}"),
+    ("router_over_http_req", "this protocol's req/s / plain HTTP req/s", "{:.3f}"),
 ]
 
 

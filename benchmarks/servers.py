@@ -76,7 +76,7 @@ def spawn_router(args: argparse.Namespace, root: Path = ROOT) -> tuple[subproces
     port = free_port()
     # `python -m` from this tree, never a console script: that would run whichever copy
     # is installed, and there is none where the package is only on PYTHONPATH.
-    grpc_port = free_port() if getattr(args, "protocol", "http") != "http" else 0
+    grpc_port = free_port() if getattr(args, "protocol", "http").startswith("grpc") else 0
     if grpc_port:
         args.grpc_target = f"127.0.0.1:{grpc_port}"
     cmd = [sys.executable, "-m", "router_api.cli", "up", "--port", str(port), "--grpc-port", str(grpc_port),

@@ -70,7 +70,12 @@ async def load_window(url: str, args: argparse.Namespace, path: str, headers: di
 
     send = post
     protocol = getattr(args, "protocol", "http")
-    if protocol != "http":  # the same tensors as KServe v2 gRPC calls
+    if protocol == "http-shm":  # the same tensors, left in shared memory: the body names them
+        from benchmarks.shmload import shm_sender
+
+        meta = await get_json(host, port, f"{base}/v2/models/{args.model}")
+        send = shm_sender(host, port, base, args.model, headers, body, meta["outputs"])
+    elif protocol != "http":  # the same tensors as KServe v2 gRPC calls
         from benchmarks.grpcload import grpc_sender
 
         send = grpc_sender(args.grpc_target, args.model, headers, body, stream=protocol == "grpc-stream")

@@ -138,8 +138,8 @@ def test_a_cancelled_call_leaves_the_queue(slow):
     assert slow.stats(MODEL)["rejected"].get("cancelled", 0) >= 1
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "grpc-stream"])
-def test_the_load_test_speaks_grpc_beside_http(slow, tmp_path, protocol):
+@pytest.mark.parametrize("protocol", ["grpc", "grpc-stream", "http-shm"])
+def test_the_load_test_speaks_grpc_and_shared_memory_beside_http(slow, tmp_path, protocol):
     import json
 
     from benchmarks import loadtest
