@@ -332,8 +332,8 @@ async def scheduler_kill(model: Path, clients: int) -> dict:
 async def overload(model: Path, clients: int, seconds: float = 30.0) -> dict:
     svc = Service(model).start()
     try:
-        warm = Record()
-        await closed_loop(svc.url, clients, 8.0, warm)
+        warm = Record()  # capacity: enough clients to keep every batch full
+        await closed_loop(svc.url, 4 * clients, 8.0, warm)
         capacity = warm.rate(2.0, 8.0)
         record = Record()
         count0 = served(svc.url)
