@@ -250,9 +250,9 @@ def parse_infer_request(body: bytes | memoryview, header_length: int | None, inp
             raise ProtocolError(f"{where}: datatype {entry.get('datatype')!r} does not match model "
                                 f"datatype {spec.datatype}")
         shape = check_shape(spec, entry.get("shape"), max_batch_size)
-        params = _field(entry, "parameters", {}, "an object", where)
-        size = params.get("binary_data_size")
-        shm = shm_tensor(params, where)
+        tensor_params = _field(entry, "parameters", {}, "an object", where)
+        size = tensor_params.get("binary_data_size")
+        shm = shm_tensor(tensor_params, where)
         if shm is not None:  # in a registered region: the handler reads it from there
             expected = math.prod(shape) * DTYPES[spec.datatype].itemsize
             if size is not None or "data" in entry or shm.byte_size != expected:
