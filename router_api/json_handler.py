@@ -77,4 +77,5 @@ class JSONHandler(web.RequestHandler):
         entry = self.router.entries.get(name)
         if entry is None or version not in (None, "", self.router.version):
             self.fail(404, f"unknown model: '{name}'" + (f" version {version}" if version else ""))
+            return None
         return entry

@@ -170,6 +170,16 @@ def test_what_tornado_cannot_parse_still_gets_a_json_400(cluster, sent):
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
 
 
+def test_an_unknown_version_is_a_404_and_nothing_else(cluster):
+    """Found by the fuzz test: the 404 was written, then the body parsed anyway, and its
+    400 raised "finish() called twice" into the log."""
+    r = request(cluster.url, "POST", "/v2/models/resnet50/versions/7/infer", b"\x8b not json")
+    assert r.status == 404 and "version 7" in error_of(r)
+    time.sleep(1.0)  # the service logs after it answered
+    log = cluster.log.read_text() if cluster.log else ""
+    assert "finish() called twice" not in log
+
+
 def test_non_finite_outputs_are_written_as_valid_json():
     """NaN and infinities, which JSON has no numbers for, are written as proto3's JSON
     mapping writes them: the strings "NaN", "Infinity" and "-Infinity"."""
