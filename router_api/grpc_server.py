@@ -25,7 +25,7 @@ from core.protocol import ItemError
 from router_api import grpc_codec
 from router_api.dispatch_events import DeadlineExceeded, Unavailable
 from router_api.kserve import ProtocolError
-from router_api.tensors import output_arrays, tensor_item
+from router_api.tensors import into_slab, output_arrays, tensor_item
 
 logger = logging.getLogger("router_api.grpc_server")
 
@@ -194,7 +194,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             router.system_shm.resolve(req)  # inputs given by region and offset
         except ProtocolError as e:
             raise Refused(status_of(e.status), e.message) from None
-        item = tensor_item(req, entry.kind)
+        slab, refs = into_slab(router.shm, req.inputs) if router.link.shm_workers() else (None, None)
+        try:
+            return await self._run(msg, req, entry, tensor_item(req, entry.kind, refs))
+        finally:
+            if slab is not None:  # answered, failed or cancelled: nobody reads it any more
+                router.shm.give_back(slab)
+
+    async def _run(self, msg, req, entry, item) -> pb.ModelInferResponse:
+        router = self.router
         packed = await asyncio.to_thread(pack_item, item) if router.dispatcher.far_workers() else None
         link = router.link
         try:

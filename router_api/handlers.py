@@ -19,7 +19,7 @@ from core.protocol import ImageItem, ItemError
 from router_api import json_child, kserve
 from router_api.body_handler import BodyHandler
 from router_api.json_handler import JSONHandler
-from router_api.tensors import as_frame, output_arrays, tensor_item
+from router_api.tensors import as_frame, into_slab, output_arrays, tensor_item
 
 logger = logging.getLogger("router_api.handlers")
 
@@ -113,7 +113,10 @@ class Infer(BodyHandler):
             router.system_shm.resolve(req)  # inputs given by region and offset
         except kserve.ProtocolError as e:
             return self.fail(e.status, str(e))
-        item = tensor_item(req, entry.kind, self.shm_refs(req.inputs))
+        refs = self.shm_refs(req.inputs)
+        if refs is None and self.slab is None and router.link.shm_workers():  # from a client's region, say
+            self.slab, refs = into_slab(router.shm, req.inputs)  # given back when the response is finished
+        item = tensor_item(req, entry.kind, refs)
         packed = None
         if router.dispatcher.far_workers():  # zlib releases the GIL: off the event loop
             packed = await asyncio.to_thread(pack_item, item)
