@@ -143,6 +143,11 @@ def served(url: str) -> int:
         return json.loads(r.read())["model_stats"][0]["inference_stats"]["success"]["count"]
 
 
+def answered_twice(url: str, served_before: int, record: Record) -> int:
+    """Requests the server counted as served beyond the 200s the clients received."""
+    return served(url) - served_before - sum(1 for r in record.rows if r[1] == 200)
+
+
 def summary(record: Record, twice: int, recovery: float | None, **extra) -> dict:
     statuses = [r[1] for r in record.rows]
     ok = [r for r in record.rows if r[1] == 200]
@@ -253,78 +258,67 @@ class Service:
 # -- the faults --------------------------------------------------------------------------
 
 
-async def with_fault(svc: Service, clients: int, before: float, after: float, fault, record: Record) -> tuple[float, float]:
-    """Load throughout; ``fault`` (a coroutine function) runs after ``before`` seconds and
-    returns when the fault ends (the moment recovery is measured from)."""
+async def with_fault(svc: Service, clients: int, before: float, after: float, fault, **extra) -> tuple[Record, dict, float]:
+    """Load throughout; ``fault(t0)`` runs after ``before`` seconds and returns when the
+    fault ends (seconds after ``t0``: recovery is measured from then). Returns the record,
+    its summary (``extra`` added) and that moment."""
+    record = Record()
+    count0 = served(svc.url)  # the front end's statistics: they outlive a scheduler
     load = asyncio.create_task(closed_loop(svc.url, clients, 1e9, record, stop := asyncio.Event()))
     await asyncio.sleep(before)
     baseline = record.rate(1.0, before)
-    end = await fault()
+    end = await fault(record.t0)
     await asyncio.sleep(after)
     stop.set()
     await load
-    return baseline, end
+    twice = answered_twice(svc.url, count0, record)
+    recovery = record.recovery(end, baseline, record.rows[-1][0])
+    return record, summary(record, twice, recovery, baseline_per_s=round(baseline, 1), **extra), end
 
 
 async def worker_kill(model: Path, clients: int) -> dict:
     svc = Service(model).start()
-    record = Record()
     try:
-        count0 = served(svc.url)
-
-        async def fault() -> float:
+        async def fault(t0: float) -> float:
             os.kill(svc.worker_pids()[0], signal.SIGKILL)
-            return time.monotonic() - record.t0
+            return time.monotonic() - t0
 
-        baseline, end = await with_fault(svc, clients, 6.0, 20.0, fault, record)
-        twice = served(svc.url) - count0 - sum(1 for r in record.rows if r[1] == 200)
-        return summary(record, twice, record.recovery(end, baseline, record.rows[-1][0]), baseline_per_s=round(baseline, 1))
+        return (await with_fault(svc, clients, 6.0, 20.0, fault))[1]
     finally:
         svc.stop()
 
 
 async def worker_stop(model: Path, clients: int) -> dict:
     svc = Service(model).start()
-    record = Record()
     try:
-        count0 = served(svc.url)
-
-        async def fault() -> float:
+        async def fault(t0: float) -> float:
             pid = svc.worker_pids()[0]
             os.kill(pid, signal.SIGSTOP)
             await asyncio.sleep(15.0)
             os.kill(pid, signal.SIGCONT)
-            return time.monotonic() - record.t0
+            return time.monotonic() - t0
 
-        baseline, end = await with_fault(svc, clients, 6.0, 15.0, fault, record)
-        stopped = record.rate(end - 12.0, end - 1.0)
-        twice = served(svc.url) - count0 - sum(1 for r in record.rows if r[1] == 200)
-        return summary(record, twice, record.recovery(end, baseline, record.rows[-1][0]), baseline_per_s=round(baseline, 1),
-                       while_stopped_per_s=round(stopped, 1))  # fmt: skip
+        record, out, end = await with_fault(svc, clients, 6.0, 15.0, fault)
+        return out | {"while_stopped_per_s": round(record.rate(end - 12.0, end - 1.0), 1)}
     finally:
         svc.stop()
 
 
 async def scheduler_kill(model: Path, clients: int) -> dict:
     svc = Service(model, split=True).start()
-    record = Record()
     try:
-        count0 = served(svc.url)  # the front end's statistics: they outlive the scheduler
-
-        async def fault() -> float:
+        async def fault(t0: float) -> float:
             svc.scheduler.send_signal(signal.SIGKILL)
             await asyncio.sleep(3.0)
             svc.start_scheduler()  # on the same port; the workers died with the old one
-            back = time.monotonic() - record.t0
+            back = time.monotonic() - t0
             await asyncio.sleep(0.5)
             svc.start_workers()
             return back
 
-        baseline, end = await with_fault(svc, clients, 6.0, 25.0, fault, record)
+        record, out, end = await with_fault(svc, clients, 6.0, 25.0, fault)
         gap = [r[0] for r in record.rows if r[1] == 200 and r[0] > end]
-        twice = served(svc.url) - count0 - sum(1 for r in record.rows if r[1] == 200)
-        return summary(record, twice, record.recovery(end, baseline, record.rows[-1][0]), baseline_per_s=round(baseline, 1),
-                       first_success_after_restart_s=round(gap[0] - end, 1) if gap else None)  # fmt: skip
+        return out | {"first_success_after_restart_s": round(gap[0] - end, 1) if gap else None}
     finally:
         svc.stop()
 
@@ -338,7 +332,7 @@ async def overload(model: Path, clients: int, seconds: float = 30.0) -> dict:
         record = Record()
         count0 = served(svc.url)
         await open_loop(svc.url, 3 * capacity, seconds, record)
-        twice = served(svc.url) - count0 - sum(1 for r in record.rows if r[1] == 200)
+        twice = answered_twice(svc.url, count0, record)
         wait = 5.0  # batch-router.max-queue-wait's default
         out = summary(record, twice, None, capacity_per_s=round(capacity, 1), offered_per_s=round(3 * capacity, 1),
                       max_queue_wait_s=wait)  # fmt: skip
@@ -351,12 +345,9 @@ async def overload(model: Path, clients: int, seconds: float = 30.0) -> dict:
 
 async def slowloris(model: Path, clients: int, connections: int = 200, seconds: float = 30.0) -> dict:
     svc = Service(model).start()
-    record = Record()
     socks: list = []
     try:
-        count0 = served(svc.url)
-
-        async def fault() -> float:
+        async def fault(t0: float) -> float:
             for _ in range(connections):  # headers begun, never finished: a byte now and then
                 _, w = await asyncio.open_connection("127.0.0.1", svc.port)
                 w.write(b"POST /v2/models/trivial-uint8/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -368,15 +359,12 @@ async def slowloris(model: Path, clients: int, connections: int = 200, seconds: 
                         w.write(b"X-a: b\r\n")
             for w in socks:
                 w.close()
-            return time.monotonic() - record.t0
+            return time.monotonic() - t0
 
-        baseline, end = await with_fault(svc, clients, 6.0, 8.0, fault, record)
-        during = record.between(6.0, end)
-        lat = sorted(r[2] for r in during if r[1] == 200)
-        twice = served(svc.url) - count0 - sum(1 for r in record.rows if r[1] == 200)
-        return summary(record, twice, record.recovery(end, baseline, record.rows[-1][0]), baseline_per_s=round(baseline, 1),
-                       during_attack_per_s=round(record.rate(6.0, end), 1),
-                       during_attack_p50_ms=round(1e3 * lat[len(lat) // 2], 1) if lat else None, connections=connections)  # fmt: skip
+        record, out, end = await with_fault(svc, clients, 6.0, 8.0, fault, connections=connections)
+        lat = sorted(r[2] for r in record.between(6.0, end) if r[1] == 200)
+        return out | {"during_attack_per_s": round(record.rate(6.0, end), 1),
+                      "during_attack_p50_ms": round(1e3 * lat[len(lat) // 2], 1) if lat else None}  # fmt: skip
     finally:
         svc.stop()
 
@@ -392,7 +380,7 @@ async def soak(model: Path, clients: int, minutes: float) -> dict:
             samples.append((round(time.monotonic() - record.t0, 1), svc.rss()))
             print(f"  soak {samples[-1][0]:.0f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in samples[-1][1].items()), flush=True)
             await asyncio.wait([load], timeout=30.0)
-        twice = served(svc.url) - count0 - sum(1 for r in record.rows if r[1] == 200)
+        twice = answered_twice(svc.url, count0, record)
         warm = next((s for t, s in samples if t >= min(120.0, 60 * minutes / 3)), samples[0][1])
         last = samples[-1][1]
         growth = {k: round(last[k] - warm[k], 1) for k in last if k in warm}

@@ -25,10 +25,7 @@ def drain_rate(views: list[WorkerView], max_batch: int, now: float, tuning: Tuni
     return rate if known else None
 
 
-def expected_wait(rows_ahead: int, views: list[WorkerView], max_batch: int, now: float, tuning: Tuning) -> float | None:
+def expected_wait(rows_ahead: int, rate: float | None) -> float | None:
     """Seconds until a request arriving now reaches a worker: the rows queued and in
     flight ahead of it, at the measured rate. None: not known yet (admitted)."""
-    rate = drain_rate(views, max_batch, now, tuning)
-    if not rate:
-        return None
-    return (rows_ahead + sum(v.rows_in_flight for v in views)) / rate
+    return rows_ahead / rate if rate else None

@@ -67,7 +67,7 @@ class BodyHandler(JSONHandler):
         elapsed, window = now - self.body_started, now - self.body_checked
         why = None
         if self.too_large and self.size == 0 and elapsed >= STALLED:
-            why = ""
+            why = "stalled"  # answered 413 below, as every body over the limit is
         elif http.body_timeout and elapsed >= http.body_timeout:
             why = f"request body not received within {http.body_timeout:g} s (http.body-timeout)"
         elif http.min_body_rate and window >= RATE_WINDOW:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 
-from core.admission import expected_wait
+from core.admission import drain_rate, expected_wait
 from core.codec import pack_item
 from core.config import Settings, placement_tuning
 from core.buckets import batch_shapes
@@ -35,6 +35,9 @@ from router_api.triton_stats import ModelStats, StatsByModel
 logger = logging.getLogger("router_api.dispatcher")
 
 
+RATE_EVERY = 0.1  # seconds a measured drain rate serves admission before it is taken again
+
+
 def ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
@@ -50,6 +53,7 @@ class Dispatcher:
         self.default_level = settings.default_priority_level
         self.default_timeout = settings.default_timeout
         self.max_queue_wait = settings.max_queue_wait
+        self._rate, self._rate_at = None, -RATE_EVERY  # drain_rate's last figure, and when
         shape = model["inputs"][0]["shape"]
         most, self.buckets = batch_shapes(shape[0] if shape else None, settings.max_batch_size, model.get("buckets"))
         self.queue = BatchQueue(
@@ -141,7 +145,8 @@ class Dispatcher:
             self.stats_of(r).rejected["unavailable"] += 1
             return self._fail(r, Unavailable(self.scheduler_lost))
         if self.max_queue_wait is not None:  # shed at the door what would wait too long anyway
-            wait = expected_wait(self.queue.rows, list(self.views.values()), self.queue.max_batch_size, e.now, self.tuning)
+            ahead = self.queue.rows + sum(v.rows_in_flight for v in self.views.values())
+            wait = expected_wait(ahead, self._drain_rate(e.now))
             if wait is not None and wait > self.max_queue_wait:
                 self.stats_of(r).rejected["queue_full"] += 1
                 return self._fail(r, Unavailable(f"the queue is {wait:.1f} s deep at the rate the workers serve, "
@@ -159,6 +164,14 @@ class Dispatcher:
         except ValueError as err:
             return self._fail(r, err)
         self.received += 1
+
+    def _drain_rate(self, now: float) -> float | None:
+        """The cluster's measured rows/s, taken again at most every RATE_EVERY seconds:
+        every arrival asks, and curves move slower than requests come."""
+        if now - self._rate_at >= RATE_EVERY:
+            self._rate = drain_rate(list(self.views.values()), self.queue.max_batch_size, now, self.tuning)
+            self._rate_at = now
+        return self._rate
 
     def _cancelled(self, e: Cancelled) -> None:
         """Dropped if not sent yet; if on a worker, its answer is discarded and it is

@@ -67,7 +67,24 @@ def test_a_region_truncated_after_registering_is_refused_not_a_sigbus(region):
 
 # -- against a live cluster, with tritonclient unmodified -----------------------------
 
+from contextlib import contextmanager  # noqa: E402
+
 from tests.test_grpc import MODEL, image, slow  # noqa: E402,F401  (the one-node model's cluster)
+
+
+@contextmanager
+def client_regions(x: np.ndarray, out_bytes: int):
+    """A client's input region holding ``x`` and an empty output region, as
+    tritonclient.utils.shared_memory makes them; gone from /dev/shm afterwards."""
+    keys = [f"/br-in-{uuid.uuid4().hex[:6]}", f"/br-out-{uuid.uuid4().hex[:6]}"]
+    h_in, h_out = shm.create_shared_memory_region("in", keys[0], x.nbytes), shm.create_shared_memory_region("out", keys[1], out_bytes)
+    try:
+        shm.set_shared_memory_region(h_in, [x])
+        yield keys, h_out
+    finally:
+        shm.destroy_shared_memory_region(h_in)
+        shm.destroy_shared_memory_region(h_out)
+    assert not any(os.path.exists(f"/dev/shm{k}") for k in keys)
 
 
 @pytest.mark.integration
@@ -78,10 +95,7 @@ def test_http_inputs_and_outputs_by_region_give_the_bodys_answer(slow):  # noqa:
 
     client = httpclient.InferenceServerClient(slow.url.removeprefix("http://"))
     x = image(0.75)
-    keys = [f"/br-in-{uuid.uuid4().hex[:6]}", f"/br-out-{uuid.uuid4().hex[:6]}"]
-    h_in, h_out = shm.create_shared_memory_region("in", keys[0], x.nbytes), shm.create_shared_memory_region("out", keys[1], 12)
-    try:
-        shm.set_shared_memory_region(h_in, [x])
+    with client_regions(x, 12) as (keys, h_out):
         client.register_system_shared_memory("in", keys[0], x.nbytes)
         client.register_system_shared_memory("out", keys[1], 12)
         assert {r["name"] for r in client.get_system_shared_memory_status()} == {"in", "out"}
@@ -99,10 +113,6 @@ def test_http_inputs_and_outputs_by_region_give_the_bodys_answer(slow):  # noqa:
         assert client.get_system_shared_memory_status() == []
         fds = os.listdir(f"/proc/{slow.proc.pid}/fd")
         assert not any(keys[0][1:] in os.readlink(f"/proc/{slow.proc.pid}/fd/{fd}") for fd in fds if os.path.exists(f"/proc/{slow.proc.pid}/fd/{fd}"))
-    finally:
-        shm.destroy_shared_memory_region(h_in)
-        shm.destroy_shared_memory_region(h_out)
-    assert not any(os.path.exists(f"/dev/shm{k}") for k in keys)
 
 
 @pytest.mark.integration
@@ -113,10 +123,7 @@ def test_grpc_inputs_and_outputs_by_region_match_http(slow):  # noqa: F811
 
     client = grpcclient.InferenceServerClient(slow.grpc)
     x = image(0.6)
-    keys = [f"/br-gin-{uuid.uuid4().hex[:6]}", f"/br-gout-{uuid.uuid4().hex[:6]}"]
-    h_in, h_out = shm.create_shared_memory_region("gin", keys[0], x.nbytes), shm.create_shared_memory_region("gout", keys[1], 12)
-    try:
-        shm.set_shared_memory_region(h_in, [x])
+    with client_regions(x, 12) as (keys, h_out):
         client.register_system_shared_memory("gin", keys[0], x.nbytes)
         client.register_system_shared_memory("gout", keys[1], 12)
         assert set(client.get_system_shared_memory_status().regions) == {"gin", "gout"}
@@ -132,7 +139,3 @@ def test_grpc_inputs_and_outputs_by_region_match_http(slow):  # noqa: F811
         assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "no shared memory region" in e.value.message()
         client.unregister_system_shared_memory()
         assert len(client.get_system_shared_memory_status().regions) == 0
-    finally:
-        shm.destroy_shared_memory_region(h_in)
-        shm.destroy_shared_memory_region(h_out)
-    assert not any(os.path.exists(f"/dev/shm{k}") for k in keys)
