@@ -247,6 +247,11 @@ class Grpc:
 
 
 @dataclass(frozen=True)
+class Repository:
+    allow_load: bool = key(Flag())
+
+
+@dataclass(frozen=True)
 class Dashboard:
     interval: float = key(Duration())
     history: float = key(Duration())
@@ -300,6 +305,8 @@ class Settings:
 
     model: str | None = key(Text(nullable=True))
     model_name: str | None = key(Text(nullable=True))
+    model_repository: str | None = key(Text(nullable=True))
+    repository: Repository = section(Repository)
     uint8_model: bool = key(Flag())
     labels: str | None = key(Text(nullable=True))
     max_batch_size: int = key(Int(minimum=1))
@@ -343,6 +350,8 @@ def parse(tree: Mapping | None = None) -> Settings:
     if settings.worker.precision == "fp16" and settings.worker.device == "cpu":
         raise ConfigError("batch-router.worker.precision: fp16 needs a CUDA device; ONNX Runtime's CPU provider "
                           "runs an fp16 model in fp32 (no faster, measured), so there fp16 only adds error: use fp32")
+    if settings.model and settings.model_repository:
+        raise ConfigError("batch-router.model-repository: serve one model file (model) or a repository, not both")
     if settings.worker.cuda.graphs and not settings.worker.io_binding:
         raise ConfigError("batch-router.worker.cuda.graphs: CUDA graphs replay fixed device buffers, so they need "
                           "worker.io-binding: true")

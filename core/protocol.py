@@ -22,6 +22,7 @@ import numpy as np
 # scheduler.extensions.
 EXTENSION = "batch-router"
 WORKERS_TOPIC = "batch-router-workers"  # membership events, plugin -> front ends
+MODELS_TOPIC = "batch-router-models"  # a model loaded, unloading or unloaded, plugin -> front ends
 STATE_TOPIC = "batch-router-state"  # every metrics interval: each worker's heartbeat metrics
 RESULTS_PREFIX = "batch-router-results-"  # + the front end's client id: batch replies
 DIRECT_OP = "batch_router_run"  # a worker's handler for batches sent straight to it (same host)
@@ -98,6 +99,7 @@ class BatchSpec:
     topic: str  # where the worker publishes the reply
     items: list[Item]
     trace: bool = False  # stamp the task's progress into the reply (core.trace)
+    model: str = ""  # which of the worker's models runs it ("": its first)
 
 
 # -- worker -> front end ---------------------------------------------------------------

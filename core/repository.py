@@ -161,3 +161,14 @@ def memory_need(file_bytes: int, precision: str) -> int:
     reports the measured growth once loaded, and that replaces this guess."""
     weights = file_bytes // 2 if precision == "fp16" else file_bytes
     return 3 * weights
+
+
+def room_for(gpu: dict | None, need: int, headroom: float) -> str | None:
+    """Why a worker with this GPU sample cannot take a model needing ``need`` bytes; None
+    if it can. A worker without GPU memory figures (a CPU worker) always can."""
+    if not gpu or not gpu.get("memory_total") or gpu.get("memory_used") is None:
+        return None
+    free = gpu["memory_total"] * (1 - headroom) - gpu["memory_used"]
+    if free >= need:
+        return None
+    return f"needs {need / 2**20:.0f} MiB of GPU memory, {max(0.0, free) / 2**20:.0f} MiB free (after {headroom:.0%} headroom)"

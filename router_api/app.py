@@ -19,6 +19,7 @@ from core.labels import load_labels
 from router_api import kserve
 from router_api.cluster_link import ClusterLink
 from router_api.dispatch_events import Answer
+from router_api.dispatcher import Dispatcher
 from router_api.shm import ShmPool
 from router_api.json_handler import HEAD_READ
 from router_api.handlers import (
@@ -33,13 +34,15 @@ from router_api.handlers import (
     Ready,
     ServerMetadata,
 )
+from router_api.repository import RepositoryIndex, RepositoryLoad, RepositoryUnload
 from router_api.shm_handlers import ShmRegister, ShmStatus, ShmUnregister
 from router_api.status_handlers import Dashboard, Metrics, Trace, Workers
 from router_api.system_shm import Registry
 
 logger = logging.getLogger("router_api.app")
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "schedule_policy", "statistics", "system_shared_memory"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "schedule_policy", "statistics",
+              "system_shared_memory"]  # fmt: skip
 TRACES_KEPT = 1000
 RANDOM_WEIGHTS_NOTE = "random (seed=0): predictions are meaningless"
 
@@ -50,27 +53,29 @@ def tensor_specs(tensors: list[dict]) -> list[kserve.TensorSpec]:
 
 @dataclass(frozen=True)
 class Entry:
-    """One model name the service answers to (``core.entries``)."""
+    """One model name the service answers to (``core.entries``): a model's own, or its
+    ``-uint8`` twin, both queued on that model's dispatcher."""
 
     name: str
     kind: str  # "": the model file as it is; "uint8": behind in-graph preprocessing
     inputs: list[kserve.TensorSpec]
     outputs: list[kserve.TensorSpec]
+    model: dict  # the model's info, from the scheduler
+    dispatcher: Dispatcher
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.dispatcher.queue.max_batch_size
 
 
 class Router:
-    """What the handlers read: model metadata, settings, and the link to the cluster."""
+    """What the handlers read: the models' names and metadata, settings, and the link to
+    the cluster. ``entries`` follows the models the cluster serves as they load and unload."""
 
     version = "1"
 
-    def __init__(self, link: ClusterLink, settings: Settings, model: dict) -> None:
+    def __init__(self, link: ClusterLink, settings: Settings) -> None:
         self.link = link
-        self.dispatcher = link.dispatcher
-        self.model = model
-        self.model_name = model["name"]
-        self.inputs = tensor_specs(model["inputs"])
-        self.outputs = tensor_specs(model["outputs"])
-        self.max_batch_size = self.dispatcher.queue.max_batch_size
         self.settings = settings
         # Bound to loopback: only loopback names may appear in Host (a DNS-rebinding page's
         # would not); bound beyond it, any (use http.auth-token there).
@@ -80,20 +85,47 @@ class Router:
         self.max_body_size = settings.http.max_body_size
         self.retry_after = settings.retry_after
         self.top_k = settings.http.top_k
-        self.num_classes = max(1, self.outputs[0].shape[-1])
-        self.labels = load_labels(settings.labels, self.num_classes)
-        self.notes = model.get("metadata", {})
-        self.entries = {self.model_name: Entry(self.model_name, "", self.inputs, self.outputs)}
-        if u := model.get("uint8"):
-            self.entries[u["name"]] = Entry(u["name"], UINT8, tensor_specs(u["inputs"]), tensor_specs(u["outputs"]))
-        # Images go to the uint8 entry where there is one: workers normalise them in the graph.
-        self.images = u["name"] if u else self.model_name
+        self.entries: dict[str, Entry] = {}
+        self.labels_of: dict[str, list[str]] = {}  # model name -> class names
+        self.refresh()
+        first = self.link.dispatcher.model
+        # /v1/classify and the Python API serve the first model; images go to its uint8
+        # entry where there is one: workers normalise them in the graph.
+        self.model, self.model_name = first, first["name"]
+        self.images = first["uint8"]["name"] if first.get("uint8") else self.model_name
+        self.max_batch_size = self.link.dispatcher.queue.max_batch_size
+        self.num_classes = max(1, self.entries[self.model_name].outputs[0].shape[-1])
+        self.labels = self.labels_of[self.model_name]
         self.dashboard: str | None = None  # the Dask dashboard's base URL, when known
         self.grpc = None  # the gRPC server (router_api.grpc_server), when grpc.port is set
         self.traces: deque | None = deque(maxlen=TRACES_KEPT) if settings.trace else None  # core.trace, when on
         # Tensor request bodies for workers on this host, in shared memory (router_api.shm).
         self.shm = ShmPool(settings.shared_memory) if settings.shared_memory and link.direct else None
         self.system_shm = Registry()  # clients' regions (Triton's system shared-memory extension)
+        link.on_models = self.refresh
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.link.dispatcher
+
+    @property
+    def dispatchers(self) -> list[Dispatcher]:
+        return list(self.link.dispatchers.values())
+
+    def refresh(self) -> None:
+        """The names served now: each model's, and its ``-uint8`` twin's."""
+        entries = {}
+        first = next(iter(self.link.dispatchers), None)
+        for name, d in self.link.dispatchers.items():
+            m = d.model
+            outputs = tensor_specs(m["outputs"])
+            entries[name] = Entry(name, "", tensor_specs(m["inputs"]), outputs, m, d)
+            if u := m.get("uint8"):
+                entries[u["name"]] = Entry(u["name"], UINT8, tensor_specs(u["inputs"]), tensor_specs(u["outputs"]), m, d)
+            if name not in self.labels_of:
+                width = max(1, outputs[0].shape[-1]) if outputs else 1
+                self.labels_of[name] = m.get("labels") or load_labels(self.settings.labels if name == first else None, width)
+        self.entries = entries
 
     def close(self) -> None:
         if self.shm is not None:
@@ -110,34 +142,43 @@ class Router:
         return kserve.server_metadata("gpu-batch-router", v, EXTENSIONS)
 
     def model_metadata(self, entry: Entry) -> dict:
+        m = entry.model
         meta = kserve.model_metadata(entry.name, self.version, "onnx_onnxv1", entry.inputs, entry.outputs)
-        meta["parameters"] = {"sha256": self.model["sha256"], **self.notes,
-                              "precision": self.model.get("precision", "fp32")}  # fmt: skip
+        meta["parameters"] = {"sha256": m["sha256"], **m.get("metadata", {}), "precision": m.get("precision", "fp32")}
         if entry.kind == UINT8:
-            meta["parameters"].update({"preprocessing": PREPROCESSING, "classifier": self.model_name})
+            meta["parameters"].update({"preprocessing": PREPROCESSING, "classifier": m["name"]})
         return meta
 
     def model_config(self, entry: Entry) -> dict:
-        q = self.dispatcher.queue
+        d = entry.dispatcher
+        q = d.queue
         batching = {
             # Triton's preferred sizes, enforced: every batch is padded up to one of them.
-            "preferred_batch_size": list(self.dispatcher.buckets),
+            "preferred_batch_size": list(d.buckets),
             "max_queue_delay_microseconds": int(q.max_queue_delay * 1e6),
-            "priority_levels": self.dispatcher.levels,
-            "default_priority_level": self.dispatcher.default_level,
+            "priority_levels": d.levels,
+            "default_priority_level": d.default_level,
             "default_queue_policy": {
                 "timeout_action": "REJECT",
-                "default_timeout_microseconds": int(self.dispatcher.default_timeout * 1e6),
+                "default_timeout_microseconds": int(d.default_timeout * 1e6),
                 "allow_timeout_override": True,
                 "max_queue_size": q.max_queue_size,
             },
         }
-        return kserve.model_config(entry.name, "onnxruntime_onnx", self.max_batch_size, entry.inputs, entry.outputs, batching)
+        return kserve.model_config(entry.name, "onnxruntime_onnx", q.max_batch_size, entry.inputs, entry.outputs, batching)
+
+    def stats(self) -> dict:
+        """Triton's statistics of every name served, by name."""
+        return {name: s for d in self.dispatchers for name, s in d.entry_stats.items()}
 
     def workers(self) -> list[dict]:
         """One entry per worker: what it is, what it is doing, and how placement sees it.
         Startup info and metrics carry no secrets (no tokens, no keys)."""
         d = self.dispatcher
+        views: dict = {}
+        for x in self.dispatchers:  # a worker once, whichever models it holds; its load summed
+            for v in x.views.values():
+                views.setdefault(v.address, []).append(v)
         # options: ONNX Runtime's CUDA provider options as the session reports them, and
         # io_binding; warmup: each bucket's first and steady run, timed before it joined; uint8:
         # the uint8 entry's session (its warm-up), None when the cluster serves none.
@@ -145,8 +186,10 @@ class Router:
                 "options", "cuda_graphs", "warmup", "uint8", "decoder", "restarts")  # fmt: skip
         now = self.link.now
         shares = d.weights(now)
-        return [
-            {
+        out = []
+        for vs in views.values():
+            v = vs[0]
+            out.append({
                 "address": v.address,
                 "name": v.name,
                 **{k: v.info.get(k) for k in keys},
@@ -156,10 +199,11 @@ class Router:
                 "weight": round(shares.get(v.address, 0.0), 4),
                 "responsive": v.responsive,
                 "window": v.window,
-                "in_flight": v.in_flight,
-                "rows_in_flight": v.rows_in_flight,
-                "batches": v.batches,
-                "rows": v.rows,
+                "in_flight": sum(x.in_flight for x in vs),
+                "rows_in_flight": sum(x.rows_in_flight for x in vs),
+                "batches": sum(x.batches for x in vs),
+                "rows": sum(x.rows for x in vs),
+                "models": sorted(v.info.get("models") or {}),
                 "padded_rows": v.reported.get("padded_rows"),
                 "peak_batches": v.reported.get("peak_accepted"),  # most router batches it held at once, all front ends
                 "service_s": v.service.as_dict(),
@@ -167,9 +211,8 @@ class Router:
                 "link_s": round(v.link, 6),
                 "recent_errors": sum(1 for t in v.errors if now - t <= d.tuning.error_window),
                 "metrics_error": v.metrics_error,
-            }
-            for v in d.views.values()
-        ]
+            })
+        return out
 
     def predictions(self, answer: Answer) -> dict:
         top = answer.result
@@ -213,6 +256,9 @@ def make_app(router: Router) -> web.Application:
             (model + r"/stats", ModelStatistics, args),
             (model + r"/infer", Infer, args),
             (r"/v1/classify", Classify, args),
+            (r"/v2/repository/index", RepositoryIndex, args),
+            (r"/v2/repository/models/([^/]+)/load", RepositoryLoad, args),
+            (r"/v2/repository/models/([^/]+)/unload", RepositoryUnload, args),
             (r"/v2/systemsharedmemory(?:/region/([^/]+))?/status", ShmStatus, args),
             (r"/v2/systemsharedmemory/region/([^/]+)/register", ShmRegister, args),
             (r"/v2/systemsharedmemory(?:/region/([^/]+))?/unregister", ShmUnregister, args),
@@ -250,10 +296,10 @@ class ProtocolServer(httpserver.HTTPServer):
 async def start_front_end(client, settings: Settings, connect=None) -> tuple[Router, httpserver.HTTPServer]:
     """Link a Dispatcher to the cluster behind ``client`` and listen for HTTP; ``connect``
     makes a new client for the same scheduler, should it be lost (``ClusterLink``)."""
-    model = await client.scheduler.batch_router_model()
-    link = ClusterLink(client, settings, model, connect)
+    listing = await client.scheduler.batch_router_models()
+    link = ClusterLink(client, settings, listing["models"], connect)
     await link.start()
-    router = Router(link, settings, model)
+    router = Router(link, settings)
     try:
         router.dashboard = await client.scheduler.batch_router_dashboard()
     except Exception as e:  # an older plugin: the service runs, without the link
@@ -265,7 +311,7 @@ async def start_front_end(client, settings: Settings, connect=None) -> tuple[Rou
     host, port = settings.http.host, settings.http.port
     # Several front ends share the port: the kernel spreads connections among them.
     server.listen(port, address=host, reuse_port=settings.http.frontends > 1)
-    logger.info("HTTP front end on http://%s:%d (model %s)", host, port, router.model_name)
+    logger.info("HTTP front end on http://%s:%d (models %s)", host, port, ", ".join(link.dispatchers))
     if settings.grpc.port:
         from router_api.grpc_server import start_grpc
 

@@ -8,7 +8,7 @@ import asyncio
 
 from tornado import web
 
-from router_api.dispatch_events import Answer, DeadlineExceeded, Unavailable
+from router_api.dispatch_events import Answer, DeadlineExceeded, ModelGone, Unavailable
 from router_api.json_handler import JSONHandler
 from router_api.shm import MIN_SLAB
 
@@ -156,6 +156,8 @@ class BodyHandler(JSONHandler):
                 if isinstance(r, BaseException):
                     raise r
             return list(replies)
+        except ModelGone as e:
+            self.fail(404, str(e))
         except ValueError as e:
             self.fail(400, str(e))
         except Unavailable as e:

@@ -52,6 +52,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     flags = {f"batch-router.{key}": getattr(args, attr) for attr, key in keys.items() if getattr(args, attr, None) is not None}
     if getattr(args, "model", None):
         flags["batch-router.model"] = str(Path(args.model).expanduser().resolve())
+    if getattr(args, "model_repository", None):
+        flags["batch-router.model-repository"] = str(Path(args.model_repository).expanduser().resolve())
+    if getattr(args, "allow_load", False):
+        flags["batch-router.repository.allow-load"] = True
     if getattr(args, "dashboard_port", None) is not None:
         host = dask.config.get("batch-router.scheduler.dashboard-address").rsplit(":", 1)[0]
         flags["batch-router.scheduler.dashboard-address"] = f"{host}:{args.dashboard_port}"
@@ -60,6 +64,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         return parse(dask.config.get("batch-router"))
     except ConfigError as e:
         raise SystemExit(f"batch-router: bad setting: {e}") from None
+
+
+def repository(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repository", metavar="DIR",
+                        help="serve every model of a Triton model repository: DIR/<name>/<version>/model.onnx [+ config.pbtxt]")
+    parser.add_argument("--allow-load", action="store_true",
+                        help="let callers load repository models (POST /v2/repository/models/<name>/load)")
 
 
 def _sizes(text: str) -> list[int]:
@@ -116,6 +127,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--frontends", type=int, default=None, help="HTTP front-end processes sharing the port (default 1)")
     up.add_argument("--dashboard-port", type=int, default=None, help="Dask dashboard port (default 8787)")
     up.add_argument("--model", help="ONNX image classifier (default: ResNet-50, random weights)")
+    repository(up)
     up.add_argument(
         "--public-address",
         help="HOST:PORT remote workers dial (bore.pub:PORT), or 'bore' to start the tunnel: the scheduler port "
@@ -137,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dashboard-port", type=int, default=None)
     s.add_argument("--model")
     s.add_argument("--model-name")
+    repository(s)
     # The cluster's batch shapes and precision: its workers take them from here.
     s.add_argument("--max-batch-size", type=int, help="rows per batch (default 32)")
     s.add_argument("--buckets", type=_sizes, help="batch sizes batches are padded to, e.g. 1,8,32 (default powers of two)")

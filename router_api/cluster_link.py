@@ -23,8 +23,9 @@ from distributed.protocol import to_serialize
 
 from core.config import Settings
 from core.host import clock_id, shm_namespace
-from core.protocol import RESULTS_PREFIX, RUN_BATCH, STATE_TOPIC, WORKERS_TOPIC, BatchReply, BatchSpec, Item
+from core.protocol import MODELS_TOPIC, RESULTS_PREFIX, RUN_BATCH, STATE_TOPIC, WORKERS_TOPIC, BatchReply, BatchSpec, Item
 from router_api.dispatch_events import (
+    ModelGone,
     Abort,
     Answer,
     Arrived,
@@ -49,6 +50,7 @@ from router_api.dispatch_events import (
     WorkersListed,
 )
 from router_api.dispatcher import Dispatcher
+from router_api.telemetry import Telemetry
 
 logger = logging.getLogger("router_api.cluster_link")
 
@@ -60,14 +62,26 @@ RECONNECT_EVERY = 0.5  # seconds between attempts to reach a lost scheduler
 
 
 class ClusterLink:
-    def __init__(self, client, settings: Settings, model: dict, connect: Callable[[], Awaitable[Any]] | None = None) -> None:
+    """One Dispatcher per model the cluster serves (``models``: name -> its info), each
+    with its own queue and statistics; what Dask says of workers goes to all of them,
+    a reply to the one whose batch it is (by the batch id's prefix)."""
+
+    def __init__(self, client, settings: Settings, models: dict[str, dict], connect: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.client = client
+        self.settings = settings
         # A new Client for the same scheduler address (`serve`'s), for when Dask's own
         # reconnection gives up; None: only Dask's (`up`'s in-process client).
         self.connect = connect
         self.reconnecting: asyncio.Task | None = None
         self.clock, self.shm = clock_id(), shm_namespace()
-        self.dispatcher = Dispatcher(settings, model, f"batch-router-{uuid.uuid4().hex[:8]}", self.clock)
+        self.telemetry = Telemetry()  # every response of this front end, whichever model
+        self._prefix = f"batch-router-{uuid.uuid4().hex[:8]}"
+        self._serial = 0
+        self.dispatchers: dict[str, Dispatcher] = {}
+        self._by_prefix: dict[str, Dispatcher] = {}
+        for info in models.values():
+            self.add_model(info)
+        self.on_models: Callable[[], None] | None = None  # the Router's: refresh its model names
         self.direct = settings.direct_lane == "same-host" and bool(self.clock)
         self.unreachable: dict[str, float] = {}  # worker -> when its direct connection failed: tasks until DIRECT_RETRY
         self._direct_calls: set[asyncio.Task] = set()
@@ -98,8 +112,7 @@ class ClusterLink:
         """Stop taking requests, answer everything queued and in flight, then stop."""
         self.handle(Closing(self.now))
         deadline = self.now + timeout
-        d = self.dispatcher
-        while not d.idle and self.now < deadline and d.views:
+        while any(not d.idle and d.views for d in self.dispatchers.values()) and self.now < deadline:
             self._reap_failed()
             await asyncio.sleep(0.05)
         self.handle(Abort(self.now))
@@ -117,34 +130,81 @@ class ClusterLink:
     def now(self) -> float:
         return self.loop.time()
 
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The first model's (what a one-model front end has); the shared state (telemetry,
+        readiness) reads the same on any."""
+        return next(iter(self.dispatchers.values()))
+
+    # -- models ----------------------------------------------------------------------
+
+    def add_model(self, info: dict) -> Dispatcher:
+        self._serial += 1
+        prefix = f"{self._prefix}-{self._serial}"
+        d = Dispatcher(self.settings, info, prefix, self.clock, self.telemetry)
+        if self.dispatchers:  # loaded while this front end is shutting down, or without its scheduler: the same for it
+            d.closing, d.scheduler_lost = self.dispatcher.closing, self.dispatcher.scheduler_lost
+        self.dispatchers[info["name"]] = self._by_prefix[prefix] = d
+        d.model = info
+        return d
+
+    def remove_model(self, name: str) -> None:
+        d = self.dispatchers.pop(name, None)
+        if d is None:
+            return
+        self.handle(Abort(self.now), d)  # nothing left after draining; anything else is answered, never dropped
+        self._by_prefix = {p: x for p, x in self._by_prefix.items() if x is not d}
+
+    def serving(self, name: str) -> Dispatcher | None:
+        """The dispatcher of a name served: a model's own, or its -uint8 twin's."""
+        if not name:
+            return self.dispatcher
+        d = self.dispatchers.get(name)
+        return d if d is not None else next((x for x in self.dispatchers.values() if name in x.entry_stats), None)
+
+    def _of_batch(self, batch_id: str) -> Dispatcher | None:
+        return self._by_prefix.get(batch_id.rsplit("-", 1)[0])
+
     # -- what the handlers call --------------------------------------------------------
 
     def submit(
         self, item: Item, rows: int, priority: int = 0, timeout_us: int = 0, packed: Item | None = None, model: str = "",
         trace: dict | None = None, copyable: bool = True,
     ) -> tuple[Request, asyncio.Future]:
-        """Queue one request; its future gets the Answer, or the error to answer with
-        (DeadlineExceeded: 504). A request refused at once raises here (ValueError: 400,
-        Unavailable: 503), so a multi-part request stops at its first refused part."""
+        """Queue one request on the dispatcher of the name ``model`` it came in for (""
+        = the first model); its future gets the Answer, or the error to answer with
+        (DeadlineExceeded: 504). A request refused at once raises here (ValueError:
+        400, Unavailable: 503, ModelGone: 404), so a multi-part request stops at its first
+        refused part."""
         future = self.loop.create_future()
         request = Request(rows, priority, self.now, item=item, packed=packed, waiter=future, timeout_s=timeout_us / 1e6, model=model,
                           trace=trace, copyable=copyable)  # fmt: skip
-        self.handle(Arrived(self.now, request))
+        d = self.serving(model)
+        if d is None:
+            raise ModelGone(f"model {model!r} is not loaded")
+        request.dispatcher = d
+        self.handle(Arrived(self.now, request), d)
         if future.done():
             raise future.exception()
         self._wake_soon()
         return request, future
 
     def cancel(self, request: Request) -> None:
-        self.handle(Cancelled(self.now, request))
+        self.handle(Cancelled(self.now, request), request.dispatcher)
         request.waiter.cancel()
 
     # -- events in, actions out ----------------------------------------------------------
 
-    def handle(self, event: Event) -> None:
-        for action in self.dispatcher.handle(event):
+    def handle(self, event: Event, dispatcher: Dispatcher | None = None) -> None:
+        """Give ``event`` to one dispatcher (a request's, a batch's) or, without one, to all."""
+        for d in [dispatcher] if dispatcher is not None else list(self.dispatchers.values()):
+            self._perform(d, d.handle(event))
+        self._arm_timer()
+
+    def _perform(self, d: Dispatcher, actions: list) -> None:
+        for action in actions:
             if isinstance(action, Send):
-                self._submit(action.batch)
+                self._submit(action.batch, d.name)
             elif isinstance(action, Answer):
                 if not action.request.waiter.done():
                     action.request.waiter.set_result(action)
@@ -156,7 +216,8 @@ class ClusterLink:
                 if future is not None:
                     future.release()
             # Requeue needs nothing here: the Dispatcher has queued them and logged why.
-        self._arm_timer()
+        if d.draining and d.idle:
+            self._drained(d)
 
     def route(self, view) -> str:
         """How batches reach this worker: "direct" (same host, its own listener) or "task"."""
@@ -173,9 +234,9 @@ class ClusterLink:
 
     def shm_workers(self) -> bool:
         """Is some worker able to read request bodies from shared memory?"""
-        return self.direct and any(self.shares_memory(v) for v in self.dispatcher.views.values())
+        return self.direct and any(self.shares_memory(v) for d in self.dispatchers.values() for v in d.views.values())
 
-    def _submit(self, batch) -> None:
+    def _submit(self, batch, model: str) -> None:
         direct = batch.view is not None and self.route(batch.view) == "direct"
         if batch.view is not None:  # only a worker reached directly counts every batch it holds
             batch.view.reports_load = direct
@@ -183,7 +244,7 @@ class ClusterLink:
         shared = direct and self.shares_memory(batch.view)
         items = [(replace(i, inputs={}, codecs={}) if shared else replace(i, shm=None)) if getattr(i, "shm", None) else i
                  for i in batch.items]  # fmt: skip
-        spec = BatchSpec(batch.id, self.topic, items, any(r.trace is not None for r in batch.requests))
+        spec = BatchSpec(batch.id, self.topic, items, any(r.trace is not None for r in batch.requests), model)
         if direct:
             call = self.loop.create_task(self._send_direct(batch.id, batch.view.address, batch.view.info["direct_address"], spec))
             self._direct_calls.add(call)
@@ -193,7 +254,7 @@ class ClusterLink:
         try:
             self.futures[batch.id] = self.client.submit(RUN_BATCH, spec, key=batch.id, pure=False, **where)
         except Exception as e:
-            self.loop.call_soon(self.handle, NotSent(self.now, batch.id, str(e)))
+            self.loop.call_soon(self._for_batch, NotSent(self.now, batch.id, str(e)))
 
     async def _send_direct(self, batch_id: str, address: str, listener: str, spec: BatchSpec) -> None:
         """One batch over a pooled connection to the worker's listener; the reply comes
@@ -211,11 +272,11 @@ class ClusterLink:
                 logger.warning("direct lane to %s failed (%s: %s); sending it Dask tasks for %.0f s", address,
                                type(e).__name__, e, DIRECT_RETRY)  # fmt: skip
             self.unreachable[address] = self.now
-            self.handle(Unreachable(self.now, batch_id, f"{type(e).__name__}: {e}"))
+            self._for_batch(Unreachable(self.now, batch_id, f"{type(e).__name__}: {e}"))
             return
         except Exception as e:  # raised on the worker, sent back: the batch failed there
             logger.error("batch %s failed on %s: %s: %s", batch_id, address, type(e).__name__, e)
-            self.handle(Lost(self.now, batch_id, f"{type(e).__name__}: {e}"))
+            self._for_batch(Lost(self.now, batch_id, f"{type(e).__name__}: {e}"))
             return
         self._on_reply((None, msg))
 
@@ -232,8 +293,15 @@ class ClusterLink:
         self._wake_scheduled = False
         self.handle(Wake(self.now))
 
+    def _for_batch(self, event: Lost | NotSent | Unreachable | Replied) -> None:
+        """An event about one batch, to the dispatcher that sent it (gone: nobody waits)."""
+        d = self._of_batch(event.reply.id if isinstance(event, Replied) else event.batch_id)
+        if d is not None:
+            self.handle(event, d)
+
     def _arm_timer(self) -> None:
-        wake = self.dispatcher.next_wakeup(self.now)
+        wakes = [w for d in self.dispatchers.values() if (w := d.next_wakeup(self.now)) is not None]
+        wake = min(wakes) if wakes else None
         if self._timer is not None and (wake is None or self._timer.when() != wake):
             self._timer.cancel()
             self._timer = None
@@ -253,17 +321,61 @@ class ClusterLink:
         except ValueError as e:
             logger.error("%s from %s", e, msg.get("worker") if isinstance(msg, dict) else "?")
             if isinstance(msg, dict) and "id" in msg:
-                self.handle(Lost(self.now, str(msg["id"]), str(e)))
+                self._for_batch(Lost(self.now, str(msg["id"]), str(e)))
             return
-        self.handle(Replied(self.now, reply))
+        self._for_batch(Replied(self.now, reply))
 
     def _on_worker_event(self, event: tuple) -> None:
         _, msg = event
         version = msg.get("version", 0)
-        if msg["action"] == "add":
+        if msg["action"] == "list":  # what workers hold changed: ask who holds what
+            self._spawn(self._sync_workers())
+        elif msg["action"] == "add":
             self.handle(WorkerJoined(self.now, msg["worker"], version))
         else:
             self.handle(WorkerLeft(self.now, msg["worker"]["address"], version))
+
+    def _on_models(self, event: tuple) -> None:
+        """A model loaded (a dispatcher for it, then the workers that hold it), being
+        unloaded (take nothing new; say when all it holds is answered), or unloaded."""
+        _, msg = event
+        name, action = msg["name"], msg["action"]
+        if action == "load" and msg.get("model"):
+            if name in self.dispatchers:
+                self.remove_model(name)
+            self.add_model(msg["model"])
+            self._spawn(self._sync_workers())
+        elif action == "unloading" and (d := self.dispatchers.get(name)) is not None:
+            d.draining = True
+            logger.info("model %s is being unloaded: answering its %d queued requests and %d batches in flight, taking no more",
+                        name, len(d.queue), len(d.batches))  # fmt: skip
+            self.handle(Wake(self.now), d)
+            if d.idle:
+                self._drained(d)
+        elif action == "unloading":
+            self._spawn(self.client.scheduler.batch_router_drained(name=name, frontend=self.client.id))
+        elif action == "unload":
+            self.remove_model(name)
+        if self.on_models is not None:
+            self.on_models()
+
+    def _drained(self, d: Dispatcher) -> None:
+        if getattr(d, "reported_drained", False):
+            return
+        d.reported_drained = True
+        self._spawn(self.client.scheduler.batch_router_drained(name=d.name, frontend=self.client.id))
+
+    def _spawn(self, coro) -> None:
+        """Fire and forget, logged: a failure here must not vanish."""
+        task = self.loop.create_task(coro)
+        self._direct_calls.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._direct_calls.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                logger.warning("%s failed: %s", getattr(coro, "__name__", "call"), t.exception())
+
+        task.add_done_callback(done)
 
     def _on_state(self, event: tuple) -> None:
         _, msg = event
@@ -275,7 +387,7 @@ class ClusterLink:
         batch, unlike a done-callback (a thread hop each)."""
         for batch_id, future in list(self.futures.items()):
             if future.status in ("error", "cancelled"):
-                self.handle(Lost(self.now, batch_id, future.status))
+                self._for_batch(Lost(self.now, batch_id, future.status))
 
     # -- periodic work ---------------------------------------------------------------
 
@@ -301,8 +413,32 @@ class ClusterLink:
         self.client.subscribe_topic(self.topic, self._on_reply)
         self.client.subscribe_topic(WORKERS_TOPIC, self._on_worker_event)
         self.client.subscribe_topic(STATE_TOPIC, self._on_state)
+        self.client.subscribe_topic(MODELS_TOPIC, self._on_models)
         await self._fast_streams(force=True)
+        await self._sync_models()
         await self._sync_workers()
+
+    async def sync(self) -> None:
+        """Models and workers as the scheduler has them now (after a load or unload)."""
+        await self._sync_models()
+        await self._sync_workers()
+
+    async def _sync_models(self) -> None:
+        """The models the scheduler serves now: a new one gets a dispatcher, one gone
+        (unloaded while this front end was away) loses its, its requests answered 503."""
+        listing = await self.client.scheduler.batch_router_models()
+        models = listing["models"]
+        for name in list(self.dispatchers):
+            if name not in models or models[name]["sha256"] != self.dispatchers[name].model_sha256:
+                if len(self.dispatchers) == 1 and name not in models:
+                    logger.error("the scheduler no longer serves %s: no worker will be used for it", name)
+                    continue  # keep one dispatcher: it answers 404s and 503s, not a crash
+                self.remove_model(name)
+        for name, info in models.items():
+            if name not in self.dispatchers:
+                self.add_model(info)
+        if self.on_models is not None:
+            self.on_models()
 
     def _lose(self, reason: str) -> None:
         self.futures.clear()  # the client cancelled them; releasing them would need the scheduler
@@ -312,7 +448,6 @@ class ClusterLink:
     async def _reconnect(self) -> None:
         """Until a scheduler answers at the same address. Dask's client tries for its
         connect timeout, then closes; after that (``serve``), a new client each try."""
-        sha = self.dispatcher.model_sha256
         while True:
             await asyncio.sleep(RECONNECT_EVERY)
             fresh = None
@@ -322,7 +457,7 @@ class ClusterLink:
                 elif self.client.status != "running":
                     continue  # Dask's own reconnection is still trying
                 client = fresh or self.client
-                model = await client.scheduler.batch_router_model()
+                await client.scheduler.batch_router_models()
                 self.client = client
                 await self._attach()
             except Exception as e:  # not there yet, or gone again
@@ -330,9 +465,6 @@ class ClusterLink:
                 if fresh is not None and fresh is not self.client:
                     await fresh.close()
                 continue
-            if model["sha256"] != sha:
-                logger.error("the scheduler is back with another model (%s, sha256 %s…); this front end serves %s: "
-                             "no worker will be used until it is restarted", model["name"], model["sha256"][:12], sha[:12])  # fmt: skip
             self.handle(SchedulerBack(self.now))
             logger.warning("connected to the scheduler again (%s)", self.client.scheduler.address)
             self.reconnecting = None
@@ -365,9 +497,8 @@ class ClusterLink:
         """Send the statistics snapshot to the dashboard's pages. A scheduler that cannot
         take it (unreachable for a moment, or without the plugin) costs a warning when
         it starts failing, never a request; the next interval simply tries again."""
-        d = self.dispatcher
         try:
-            snapshot = d.telemetry.snapshot(d, self.now)
+            snapshot = self.telemetry.snapshot(list(self.dispatchers.values()), self.now)
             reply = await self.client.scheduler.batch_router_frontend(frontend=self.client.id, stats=snapshot)
             if reply.get("status") != "OK":
                 raise ValueError(reply.get("message"))

@@ -20,6 +20,10 @@ class Unavailable(Exception):
     """503: queue full, shutting down, or the scheduler cannot be reached."""
 
 
+class ModelGone(LookupError):
+    """404: the model is being unloaded (or was): its queue takes nothing new."""
+
+
 class DeadlineExceeded(Exception):
     """504: the request's timeout passed before it was answered."""
 
@@ -40,6 +44,7 @@ class Request(Pending):
     # a copy would only pay that cost twice, on a second worker.
     copyable: bool = True
     done: bool = False  # answered, failed or given up by its client
+    dispatcher: Any = field(default=None, repr=False)  # its model's, in the shell: where a cancel goes
 
 
 @dataclass(eq=False)

@@ -26,7 +26,7 @@ from core.worker_view import Flight, WorkerView, adaptive_window, apply_metrics,
 from router_api import watchdog
 from router_api.batching import QUEUED, BatchQueue, QueueFull, resolve_priority, resolve_timeout
 from router_api.dispatch_events import (Abort, Action, Answer, Arrived, Batch, Cancelled, Closing, DeadlineExceeded, Event,
-                                        Fail, Forget, Hedge, Lost, MetricsDigest, NotSent, Probe, Replied, Request,
+                                        Fail, Forget, Hedge, Lost, MetricsDigest, ModelGone, NotSent, Probe, Replied, Request,
                                         Requeue, SchedulerBack, SchedulerLost, Send, Tick, Unavailable, Unreachable, Wake,
                                         WorkerJoined, WorkerLeft, WorkersListed)  # fmt: skip
 from router_api.telemetry import Telemetry
@@ -43,8 +43,11 @@ def ns(seconds: float) -> int:
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, model: dict, batch_prefix: str = "batch-router", clock: str = "") -> None:
+    def __init__(self, settings: Settings, model: dict, batch_prefix: str = "batch-router", clock: str = "",
+                 telemetry: Telemetry | None = None) -> None:  # fmt: skip
+        self.name = model["name"]  # one Dispatcher per model: its own queue, statistics and views of workers
         self.model_sha256 = model["sha256"]
+        self.draining = False  # being unloaded: answers what it holds, takes nothing new
         self.clock = clock  # core.host.clock_id() of the front end: workers that share it share its clock
         self.window = settings.window
         self.frontends = settings.http.frontends  # they share each worker's window
@@ -55,12 +58,14 @@ class Dispatcher:
         self.max_queue_wait = settings.max_queue_wait
         self._rate, self._rate_at = None, -RATE_EVERY  # drain_rate's last figure, and when
         shape = model["inputs"][0]["shape"]
-        most, self.buckets = batch_shapes(shape[0] if shape else None, settings.max_batch_size, model.get("buckets"))
+        limit = model.get("max_batch_size") or settings.max_batch_size  # the model's config, else the cluster's
+        most, self.buckets = batch_shapes(shape[0] if shape else None, limit, model.get("buckets"))
+        delay = model.get("max_queue_delay")
         self.queue = BatchQueue(
             max_batch_size=most,
             max_queue_size=settings.max_queue_size,
             priority_levels=self.levels,
-            max_queue_delay=settings.max_queue_delay,
+            max_queue_delay=settings.max_queue_delay if delay is None else delay,
             starvation_limit=settings.starvation_limit,
         )
         p = settings.placement
@@ -76,7 +81,7 @@ class Dispatcher:
         self.received = 0  # requests ever queued
         self.entry_stats = StatsByModel(model)  # Triton's statistics, per model name
         self.stats = self.entry_stats.main
-        self.telemetry = Telemetry()
+        self.telemetry = telemetry or Telemetry()  # shared by a front end's dispatchers
         self.closing = False
         self.scheduler_lost: str | None = None  # why, while the client has no scheduler
         self.membership_version = 0  # the plugin's count of worker events applied so far
@@ -144,6 +149,8 @@ class Dispatcher:
         if self.scheduler_lost is not None:
             self.stats_of(r).rejected["unavailable"] += 1
             return self._fail(r, Unavailable(self.scheduler_lost))
+        if self.draining:
+            return self._fail(r, ModelGone(f"model {self.name!r} is being unloaded"))
         if self.max_queue_wait is not None:  # shed at the door what would wait too long anyway
             ahead = self.queue.rows + sum(v.rows_in_flight for v in self.views.values())
             wait = expected_wait(ahead, self._drain_rate(e.now))
@@ -419,11 +426,17 @@ class Dispatcher:
     def _metrics(self, e: MetricsDigest) -> None:
         for address, state in e.workers.items():
             if (view := self.views.get(address)) is not None:
-                apply_metrics(view, state)
+                mine = (state.get("models") or {}).get(self.name)  # this model's statistics on that worker
+                apply_metrics(view, {**state, "stats": mine} if mine is not None else state)
         self._pump(e.now)
 
     def _add_view(self, info: dict) -> None:
-        if info.get("sha256") != self.model_sha256:
+        """A worker that holds this model gets a view; one that no longer does (unloaded
+        there) loses it, its batches going back to the queue."""
+        held = info["models"].get(self.name) if "models" in info else info  # without "models": one model, its own
+        if held is None or held.get("sha256") != self.model_sha256:
+            if info["address"] in self.views:
+                self._remove_view(info["address"])
             return
         view = self.views.get(info["address"])
         if view is None:

@@ -22,8 +22,8 @@ from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
 
 from core.codec import pack_item
 from core.protocol import ItemError
-from router_api import grpc_codec
-from router_api.dispatch_events import DeadlineExceeded, Unavailable
+from router_api import grpc_codec, repository
+from router_api.dispatch_events import DeadlineExceeded, ModelGone, Unavailable
 from router_api.kserve import ProtocolError
 from router_api.tensors import into_slab, output_arrays, tensor_item
 
@@ -42,6 +42,8 @@ def status_of(http_status: int) -> grpc.StatusCode:
     """A worker's per-item error (HTTP-style) as the gRPC code with its meaning."""
     if http_status == 413:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if http_status in (403, 404):
+        return grpc.StatusCode.PERMISSION_DENIED if http_status == 403 else grpc.StatusCode.NOT_FOUND
     if 400 <= http_status < 500:
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.UNAVAILABLE if http_status == 503 else grpc.StatusCode.INTERNAL
@@ -82,12 +84,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, lambda: pb.ServerLiveResponse(live=True))
 
     async def ServerReady(self, request, context):
-        return await self._answer(context, lambda: pb.ServerReadyResponse(ready=self.router.dispatcher.ready))
+        return await self._answer(context, lambda: pb.ServerReadyResponse(ready=all(d.ready for d in self.router.dispatchers)))
 
     async def ModelReady(self, request, context):
         def make():
-            self._entry(request.name, request.version)
-            return pb.ModelReadyResponse(ready=self.router.dispatcher.ready)
+            d = self._entry(request.name, request.version).dispatcher
+            return pb.ModelReadyResponse(ready=d.ready and not d.draining)
 
         return await self._answer(context, make)
 
@@ -104,12 +106,44 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request, context):
         def make():
-            stats = self.router.dispatcher.entry_stats
+            stats = self.router.stats()
             if not request.name:
                 return grpc_codec.model_statistics({"model_stats": [s.as_triton() for s in stats.values()]})
             return grpc_codec.model_statistics({"model_stats": [stats[self._entry(request.name, request.version).name].as_triton()]})
 
         return await self._answer(context, make)
+
+    # -- model repository (router_api.repository) ------------------------------------------
+
+    async def _repository(self, context, call):
+        try:
+            self._admit(context)
+            return await call()
+        except Refused as e:
+            await context.abort(e.code, e.message)
+        except repository.RepositoryFailed as e:
+            await context.abort(status_of(e.status), e.message)
+
+    async def RepositoryIndex(self, request, context):
+        async def call():
+            rows = await repository.index(self.router, request.ready)
+            return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+        return await self._repository(context, call)
+
+    async def RepositoryModelLoad(self, request, context):
+        async def call():
+            await repository.load(self.router, request.model_name, dict(request.parameters))
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._repository(context, call)
+
+    async def RepositoryModelUnload(self, request, context):
+        async def call():
+            await repository.unload(self.router, request.model_name, dict(request.parameters))
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._repository(context, call)
 
     # -- system shared memory (router_api.system_shm) ----------------------------------
 
@@ -190,7 +224,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         router = self.router
         entry = self._entry(msg.model_name, msg.model_version)
         try:
-            req = grpc_codec.infer_request(msg, entry.inputs, entry.outputs, router.max_batch_size)
+            req = grpc_codec.infer_request(msg, entry.inputs, entry.outputs, entry.max_batch_size)
             router.system_shm.resolve(req)  # inputs given by region and offset
         except ProtocolError as e:
             raise Refused(status_of(e.status), e.message) from None
@@ -203,10 +237,12 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _run(self, msg, req, entry, item) -> pb.ModelInferResponse:
         router = self.router
-        packed = await asyncio.to_thread(pack_item, item) if router.dispatcher.far_workers() else None
+        packed = await asyncio.to_thread(pack_item, item) if entry.dispatcher.far_workers() else None
         link = router.link
         try:
             request, future = link.submit(item, req.rows, req.priority, req.timeout_us, packed, entry.name)
+        except ModelGone as e:
+            raise Refused(grpc.StatusCode.NOT_FOUND, str(e)) from None
         except ValueError as e:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except Unavailable as e:
@@ -218,6 +254,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise
         except Unavailable as e:
             raise Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except ModelGone as e:
+            raise Refused(grpc.StatusCode.NOT_FOUND, str(e)) from None
         except DeadlineExceeded as e:
             raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
         except ValueError as e:

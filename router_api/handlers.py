@@ -38,7 +38,7 @@ class Live(JSONHandler):
         self.finish()
 
 
-def answer_ready(handler: JSONHandler) -> None:
+def answer_ready(handler: JSONHandler, ready: bool) -> None:
     # Triton answers 400 when not ready (the KServe spec says "4xx means false"); with no
     # scheduler, 503 and when to ask again, as every request then gets.
     handler.set_header("Content-Type", "text/plain")
@@ -47,13 +47,13 @@ def answer_ready(handler: JSONHandler) -> None:
         handler.set_header("Retry-After", handler.router.retry_after)
         handler.set_status(503)
     else:
-        handler.set_status(200 if d.ready else 400)
+        handler.set_status(200 if ready else 400)
     handler.finish()
 
 
 class Ready(JSONHandler):
-    def get(self) -> None:
-        answer_ready(self)
+    def get(self) -> None:  # Triton's strict readiness: every model served is ready
+        answer_ready(self, all(d.ready for d in self.router.dispatchers))
 
 
 class ServerMetadata(JSONHandler):
@@ -69,8 +69,8 @@ class ModelMetadata(JSONHandler):
 
 class ModelReady(JSONHandler):
     def get(self, name: str, version: str | None = None) -> None:
-        if self.check_model(name, version):
-            answer_ready(self)
+        if entry := self.check_model(name, version):
+            answer_ready(self, entry.dispatcher.ready and not entry.dispatcher.draining)
 
 
 class ModelConfig(JSONHandler):
@@ -81,7 +81,7 @@ class ModelConfig(JSONHandler):
 
 class ModelStatistics(JSONHandler):
     def get(self, name: str | None = None, version: str | None = None) -> None:
-        stats = self.router.dispatcher.entry_stats
+        stats = self.router.stats()
         if name is None:
             self.write_json({"model_stats": [s.as_triton() for s in stats.values()]})
         elif entry := self.check_model(name, version):
@@ -101,7 +101,7 @@ class Infer(BodyHandler):
         except ValueError:
             return self.fail(400, f"bad Inference-Header-Content-Length: {header!r}")
         try:  # large JSON in a child process: json.loads would hold the event loop for seconds
-            req = await json_child.parse_infer_request(self.body, header_length, entry.inputs, entry.outputs, router.max_batch_size)
+            req = await json_child.parse_infer_request(self.body, header_length, entry.inputs, entry.outputs, entry.max_batch_size)
         except kserve.ProtocolError as e:
             return self.fail(e.status, str(e))
         except json_child.ParserFailed as e:
@@ -118,7 +118,7 @@ class Infer(BodyHandler):
             self.slab, refs = into_slab(router.shm, req.inputs)  # given back when the response is finished
         item = tensor_item(req, entry.kind, refs)
         packed = None
-        if router.dispatcher.far_workers():  # zlib releases the GIL: off the event loop
+        if entry.dispatcher.far_workers():  # zlib releases the GIL: off the event loop
             packed = await asyncio.to_thread(pack_item, item)
             if self.gone:  # its client left meanwhile (and its slab went back): nothing to send
                 return

@@ -47,7 +47,7 @@ class Metrics(JSONHandler):
 
     def get(self) -> None:
         r = self.router
-        snapshot = r.dispatcher.telemetry.snapshot(r.dispatcher, r.link.now)
+        snapshot = r.link.telemetry.snapshot(list(r.link.dispatchers.values()), r.link.now)
         self.set_header("Content-Type", prometheus.CONTENT_TYPE)
         self.finish(prometheus.render(snapshot, list(r.dispatcher.entry_stats.values()), r.workers(), r.version))
 

@@ -36,17 +36,29 @@ class Telemetry:
         self.latency["transfer"].observe(max(0.0, round_trip_s - compute_s))
         self.latency["compute"].observe(compute_s)
 
-    def snapshot(self, dispatcher: Dispatcher, now: float | None = None) -> dict:
+    def snapshot(self, dispatchers: Dispatcher | list[Dispatcher], now: float | None = None) -> dict:
         """Everything the dashboard needs from this front end, cumulative where it can be
-        so that a lost update loses nothing but resolution. ``now`` is the dispatcher's
-        clock (the event loop's, ``time.monotonic``)."""
-        stats, queue = ModelStats.combined(list(dispatcher.entry_stats.values())), dispatcher.queue
-        weights = dispatcher.weights(time.monotonic() if now is None else now)
+        so that a lost update loses nothing but resolution: all models together, and
+        each model's own row (``models``). ``now`` is the dispatchers' clock (the event
+        loop's, ``time.monotonic``)."""
+        ds = dispatchers if isinstance(dispatchers, list) else [dispatchers]
+        stats = ModelStats.combined([s for d in ds for s in d.entry_stats.values()])
+        now = time.monotonic() if now is None else now
+        levels = [sum(d.queue.depths[i] for d in ds) for i in range(len(ds[0].queue.depths))]
+        workers: dict[str, dict] = {}
+        for d in ds:
+            weights = d.weights(now)
+            for v in d.views.values():
+                w = workers.setdefault(v.address, {"name": v.name, "in_flight": 0, "weight": 0.0, "responsive": True, "rows": 0})
+                w["in_flight"] += v.in_flight
+                w["weight"] = round(max(w["weight"], weights.get(v.address, 0.0)), 4)
+                w["responsive"] = w["responsive"] and v.responsive
+                w["rows"] += v.rows
         return {
             "time": time.time(),
             "clock": time.monotonic(),  # rates are measured on this clock: it never steps
             "model": stats.name,
-            "queue": {"levels": list(queue.depths), "max_batch_size": queue.max_batch_size},
+            "queue": {"levels": levels, "max_batch_size": max(d.queue.max_batch_size for d in ds)},
             "success": stats.durations["success"][0],
             "failure": stats.durations["fail"][0],
             "rejected": dict(stats.rejected),
@@ -56,14 +68,14 @@ class Telemetry:
             "batches": stats.execution_count,
             "batch_sizes": {str(size): d["compute_infer"][0] for size, d in stats.batch.items()},
             "latency": {phase: h.snapshot() for phase, h in self.latency.items()},
-            "workers": {
-                v.address: {
-                    "name": v.name,
-                    "in_flight": v.in_flight,
-                    "weight": round(weights.get(v.address, 0.0), 4),
-                    "responsive": v.responsive,
-                    "rows": v.rows,
-                }
-                for v in dispatcher.views.values()
-            },
+            "workers": workers,
+            "models": {d.name: model_row(d) for d in ds},
         }
+
+
+def model_row(d: Dispatcher) -> dict:
+    """One model's line on the dashboard: its queue, its counts, the workers holding it."""
+    s = ModelStats.combined(list(d.entry_stats.values()))
+    return {"queued": len(d.queue), "in_flight": len(d.batches), "success": s.durations["success"][0],
+            "failure": s.durations["fail"][0], "rows": s.inference_count, "batches": s.execution_count,
+            "workers": len(d.views), "draining": d.draining}  # fmt: skip

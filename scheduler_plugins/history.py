@@ -175,6 +175,21 @@ class History:
             "504": responses.get("504", 0),
         }
 
+    def models(self) -> list[dict]:
+        """One row per model, summed over live front ends (each sees every model): its
+        queue, batches in flight, requests served and failed, and the workers holding it."""
+        out: dict[str, dict] = {}
+        for fe in self.frontends.values():
+            for name, m in fe.last.get("models", {}).items():
+                row = out.setdefault(name, {"model": name, "queued": 0, "in_flight": 0, "success": 0, "failure": 0,
+                                            "rows": 0, "batches": 0, "workers": 0, "state": "READY"})  # fmt: skip
+                for k in ("queued", "in_flight", "success", "failure", "rows", "batches"):
+                    row[k] += m[k]
+                row["workers"] = max(row["workers"], m["workers"])
+                if m["draining"]:
+                    row["state"] = "UNLOADING"
+        return [out[n] for n in sorted(out)]
+
     def cards(self) -> list[dict]:
         """One card per worker: what it is, how its GPU is, how placement treats it. The
         front ends' view of weight and in-flight work, else the scheduler plugin's."""

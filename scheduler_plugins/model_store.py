@@ -1,8 +1,8 @@
-"""The one model the cluster serves, as the scheduler holds it: file, hash, metadata.
+"""A model the cluster serves, as the scheduler holds it: file, hash, metadata.
 
-The scheduler is the single source of truth: workers that join later ask it which model
-to run (by SHA-256), fetch the bytes from it in chunks if their cache lacks them, and
-the front end reads input/output metadata from it. Batches never carry the model.
+The scheduler is the single source of truth: workers ask it which models to run (by
+SHA-256), fetch the bytes from it in chunks if their cache lacks them, and front ends
+read input/output metadata from it. Batches never carry a model.
 """
 
 from __future__ import annotations
@@ -35,15 +35,24 @@ class ModelFile:
     metadata: dict
 
     @classmethod
-    def open(cls, path: str | Path, name: str) -> "ModelFile":
-        """Read metadata from the file itself: never assume names, shapes or dtypes."""
+    def open(cls, path: str | Path, name: str, check: bool = False) -> "ModelFile":
+        """Read metadata from the file itself: never assume names, shapes or dtypes.
+        ``check``: ONNX's checker too, so a file that would fail on every worker is
+        refused once, here, with ONNX's reason (a model loaded at run time)."""
         import onnx
         from onnx.helper import tensor_dtype_to_np_dtype
 
         path = Path(path).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        proto = onnx.load(str(path), load_external_data=False)
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+            if check:
+                onnx.checker.check_model(proto)
+        except Exception as e:  # protobuf's DecodeError, onnx's ValidationError
+            raise ValueError(f"{path} is not a valid ONNX model: {type(e).__name__}: {str(e).strip()[:500]}") from None
+        if not proto.graph.input or not proto.graph.output:
+            raise ValueError(f"{path}: the graph has no inputs or no outputs")
         initializers = {i.name for i in proto.graph.initializer}
 
         def info(values) -> tuple[TensorInfo, ...]:

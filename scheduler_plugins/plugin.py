@@ -14,13 +14,13 @@ import time
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from core.config import Settings, buckets, placement_tuning
-from core.entries import uint8_entry
 from core.placement import make_policy, weights
 from core.protocol import API_PREFIXES, EXTENSION, STATE_TOPIC, WORKERS_TOPIC
 from core.worker_view import Flight, WorkerView, apply_metrics
 from scheduler_plugins.builtin_models import default_name
 from scheduler_plugins.history import History
-from scheduler_plugins.model_store import ModelFile
+from scheduler_plugins.loading import Loader
+from scheduler_plugins.registry import Registry
 from scheduler_plugins.roles import refuse_workers
 from scheduler_plugins.spans import PRUNE_EVERY_S, forget, tolerate_pruned
 
@@ -28,11 +28,18 @@ logger = logging.getLogger("scheduler_plugins.plugin")
 
 
 def worker_entry(ws) -> dict | None:
-    """What front ends need to know about a worker; None if it has no router model."""
+    """What front ends need to know about a worker; None if it has no router model.
+    ``models``: what it holds now, by name (kept up to date as models load and unload)."""
     extra = ws.extra.get(EXTENSION)
     if not extra:
         return None
-    return {"address": ws.address, "name": str(ws.name), "nthreads": ws.nthreads, **extra}
+    return {"address": ws.address, "name": str(ws.name), "nthreads": ws.nthreads, **extra, "models": dict(extra.get("models") or {})}
+
+
+def serves(entry: dict, models: dict[str, dict]) -> bool:
+    """Does this worker hold one of the cluster's models, as the cluster has it?"""
+    held = entry.get("models") or {}
+    return any(m.get("sha256") == models[n]["sha256"] for n, m in held.items() if n in models)
 
 
 def running(ws) -> dict[str, Flight]:
@@ -43,16 +50,15 @@ def running(ws) -> dict[str, Flight]:
 class BatchRouterPlugin(SchedulerPlugin):
     name = EXTENSION
 
-    def __init__(self, model_path: str, settings: Settings) -> None:
-        self.model_path = model_path
-        self.model_name = settings.model_name or default_name(model_path)
-        self.model: ModelFile | None = None
+    def __init__(self, model_path: str | None, settings: Settings) -> None:
+        name = settings.model_name or default_name(model_path) if model_path else None
+        self.registry = Registry(settings, model_path, name)
+        self.loader = Loader(self.registry, settings.repository.allow_load, settings.placement.memory_headroom, self.membership_changed)
+        self.started = False
         self.scheduler = None
-        # The cluster's batch shapes and precision: every worker and front end takes them
-        # from here, so a remote worker configured otherwise cannot disagree.
+        # The cluster's batch shapes and precision (per model, in the registry): every worker
+        # and front end takes them from here, so a remote worker configured otherwise cannot disagree.
         self.buckets = buckets(settings)
-        self.precision = settings.worker.precision
-        self.uint8_model = settings.uint8_model
         self.interval = settings.batched_send_interval
         self.publish_every = settings.worker.metrics_interval or 0.5
         # Bumped on every membership event, so a front end can tell a snapshot that
@@ -67,14 +73,18 @@ class BatchRouterPlugin(SchedulerPlugin):
         self._refused: set[str] = set()  # front ends whose statistics were refused (logged once)
 
     async def start(self, scheduler) -> None:
-        import asyncio
-
-        self.scheduler = scheduler
-        self.model = await asyncio.to_thread(ModelFile.open, self.model_path, self.model_name)
+        self.scheduler = self.loader.scheduler = scheduler
+        await self.registry.start()
+        self.started = True
         scheduler.handlers.update(
             {
                 "batch_router_model": self.model_info,
+                "batch_router_models": self.models,
                 "batch_router_model_chunk": self.model_chunk,
+                "batch_router_repository_index": self.loader.index,
+                "batch_router_repository_load": self.loader.load,
+                "batch_router_repository_unload": self.loader.unload,
+                "batch_router_drained": self.loader.drained,
                 "batch_router_workers": self.membership,
                 "batch_router_hello": self.hello,
                 "batch_router_frontend": self.frontend_stats,
@@ -95,7 +105,8 @@ class BatchRouterPlugin(SchedulerPlugin):
         tolerate_pruned(scheduler)
         self._pruner = PeriodicCallback(lambda: forget(scheduler), 1e3 * PRUNE_EVERY_S)
         self._pruner.start()
-        logger.info("serving model %s sha256=%s", self.model.path, self.model.sha256[:12])
+        for name, served in self.registry.models.items():
+            logger.info("serving model %s from %s sha256=%s", name, served.file.path, served.file.sha256[:12])
 
     async def close(self) -> None:
         for callback in (self._publisher, self._pruner):
@@ -110,7 +121,7 @@ class BatchRouterPlugin(SchedulerPlugin):
         O(workers) per tick, whatever the request rate. Heartbeats replace
         ``ws.metrics`` wholesale, so this always sees the latest.
         """
-        if self.scheduler is None or self.model is None:
+        if self.scheduler is None or not self.started:
             return
         digest = {}
         workers = self.workers_info()
@@ -144,32 +155,40 @@ class BatchRouterPlugin(SchedulerPlugin):
 
     # -- RPC handlers ------------------------------------------------------------
 
-    def model_info(self) -> dict:
-        """The model, with the cluster's buckets and precision, and the ``-uint8`` name's
-        metadata (None when not served): workers build that graph, front ends route to it."""
-        info = {**self.model.describe(), "buckets": list(self.buckets), "precision": self.precision}
-        info["uint8"] = uint8_entry(info) if self.uint8_model else None
-        return info
+    def model_info(self, name: str | None = None) -> dict:
+        """A model (the first when unnamed) with its batching, precision, and the
+        ``-uint8`` name's metadata (None when not served): workers build that graph,
+        front ends route to it. Raises KeyError for a model not loaded."""
+        return self.registry.get(name).info
 
-    def model_chunk(self, offset: int) -> bytes:
-        return self.model.read_chunk(int(offset))
+    def models(self) -> dict:
+        """Every READY model, and the registry's version (bumped on each change)."""
+        return {"version": self.registry.version, "models": self.registry.ready()}
+
+    def model_chunk(self, offset: int, name: str | None = None) -> bytes:
+        return self.registry.get(name).file.read_chunk(int(offset))
 
     def workers_info(self) -> dict:
-        """Running workers that hold this cluster's model, keyed by address (a paused or
-        closing worker takes no new batch)."""
+        """Running workers that hold one of the cluster's models, keyed by address (a
+        paused or closing worker takes no new batch)."""
         from distributed.core import Status
 
-        out = {}
+        out, models = {}, self.registry.ready()
         for ws in self.scheduler.workers.values():
             if ws.status != Status.running:
                 continue
             entry = worker_entry(ws)
-            if entry and entry["sha256"] == self.model.sha256:
+            if entry and serves(entry, models):
                 out[ws.address] = entry
         return out
 
     def membership(self) -> dict:
         return {"version": self.version, "workers": self.workers_info()}
+
+    def membership_changed(self) -> None:
+        """What workers hold changed (a model loaded or unloaded): front ends list them again."""
+        self.version += 1
+        self.scheduler.log_event(WORKERS_TOPIC, {"action": "list", "version": self.version})
 
     def frontend_stats(self, frontend: str, stats: dict) -> dict:
         """A front end's periodic statistics, for the dashboard pages (O(workers)). A
@@ -200,6 +219,10 @@ class BatchRouterPlugin(SchedulerPlugin):
         comm = self.scheduler.client_comms.get(client)
         if comm is not None:
             comm.interval = self.interval
+        self.loader.frontends.add(client)
+
+    def remove_client(self, scheduler, client: str) -> None:
+        self.loader.frontends.discard(client)  # an unload waiting on it stops waiting
 
     # -- plugin hooks --------------------------------------------------------------
 
@@ -212,8 +235,13 @@ class BatchRouterPlugin(SchedulerPlugin):
         if entry is None:
             logger.warning("worker %s has no batch-router model; it gets no batches", worker)
             return
-        if entry["sha256"] != self.model.sha256:
-            logger.error("worker %s runs model %s, not %s; it gets no batches", worker, entry["sha256"][:12], self.model.sha256[:12])
+        models = self.registry.ready()
+        for name, held in entry["models"].items():
+            if name in models and held.get("sha256") == models[name]["sha256"]:
+                self.registry.models[name].loaded.add(worker)
+        if not serves(entry, models):
+            logger.error("worker %s holds none of the cluster's models as they are now (%s); it gets no batches",
+                         worker, {n: m.get("sha256", "")[:12] for n, m in entry["models"].items()})  # fmt: skip
             return
         if entry.get("cuda_fallback"):
             logger.error("worker %s asked for CUDA but ONNX Runtime runs on CPU", worker)
@@ -256,6 +284,8 @@ class BatchRouterPlugin(SchedulerPlugin):
                 ts.loose_restrictions = True
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+        for served in self.registry.models.values():
+            served.loaded.discard(worker)
         self.version += 1
         scheduler.log_event(WORKERS_TOPIC, {"action": "remove", "worker": {"address": worker}, "version": self.version})
 

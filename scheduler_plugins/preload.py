@@ -1,8 +1,9 @@
 """Scheduler preload: ``dask scheduler --preload scheduler_plugins.preload``, and what
 ``batch-router up`` and ``batch-router scheduler`` use themselves.
 
-The model comes from ``batch-router.model`` (YAML, DASK_BATCH_ROUTER__MODEL or the
-``--model`` flag); unset means the default ResNet-50, built into the cache on first use.
+The models come from ``batch-router.model-repository`` (a Triton model repository), or
+the one file ``batch-router.model`` names (YAML, DASK_BATCH_ROUTER__MODEL or the
+``--model`` flag); neither means the default ResNet-50, built into the cache on first use.
 """
 
 from __future__ import annotations
@@ -24,5 +25,7 @@ dask.config.set(DASK_SETTINGS)
 
 async def dask_setup(scheduler) -> None:
     settings = parse(dask.config.get("batch-router", None))  # a bad setting stops the scheduler here
-    path = settings.model or str(await asyncio.to_thread(ensure_default_model))
+    path = None
+    if settings.model_repository is None:
+        path = settings.model or str(await asyncio.to_thread(ensure_default_model))
     scheduler.add_plugin(BatchRouterPlugin(path, settings))

@@ -17,9 +17,9 @@ from typing import Any
 
 WORKER_ROLE = "batch-router worker"  # router_api.tls issues role certificates as "batch-router <role>"
 # What a worker asks of its scheduler: to join, to beat, to leave, to find its
-# dependencies, to declare resources, and the cluster's model.
+# dependencies, to declare resources, and the cluster's models.
 WORKER_OPS = frozenset({"register-worker", "heartbeat_worker", "unregister", "who_has", "set_resources",
-                        "batch_router_model", "batch_router_model_chunk", "close"})  # fmt: skip
+                        "batch_router_model", "batch_router_models", "batch_router_model_chunk", "close"})  # fmt: skip
 
 
 def peer_role(comm: Any) -> str | None:

@@ -52,9 +52,16 @@ def clean(s: dict) -> dict:
                 }
                 for address, w in s["workers"].items()
             },
+            "models": {  # each model's own line (absent from older front ends)
+                str(name): {k: count(m[k]) for k in MODEL_COUNTS} | {"draining": bool(m.get("draining"))}
+                for name, m in (s.get("models") or {}).items()
+            },
         }
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ValueError(f"not a batch-router front-end snapshot: {type(e).__name__}: {e}") from None
+
+
+MODEL_COUNTS = ("queued", "in_flight", "success", "failure", "rows", "batches", "workers")
 
 
 def _delta(new: int, old: int) -> int:

@@ -17,7 +17,7 @@ def latency(*values: float) -> dict:
 
 def frontend(t: float, success: int = 0, rows: int = 0, batches: int = 0, responses: dict | None = None,
              levels: list[int] | None = None, workers: dict | None = None, request_s: tuple = (),
-             batch_sizes: dict | None = None) -> dict:  # fmt: skip
+             batch_sizes: dict | None = None, models: dict | None = None) -> dict:  # fmt: skip
     """A front end's cumulative snapshot at wall time ``t``."""
     empty = {"counts": [0] * (len(BOUNDS) + 1), "sum": 0.0}
     req = latency(*request_s) if request_s else empty
@@ -35,7 +35,14 @@ def frontend(t: float, success: int = 0, rows: int = 0, batches: int = 0, respon
         "batch_sizes": {str(k): v for k, v in (batch_sizes or {}).items()},
         "latency": {"request": req, "queue": req, "transfer": empty, "compute": empty},
         "workers": workers or {},
+        "models": models or {},
     }
+
+
+def fe_model(queued: int = 0, success: int = 0, workers: int = 1, draining: bool = False) -> dict:
+    """One model's line in a front end's snapshot."""
+    return {"queued": queued, "in_flight": 1, "success": success, "failure": 0, "rows": success, "batches": success,
+            "workers": workers, "draining": draining}  # fmt: skip
 
 
 def fe_worker(name: str, rows: int = 0, in_flight: int = 0, weight: float = 0.5, responsive: bool = True) -> dict:

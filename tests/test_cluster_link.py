@@ -37,7 +37,7 @@ def test_a_refused_part_of_a_request_raises_at_once_and_counts_once():
     those)."""
 
     async def go():
-        link = ClusterLink(Client(), parse({"max-queue-size": 2, "window": 1}), MODEL)
+        link = ClusterLink(Client(), parse({"max-queue-size": 2, "window": 1}), {"m": MODEL})
         link.loop = asyncio.get_running_loop()
         link.handle(WorkerJoined(link.now, {"address": "A", "name": "A", "sha256": "x"}))
         queued = [link.submit(f"image {i}", rows=1) for i in range(2)]
@@ -77,7 +77,7 @@ def test_a_worker_on_this_host_gets_batches_directly_and_tasks_once_that_fails()
 
     async def go():
         client = Client()
-        link = ClusterLink(client, parse({"window": 1}), MODEL)
+        link = ClusterLink(client, parse({"window": 1}), {"m": MODEL})
         link.loop, link.pool = asyncio.get_running_loop(), Pool()
         assert link.clock, "a Linux host has a boot id"
         here = {"address": "A", "name": "A", "sha256": "x", "clock": link.clock, "direct_address": "tcp://127.0.0.1:9"}
@@ -119,7 +119,7 @@ def test_tensors_go_by_shared_memory_only_to_a_worker_that_sees_it():
             return BatchReply(spec.data.id, "w", [Tensors({})], Timings(rows=1)).to_wire()
 
     async def go():
-        link = ClusterLink(Client(), parse({"window": 1}), MODEL)
+        link = ClusterLink(Client(), parse({"window": 1}), {"m": MODEL})
         link.loop, link.pool = asyncio.get_running_loop(), Recording()
         assert link.shm, "a Linux host has /dev/shm"
         data = np.zeros(12, np.uint8)

@@ -98,8 +98,9 @@ def test_batch_queue_page_draws_queues_latency_and_placement(loaded, browser):
     with open_page(browser, dashboard(loaded)["batch-queues"], "individual-batch-queues.png") as visit:
         wait_for_bokeh(visit.page, min_canvases=10)
         rows = wait_for_rows(visit.page, {"batch-queues-timeline": 4, "batch-queues-sizes": 1, "batch-queues-share": 2,
-                                          "inflight:local-0": 2, "inflight:local-1": 2})  # fmt: skip
-        assert rows["batch-queues-share"] == 2
+                                          "inflight:local-0": 2, "inflight:local-1": 2, "batch-queues-models": 1})  # fmt: skip
+        assert rows["batch-queues-share"] == 2 and rows["batch-queues-models"] == 1  # one model: one row of its own
+        assert visit.page.get_by_text("Workers holding it").count() == 1  # the models table, drawn
         p50 = visit.page.evaluate("""() => Bokeh.documents[0].get_model_by_name("batch-queues-timeline")
                                            .data.request_p50_ms.filter(Number.isFinite).length""")
         assert p50 > 0  # latency percentiles really computed, not all gaps

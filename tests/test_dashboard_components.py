@@ -12,7 +12,7 @@ from scheduler_plugins.dashboard.batch_queues import BatchQueues
 from scheduler_plugins.dashboard.gpu_metrics import GpuMetrics
 from scheduler_plugins.dashboard.overview import Overview
 from scheduler_plugins.history import History
-from tests.fixtures_dashboard import fe_worker, frontend, gpu, worker
+from tests.fixtures_dashboard import fe_model, fe_worker, frontend, gpu, worker
 
 
 @pytest.fixture
@@ -96,6 +96,18 @@ def test_batch_queue_page(history):
     assert share["share"] == pytest.approx([10 / 40, 30 / 40])
     assert {s.name for s in b.in_flight.values()} == {"inflight:t4", "inflight:cpu"}
     assert b.in_flight["tcp://t4"].data["in_flight"] == [2]
+
+
+def test_batch_queue_page_has_a_row_per_model_summed_over_front_ends():
+    h = History()
+    for fe, (a, b) in {"fe1": (3, 10), "fe2": (1, 5)}.items():
+        h.add_frontend(fe, frontend(100.0, models={"mean": fe_model(a, b), "colours": fe_model(0, 2, draining=fe == "fe2")}), now=100.0)
+    page = BatchQueues(h, levels=3)
+    page.update()
+    m = page.models.data
+    assert m["model"] == ["colours", "mean"]
+    assert m["queued"] == [0, 4] and m["success"] == [4, 15]
+    assert m["state"] == ["UNLOADING", "READY"]  # one front end draining it is enough to say so
 
 
 def test_pages_are_registered_for_the_dashboard():

@@ -122,3 +122,13 @@ def test_an_unknown_model_or_a_missing_repository(tmp_path):
 def test_memory_need_is_the_weights_three_times_half_in_fp16():
     assert memory_need(100 * 2**20, "fp32") == 300 * 2**20
     assert memory_need(100 * 2**20, "fp16") == 150 * 2**20
+
+
+def test_a_worker_takes_a_model_only_with_room_in_its_gpu_memory():
+    from core.repository import room_for
+
+    gpu = {"memory_total": 16 * 2**30, "memory_used": 10 * 2**30}
+    assert room_for(gpu, 4 * 2**30, 0.1) is None  # 16 * 0.9 - 10 = 4.4 GiB free
+    assert room_for(gpu, 5 * 2**30, 0.1) == "needs 5120 MiB of GPU memory, 4506 MiB free (after 10% headroom)"
+    assert room_for(None, 10**15, 0.1) is None  # a CPU worker: no figures, no limit
+    assert room_for({"memory_total": None, "memory_used": None}, 10**15, 0.1) is None

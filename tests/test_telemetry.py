@@ -64,8 +64,8 @@ def fake_dispatcher():
     queue = BatchQueue(max_batch_size=8, priority_levels=3)
     fast = WorkerView("tcp://a", "gpu-a", batches=10, rows=40)
     fast.flights = {"b1": Flight(0.0, 0.1, 2), "b2": Flight(0.0, 0.1, 4)}
-    return SimpleNamespace(stats=stats, entry_stats={stats.name: stats}, queue=queue, views={fast.address: fast}, hedges=1,
-                           weights=lambda now=0.0: {"tcp://a": 1.0})  # fmt: skip
+    return SimpleNamespace(name="resnet50", stats=stats, entry_stats={stats.name: stats}, queue=queue, views={fast.address: fast},
+                           hedges=1, batches={}, draining=False, weights=lambda now=0.0: {"tcp://a": 1.0})  # fmt: skip
 
 
 def test_the_snapshot_is_cumulative_and_small():

@@ -47,7 +47,7 @@ def test_not_ready_until_a_worker_has_warmed_every_bucket(tmp_path):
         assert all(row["first_ms"] >= 1500 for row in warmed)  # through the slowed session, as batches run
         assert w["warmup"][3] == {"bucket": 8, "skipped": "cpu"}
         assert w["options"] == {"io_binding": True} and w["cuda_graphs"] is False
-        assert "warm-up on cpu (fp32): 1: " in (tmp_path / "up.log").read_text()
+        assert "warm-up of resnet50 on cpu (fp32): 1: " in (tmp_path / "up.log").read_text()
     finally:
         c.stop()
 

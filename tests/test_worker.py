@@ -143,14 +143,15 @@ class FakeScheduler:
     def __init__(self, data: bytes, chunk: int = 1000):
         self.data, self.chunk, self.calls = data, chunk, 0
 
-    async def batch_router_model_chunk(self, offset: int) -> bytes:
+    async def batch_router_model_chunk(self, offset: int, name: str) -> bytes:
+        assert name == "m"  # the model whose chunks these are
         self.calls += 1
         return self.data[offset : offset + self.chunk]
 
 
 def test_model_is_fetched_in_chunks_verified_and_cached(tmp_path):
     data = bytes(range(256)) * 20
-    info = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    info = {"name": "m", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     rpc = FakeScheduler(data)
     path = asyncio.run(ensure_model(rpc, info, tmp_path))
     assert path == cached_path(tmp_path, info["sha256"]) and path.read_bytes() == data
@@ -161,11 +162,11 @@ def test_model_is_fetched_in_chunks_verified_and_cached(tmp_path):
 
 def test_corrupt_cache_is_fetched_again_and_a_wrong_download_is_refused(tmp_path):
     data = b"model bytes" * 100
-    info = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    info = {"name": "m", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     cached_path(tmp_path, info["sha256"]).parent.mkdir(parents=True)
     cached_path(tmp_path, info["sha256"]).write_bytes(b"corrupt")
     assert asyncio.run(ensure_model(FakeScheduler(data), info, tmp_path)).read_bytes() == data
-    other = {"sha256": "0" * 64, "size": len(data)}
+    other = {"name": "m", "sha256": "0" * 64, "size": len(data)}
     with pytest.raises(IOError, match="does not match"):
         asyncio.run(ensure_model(FakeScheduler(data), other, tmp_path))
     assert not cached_path(tmp_path, "0" * 64).exists()

@@ -20,6 +20,7 @@ from worker_setup import gpu
 from worker_setup.gpu import NvmlSource, NvmlUnavailable, SimulatedSource, device_selector, open_source, throttle_reasons
 from worker_setup.metrics import ErrorLog, GpuSampler, guarded, worker_metric
 from worker_setup.worker_model import InferenceStats, WorkerModel
+from worker_setup.shelf import Shelf
 from worker_setup.slow_device import SlowDevice
 
 
@@ -382,7 +383,14 @@ def test_a_stale_sample_is_not_reported_as_current():
 
 
 def fake_model(**kw) -> WorkerModel:
-    return WorkerModel(session=None, name="m", sha256="x", layout=None, **kw)  # type: ignore[arg-type]
+    return WorkerModel(session=None, **{"name": "m", "sha256": "x", "layout": None, **kw})  # type: ignore[arg-type]
+
+
+def shelf_of(*models: WorkerModel) -> Shelf:
+    shelf = Shelf()
+    for m in models:
+        shelf.add(m)
+    return shelf
 
 
 def test_metric_has_the_documented_schema():
@@ -390,22 +398,24 @@ def test_metric_has_the_documented_schema():
     model = fake_model(slowdown=2.0, gpu={"source": "simulated", "index": None, "name": "Simulated GPU", "uuid": "SIM-1"})
     sampler = GpuSampler(SimulatedSource(model.stats.busy_seconds, model.stats.current_rows), 0.5, errors)
     sampler.sample_once()
-    m = worker_metric(model, sampler, errors)(None)
-    assert set(m) == {"gpu", "simulated", "stats", "slowdown", "errors"}
+    other = fake_model(name="n")
+    m = worker_metric(shelf_of(model, other), sampler, errors)(None)
+    assert set(m) == {"gpu", "simulated", "stats", "models", "slowdown", "errors"}
+    assert set(m["models"]) == {"m", "n"} and m["stats"] == m["models"]["m"]  # each model's own; the first's as "stats"
     assert m["simulated"] is True and m["slowdown"] == 2.0 and m["errors"] == []
     assert m["gpu"]["source"] == "simulated"
     assert set(m["stats"]) == {
         "batches", "rows", "padded_rows", "errors", "in_flight", "rows_in_flight", "peak_accepted", "busy_s", "service", "rows_per_s", "memory_per_row"
     }  # fmt: skip
     msgpack.packb(m)
-    plain = worker_metric(fake_model(), None, ErrorLog())(None)
+    plain = worker_metric(shelf_of(fake_model()), None, ErrorLog())(None)
     assert plain["gpu"] is None and plain["simulated"] is False and plain["slowdown"] == 1.0
 
 
 def test_a_failing_metric_reaches_the_scheduler_as_an_error_and_is_logged(caplog, monkeypatch):
     errors = ErrorLog()
     model = fake_model()
-    metric = worker_metric(model, None, errors)
+    metric = worker_metric(shelf_of(model), None, errors)
 
     def broken():
         raise ZeroDivisionError("boom")
@@ -463,7 +473,7 @@ def test_default_workers_report_no_gpu_at_the_scheduler(cluster):
         view = wait_for(client, lambda v: len(v) >= 2 and all(m for m, _ in v.values()))
     assert len(view) >= 2
     for metric, extra in view.values():
-        assert set(metric) == {"gpu", "simulated", "stats", "slowdown", "errors"}, metric
+        assert set(metric) == {"gpu", "simulated", "stats", "models", "slowdown", "errors"}, metric
         assert metric["gpu"] is None and metric["simulated"] is False and metric["slowdown"] == 1.0
         assert metric["stats"]["memory_per_row"] is None and list(metric["errors"]) == []
         assert extra["gpu"] is None and extra["simulated"] is False and extra["slowdown"] == 1.0

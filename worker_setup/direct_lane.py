@@ -18,7 +18,7 @@ from distributed.protocol import to_serialize
 
 from core.protocol import DIRECT_OP, BatchSpec
 from worker_setup.execute import run_spec
-from worker_setup.worker_model import WorkerModel
+from worker_setup.shelf import Shelf
 
 
 def address(worker) -> str | None:
@@ -30,17 +30,17 @@ def address(worker) -> str | None:
         return None
 
 
-def install(worker, model: WorkerModel, threads: int) -> None:
+def install(worker, shelf: Shelf, threads: int) -> None:
     """Answer direct batches on ``threads`` threads: as many as the worker's task threads,
     so one batch decodes while another holds the device, as tasks do."""
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="batch-router-direct")
 
     async def batch_router_run(spec: BatchSpec) -> dict:  # Dask's Server logs handlers by __name__
-        model.stats.accept()  # waiting for a thread counts: it is this worker's load
+        shelf.accept()  # waiting for a thread counts: it is this worker's load
         try:
-            reply = await asyncio.get_running_loop().run_in_executor(pool, run_spec, worker.address, spec, lambda: model)
+            reply = await asyncio.get_running_loop().run_in_executor(pool, run_spec, worker.address, spec, lambda: shelf.get(spec.model))
         finally:
-            load = model.stats.reply_leaves()
+            load = shelf.reply_leaves()
         reply.load = load
         return reply.to_wire(to_serialize)  # output tensors as frames of their own: no copy here
 

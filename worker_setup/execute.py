@@ -20,11 +20,12 @@ import numpy as np
 
 from core.buckets import Chunk, chunks
 from core.codec import unpack_input
-from core.protocol import EXTENSION, BatchReply, BatchSpec, ImageItem, Item, ItemError, Output, Result, Tensors, Timings, TopK
+from core.protocol import BatchReply, BatchSpec, ImageItem, Item, ItemError, Output, Result, Tensors, Timings, TopK
 from core.entries import PIXELS, UINT8
 from worker_setup import shm_reader
 from worker_setup.shm_reader import ShmUnreadable
 from worker_setup.preprocess import ImageError, decode_threads, image_pixels, image_to_row
+from worker_setup.shelf import SHELF
 from worker_setup.worker_model import MissingEntry, WorkerModel, current_model
 
 logger = logging.getLogger("worker_setup.execute")
@@ -241,11 +242,12 @@ def run_batch(spec: BatchSpec) -> int:
     from distributed import get_worker
 
     worker = get_worker()
-    model = worker.extensions.get(EXTENSION)
-    if model is not None:
-        model.stats.accept()
-    reply = run_spec(worker.address, spec)
-    if model is not None:
-        reply.load = model.stats.reply_leaves()
+    shelf = worker.extensions.get(SHELF)
+    if shelf is None:
+        reply = run_spec(worker.address, spec)  # not a router worker: NoModelError, as a reply
+    else:
+        shelf.accept()
+        reply = run_spec(worker.address, spec, lambda: shelf.get(spec.model))
+        reply.load = shelf.reply_leaves()
     worker.log_event(spec.topic, reply.to_wire())
     return reply.timings.rows

@@ -24,10 +24,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker_setup.gpu import GpuSource
-from worker_setup.worker_model import WorkerModel
+
+if TYPE_CHECKING:
+    from worker_setup.shelf import Shelf
 
 logger = logging.getLogger("worker_setup.metrics")
 
@@ -151,15 +153,19 @@ def guarded(build: Metric, errors: ErrorLog) -> Metric:
     return metric
 
 
-def worker_metric(model: WorkerModel, sampler: GpuSampler | None, errors: ErrorLog) -> Metric:
-    """The ``worker.metrics["batch-router"]`` callable: cached state only, no I/O."""
+def worker_metric(shelf: Shelf, sampler: GpuSampler | None, errors: ErrorLog) -> Metric:
+    """The ``worker.metrics["batch-router"]`` callable: cached state only, no I/O.
+    ``models``: each model's statistics; ``stats``: the first's (what one-model pages read)."""
 
     def build(worker: Any = None) -> dict:
+        models = shelf.snapshots()
+        first = next(iter(shelf.models.values()), None)
         return {
             "gpu": sampler.latest() if sampler is not None else None,
-            "simulated": model.simulated,
-            "stats": model.stats.snapshot(),
-            "slowdown": model.slowdown,
+            "simulated": sampler is not None and sampler.source.info.get("source") == "simulated",
+            "stats": next(iter(models.values()), {}),
+            "models": models,
+            "slowdown": first.slowdown if first is not None else 1.0,
             "errors": errors.recent(),
         }
 

@@ -46,7 +46,7 @@ async def ensure_model(scheduler_rpc, info: dict, cache_dir: Path) -> Path:
         with os.fdopen(fd, "wb") as f:
             offset = 0
             while offset < info["size"]:
-                chunk = await scheduler_rpc.batch_router_model_chunk(offset=offset)
+                chunk = await scheduler_rpc.batch_router_model_chunk(offset=offset, name=info["name"])
                 if not chunk:
                     raise IOError(f"scheduler returned no data at offset {offset}")
                 f.write(chunk)

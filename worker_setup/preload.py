@@ -25,6 +25,7 @@ from worker_setup.model_cache import ensure_model
 from worker_setup.precision import ensure_fp16
 from worker_setup.preprocess_graph import ensure_uint8
 from worker_setup.preprocess import ImageLayout, decode_threads
+from worker_setup.shelf import SHELF, Shelf
 from worker_setup.worker_model import WorkerModel
 from worker_setup.session import ModelSession
 from worker_setup.slow_device import SlowDevice
@@ -45,13 +46,13 @@ def image_layout(session: ModelSession) -> ImageLayout | None:
         return None
 
 
-async def model_info(worker) -> dict:
-    """The cluster's model, from the scheduler plugin. The scheduler may be unreachable
+async def models_info(worker) -> dict:
+    """The cluster's models, from the scheduler plugin. The scheduler may be unreachable
     for a while (a tunnel's outage, a restart): back off and try again for about ten
     minutes, since Dask starts a worker whose preload failed, without a model."""
     try:
-        return await retry(worker.scheduler.batch_router_model, count=24, delay_min=0.5, delay_max=30.0,
-                           retry_on_exceptions=(OSError,), operation="fetch the cluster's model")  # fmt: skip
+        return await retry(worker.scheduler.batch_router_models, count=24, delay_min=0.5, delay_max=30.0,
+                           retry_on_exceptions=(OSError,), operation="fetch the cluster's models")  # fmt: skip
     except OSError as e:
         raise RuntimeError(f"cannot reach the scheduler at {worker.scheduler.address}: {e}") from e
     except Exception as e:
@@ -66,7 +67,25 @@ async def dask_setup(worker) -> None:
     preprocess.MAX_PIXELS[0] = settings.http.max_image_pixels
     # Dask's worker->scheduler stream waits 2 ms to coalesce; replies should not.
     worker.batched_stream.interval = settings.batched_send_interval
-    info = await model_info(worker)
+    listing = await models_info(worker)
+    shelf = Shelf()
+    for info in listing["models"].values():
+        shelf.add(await build_model(worker, info, settings))
+    model = shelf.get()  # the first: what the Python API runs, and the startup information's
+    worker.extensions[EXTENSION] = model
+    worker.extensions[SHELF] = shelf
+    direct_lane.install(worker, shelf, worker.state.nthreads)
+    await start_metrics(worker, shelf, settings)
+    install_loading(worker, shelf, settings)
+    worker.startup_information[EXTENSION] = lambda w: {**model.describe(), "models": shelf.describe(),
+                                                       "direct_address": direct_lane.address(w)}  # fmt: skip
+    logger.info("batch-router worker ready: %s", model.describe())
+    freeze_startup_heap("worker")
+
+
+async def build_model(worker, info: dict, settings: Settings) -> WorkerModel:
+    """One model, fetched, built (its fp16 and uint8 twins too) and warm: a model a front
+    end sees on a worker never pays its first run's cost on a request."""
     path = await ensure_model(worker.scheduler, info, cache_dir(settings))
     w = settings.worker
     precision = info.get("precision", "fp32")  # the cluster's, from its scheduler
@@ -75,13 +94,14 @@ async def dask_setup(worker) -> None:
         path, sha = await asyncio.to_thread(ensure_fp16, path, sha, cache_dir(settings))
     session = await asyncio.to_thread(ModelSession.load, str(path), w.device, w.intra_op_threads or 0, w.cuda, w.io_binding)
     if precision == "fp16" and session.device != "cuda":
-        raise RuntimeError(f"this cluster serves fp16, which needs CUDA, but ONNX Runtime runs this worker on "
-                           f"{session.device} (providers {session.providers}): not joining")  # fmt: skip
+        raise RuntimeError(f"model {info['name']} is served in fp16, which needs CUDA, but ONNX Runtime runs this "
+                           f"worker on {session.device} (providers {session.providers})")  # fmt: skip
     pixels = None
     if info.get("uint8"):  # the scheduler serves the -uint8 entry: this worker builds its graph
         upath = await asyncio.to_thread(ensure_uint8, path, sha, cache_dir(settings))
         pixels = await asyncio.to_thread(ModelSession.load, str(upath), w.device, w.intra_op_threads or 0, w.cuda, w.io_binding)
-    shapes = model_buckets(batch_dimension(session), tuple(info.get("buckets") or default_buckets(settings.max_batch_size)))
+    most = info.get("max_batch_size") or settings.max_batch_size
+    shapes = model_buckets(batch_dimension(session), tuple(info.get("buckets") or default_buckets(most)))
     model = WorkerModel(session=session, name=info["name"], sha256=info["sha256"], layout=image_layout(session),
                         buckets=shapes, precision=precision, pixels=pixels)  # fmt: skip
     if pixels is not None and session.device == "cuda" and w.gpu_decode == "auto":
@@ -100,15 +120,49 @@ async def dask_setup(worker) -> None:
     table = await asyncio.to_thread(session.warm_up, shapes, w.warmup_cpu_max_rows, model.session)
     if pixels is not None:
         utable = await asyncio.to_thread(pixels.warm_up, shapes, w.warmup_cpu_max_rows, model.pixels)
-        logger.info("warm-up of the uint8 entry: %s", warmup_line(utable))
+        logger.info("warm-up of %s's uint8 entry: %s", model.name, warmup_line(utable))
     seed_curve(model.stats.service, table, shapes)
-    logger.info("warm-up on %s (%s): %s", session.device, precision, warmup_line(table))
-    worker.extensions[EXTENSION] = model
-    direct_lane.install(worker, model, worker.state.nthreads)
-    await start_metrics(worker, model, settings)
-    worker.startup_information[EXTENSION] = lambda w: {**model.describe(), "direct_address": direct_lane.address(w)}
-    logger.info("batch-router worker ready: %s", model.describe())
-    freeze_startup_heap("worker")
+    logger.info("warm-up of %s on %s (%s): %s", model.name, session.device, precision, warmup_line(table))
+    return model
+
+
+def install_loading(worker, shelf: Shelf, settings: Settings) -> None:
+    """The scheduler's calls to load and unload a model here (Triton's repository
+    extension). One load at a time: two would compete for the device's memory."""
+    lock = asyncio.Lock()
+
+    async def batch_router_load(name: str) -> dict:
+        async with lock:
+            if name in shelf.models:
+                shelf.remove(name)  # a new file under the same name: the scheduler unloaded the old one
+            before = await asyncio.to_thread(memory_used, worker, True)
+            info = await worker.scheduler.batch_router_model(name=name)
+            model = await build_model(worker, info, settings)
+            after = await asyncio.to_thread(memory_used, worker, True)
+            sampler = worker.extensions.get(SAMPLER_EXTENSION)
+            model.gpu = dict(sampler.source.info) if sampler is not None else None
+            shelf.add(model)
+            return {**model.summary(), "gpu_bytes": after - before if before is not None and after is not None else None}
+
+    async def batch_router_unload(name: str) -> dict:
+        model = shelf.remove(name)
+        if model is not None and worker.extensions.get(EXTENSION) is model and shelf.models:
+            worker.extensions[EXTENSION] = shelf.get()  # the Python API runs the next model
+        logger.info("model %s unloaded%s", name, "" if model is not None else " (it was not here)")
+        return {"name": name, "unloaded": model is not None}
+
+    worker.handlers["batch_router_load"] = batch_router_load
+    worker.handlers["batch_router_unload"] = batch_router_unload
+
+
+def memory_used(worker, fresh: bool = False) -> int | None:
+    """GPU memory used now, from the worker's sampler; None without one."""
+    sampler = worker.extensions.get(SAMPLER_EXTENSION)
+    if sampler is None:
+        return None
+    if fresh:
+        sampler.sample_once()
+    return (sampler.latest() or {}).get("memory_used")
 
 
 def seed_curve(curve: ServiceCurve, table: list[dict], shapes: tuple[int, ...]) -> None:
@@ -138,28 +192,29 @@ def warmup_line(table: list[dict]) -> str:
     return ", ".join(parts)
 
 
-async def start_metrics(worker, model: WorkerModel, settings: Settings) -> None:
+async def start_metrics(worker, shelf: Shelf, settings: Settings) -> None:
     """Open the GPU source the config asks for, take a first sample before the worker
     registers (so registration already carries one), then sample on a thread. NVML
     calls, opening included, stay off the event loop."""
     errors = ErrorLog()
     source = await asyncio.to_thread(
-        open_source, settings.worker.gpu_metrics, settings.worker.gpu_index, model.stats.busy_seconds, model.stats.current_rows
+        open_source, settings.worker.gpu_metrics, settings.worker.gpu_index, shelf.busy_seconds, shelf.current_rows
     )
     sampler = None
     if source is not None:
-        model.gpu = dict(source.info)
+        for model in shelf.models.values():
+            model.gpu = dict(source.info)
         sampler = GpuSampler(
             source,
             settings.worker.metrics_interval,
             errors,
-            on_sample=lambda s: model.stats.observe_memory(s.get("memory_used")),
+            on_sample=lambda s: shelf.observe_memory(s.get("memory_used")),
         )
         await asyncio.to_thread(sampler.sample_once)
         sampler.start()
         # Worker.close() calls close() on every extension: the sampler stops with the worker.
         worker.extensions[SAMPLER_EXTENSION] = sampler
-        if model.simulated:
+        if source.info.get("source") == "simulated":
             logger.warning("GPU metrics are SIMULATED from this worker's busy time: %s", source.info["name"])
-    worker.metrics[EXTENSION] = worker_metric(model, sampler, errors)
+    worker.metrics[EXTENSION] = worker_metric(shelf, sampler, errors)
     digests.install(worker)  # Dask's per-span sums, one per burst of batches, for ever: pruned

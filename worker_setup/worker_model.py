@@ -52,8 +52,6 @@ class InferenceStats:
     _busy_since: float | None = None  # start of the open interval, while a batch runs
     _last_end: float | None = None  # when the latest batch finished
     _max_rows_in_flight: int = 0
-    accepted: int = 0  # router batches taken and not yet replied to, from every front end
-    peak_accepted: int = 0
     _memory_base: int | None = None  # GPU memory used at the first sample, after warm-up
     _memory_peak: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -92,19 +90,6 @@ class InferenceStats:
             self.recent.append((rows, added))
             self.service.observe(rows + padded, added)
             return added
-
-    def accept(self) -> None:
-        """A router batch arrived (direct, or its task began)."""
-        with self._lock:
-            self.accepted += 1
-            self.peak_accepted = max(self.peak_accepted, self.accepted)
-
-    def reply_leaves(self) -> int:
-        """Its reply leaves: the batches still here, which the reply reports, so that each
-        of several front ends sees what the others have in flight on this worker."""
-        with self._lock:
-            self.accepted -= 1
-            return self.accepted
 
     def busy_seconds(self) -> float:
         """Wall time during which at least one batch was running, the open interval
@@ -148,7 +133,6 @@ class InferenceStats:
                 "errors": self.errors,
                 "in_flight": self.in_flight,
                 "rows_in_flight": self.rows_in_flight,
-                "peak_accepted": self.peak_accepted,
                 "busy_s": busy,
                 "service": self.service.as_dict(),
             }
@@ -204,6 +188,12 @@ class WorkerModel:
             "clock": clock_id(),  # a front end with the same one shares this host: its clock, and the direct lane
             "shm": shm_namespace(),  # ... and with the same one, its shared-memory files (router_api.shm)
         }
+
+    def summary(self) -> dict:
+        """What the scheduler and front ends record of this model on this worker."""
+        return {"sha256": self.sha256, "precision": self.precision, "buckets": list(self.buckets),
+                "device": self.session.device, "uint8": self.pixels is not None, "loaded_at": self.loaded_at,
+                "warmup": [dict(w) for w in getattr(self.session, "warmup", [])]}  # fmt: skip
 
     def decoder(self) -> dict | None:
         if self.layout is None:

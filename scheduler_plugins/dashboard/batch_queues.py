@@ -8,7 +8,7 @@ import itertools
 
 from bokeh.core.properties import without_property_validation
 from bokeh.layouts import column, gridplot
-from bokeh.models import AdaptiveTicker, ColumnDataSource, FactorRange
+from bokeh.models import AdaptiveTicker, ColumnDataSource, DataTable, FactorRange, TableColumn
 from bokeh.plotting import figure
 from distributed.utils import log_errors
 from bokeh.transform import dodge
@@ -34,6 +34,16 @@ def timeline_columns(rows: list[dict], levels: int) -> dict[str, list]:
             key = f"{phase}_p{round(q * 100)}_ms"
             out[key] = [num(r[key]) for r in rows]
     return out
+
+
+MODEL_COLUMNS = (("model", "Model"), ("state", "State"), ("queued", "Queued"), ("in_flight", "Batches in flight"),
+                 ("success", "Served"), ("failure", "Failed"), ("rows", "Rows"), ("batches", "Batches"),
+                 ("workers", "Workers holding it"))  # fmt: skip
+
+
+def model_columns(rows: list[dict]) -> dict[str, list]:
+    """The models table: one row per model the front ends serve (its own batcher)."""
+    return {key: [r[key] for r in rows] for key, _ in MODEL_COLUMNS}
 
 
 def size_columns(sizes: dict[int, int]) -> dict[str, list]:
@@ -76,6 +86,9 @@ class BatchQueues:
         self.sizes = ColumnDataSource(size_columns({}), name="batch-queues-sizes")
         self.share = ColumnDataSource(share_columns([]), name="batch-queues-share")
         self.in_flight: dict[str, ColumnDataSource] = {}
+        self.models = ColumnDataSource(model_columns([]), name="batch-queues-models")
+        table = DataTable(source=self.models, columns=[TableColumn(field=k, title=t) for k, t in MODEL_COLUMNS],
+                          height=130, sizing_mode="stretch_width", index_position=None, name="models-table")  # fmt: skip
 
         self.depth = depth = _timeseries("Queue depth per priority (requests; 1 is highest)", "queue-depth")
         for i in range(self.levels):
@@ -108,7 +121,7 @@ class BatchQueues:
             if fig.legend:
                 fig.legend.location = "top_left"
         grid = gridplot([figures[i : i + 2] for i in range(0, len(figures), 2)], sizing_mode="stretch_width", toolbar_location="right")
-        self.root = column(grid, sizing_mode="stretch_width")
+        self.root = column(table, grid, sizing_mode="stretch_width")
 
     def _level_line(self, i: int) -> None:
         self.depth.line("time", f"level_{i + 1}", source=self.timeline, color=color(i), line_width=2, legend_label=f"priority {i + 1}")
@@ -117,6 +130,7 @@ class BatchQueues:
     @log_errors
     def update(self) -> None:
         update(self.sizes, size_columns(self.history.batch_sizes()))
+        update(self.models, model_columns(self.history.models()))
         new = History.since(self.history.queue, self.seq)
         if not new:
             return
