@@ -86,10 +86,33 @@ def load_metadata(arg: Optional[str]) -> Optional[dict[str, Any]]:
     return json.loads(arg if arg.lstrip().startswith("{") else Path(arg).read_text())
 
 
-async def serve(port: int, address: str, metadata: Optional[dict[str, Any]]) -> None:
+async def serve_grpc(port: int, address: str):
+    """KServe v2 gRPC's ModelInfer on grpc.aio in this loop, answering a constant: the
+    gRPC ceiling of one Python process, as the Tornado server is HTTP's."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+
+    reply = pb.ModelInferResponse(model_name="bare", outputs=[pb.ModelInferResponse.InferOutputTensor(
+        name="logits", datatype="FP32", shape=[1, 1])], raw_output_contents=[b"\0\0\0\0"])  # fmt: skip
+
+    class Bare(service_pb2_grpc.GRPCInferenceServiceServicer):
+        async def ModelInfer(self, request, context):
+            return reply
+
+    limit = 1 << 30
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Bare(), server)
+    bound = server.add_insecure_port(f"{address}:{port}")
+    await server.start()
+    print(f"bare_server gRPC on {address}:{bound}", flush=True)
+    return server
+
+
+async def serve(port: int, address: str, metadata: Optional[dict[str, Any]], grpc_port: int | None = None) -> None:
     sockets = tornado.netutil.bind_sockets(port, address)
     server = tornado.httpserver.HTTPServer(make_app(metadata), max_body_size=1 << 30)
     server.add_sockets(sockets)
+    grpc_server = await serve_grpc(grpc_port, address) if grpc_port is not None else None
     # The chosen port on stdout lets a parent process use --port 0.
     print(f"bare_server listening on {address}:{sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
@@ -98,6 +121,8 @@ async def serve(port: int, address: str, metadata: Optional[dict[str, Any]]) -> 
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     server.stop()
+    if grpc_server is not None:
+        await grpc_server.stop(None)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -106,8 +131,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--metadata", help="model metadata: inline JSON or a JSON file path")
+    parser.add_argument("--grpc-port", type=int, help="also KServe v2 gRPC's ModelInfer here (0 picks a free port)")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.port, args.address, load_metadata(args.metadata)))
+    asyncio.run(serve(args.port, args.address, load_metadata(args.metadata), args.grpc_port))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ its own channel (``grpc``), or on one long ModelStreamInfer stream of its own
 (``grpc-stream``: requests written as the loop sends them, answers matched by id).
 Outcomes are reported as HTTP statuses would be (UNAVAILABLE as 503, and so on), so the
 report and the rounds read the same for both protocols.
+
+As the HTTP load sends one body built beforehand, this one sends one ModelInferRequest
+serialized beforehand (grpc's identity serializer): on 2 shared cores, re-serializing
+602 KB per call would measure the load generator, not the server. A stream's requests
+each get their own id by appending the id field to those bytes (protobuf merges
+concatenated messages: the last value of a field wins).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 from typing import Any
 
 import grpc
-from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
 
 from benchmarks.http_client import Response
 
@@ -39,6 +45,9 @@ def infer_message(model: str, headers: dict, body: bytes) -> pb.ModelInferReques
     return msg
 
 
+SERVICE = "/inference.GRPCInferenceService/"
+
+
 class Client:
     """One load client's channel (its own connection: no shared subchannel), and its stream."""
 
@@ -46,25 +55,28 @@ class Client:
         options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", LIMIT),
                    ("grpc.max_send_message_length", LIMIT)]  # fmt: skip
         self.channel = grpc.aio.insecure_channel(target, options=options)
-        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        # Requests go as the bytes given; replies come back parsed (they are small).
+        self.infer = self.channel.unary_unary(SERVICE + "ModelInfer", request_serializer=None,
+                                              response_deserializer=pb.ModelInferResponse.FromString)  # fmt: skip
+        self.open_stream = self.channel.stream_stream(SERVICE + "ModelStreamInfer", request_serializer=None,
+                                                      response_deserializer=pb.ModelStreamInferResponse.FromString)  # fmt: skip
         self.stream: Any = None
         self.waiting: dict[str, asyncio.Future] = {}
         self.reader: asyncio.Task | None = None
 
-    async def unary(self, msg: pb.ModelInferRequest) -> Response:
+    async def unary(self, request: bytes) -> Response:
         try:
-            await self.stub.ModelInfer(msg)
+            await self.infer(request)
             return 200, {}, b""
         except grpc.aio.AioRpcError as e:
             return CODES.get(e.code(), 500), {}, (e.details() or "").encode()
 
-    async def streamed(self, msg: pb.ModelInferRequest, rid: str) -> Response:
+    async def streamed(self, request: bytes, rid: str) -> Response:
         if self.stream is None:
-            self.stream = self.stub.ModelStreamInfer()
+            self.stream = self.open_stream()
             self.reader = asyncio.ensure_future(self._read())
         done = self.waiting[rid] = asyncio.get_running_loop().create_future()
-        msg.id = rid
-        await self.stream.write(msg)
+        await self.stream.write(request + pb.ModelInferRequest(id=rid).SerializeToString())
         return await done
 
     async def _read(self) -> None:
@@ -91,7 +103,7 @@ class Client:
 def grpc_sender(target: str, model: str, headers: dict, body: bytes, stream: bool):
     """A ``send(conn)`` for httpload's loops: each loop client (its ``conn``) gets a gRPC
     client of its own on first use."""
-    template = infer_message(model, headers, body)
+    request = infer_message(model, headers, body).SerializeToString()
     clients: dict[int, Client] = {}
     ids = itertools.count()
 
@@ -99,9 +111,7 @@ def grpc_sender(target: str, model: str, headers: dict, body: bytes, stream: boo
         client = clients.get(id(conn))
         if client is None:
             client = clients[id(conn)] = Client(target)
-        # One message for every call, never copied: each is serialized as it is sent
-        # (the id set just before, with no await between).
-        return await (client.streamed(template, f"r{next(ids)}") if stream else client.unary(template))
+        return await (client.streamed(request, f"r{next(ids)}") if stream else client.unary(request))
 
     async def close() -> None:
         await asyncio.gather(*(c.close() for c in clients.values()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 
 import pytest
 
@@ -64,7 +65,7 @@ def test_a_worker_on_this_host_gets_batches_directly_and_tasks_once_that_fails()
             self.calls = calls
 
         async def batch_router_run(self, spec):
-            self.calls.append(spec.data.id)  # as Dask would ship it: pickled, out of band
+            self.calls.append(pickle.loads(spec).id)  # pickled by the link: nothing in it travels out of band
             raise CommClosedError("Stream is closed")
 
     class Pool:
@@ -115,8 +116,9 @@ def test_tensors_go_by_shared_memory_only_to_a_worker_that_sees_it():
             return self
 
         async def batch_router_run(self, spec):
-            self.items.append(spec.data.items[0])
-            return BatchReply(spec.data.id, "w", [Tensors({})], Timings(rows=1)).to_wire()
+            spec = pickle.loads(spec) if isinstance(spec, bytes) else spec.data  # the link's pickle, or Dask's
+            self.items.append(spec.items[0])
+            return BatchReply(spec.id, "w", [Tensors({})], Timings(rows=1)).to_wire()
 
     async def go():
         link = ClusterLink(Client(), parse({"window": 1}), {"m": MODEL})
@@ -137,3 +139,20 @@ def test_tensors_go_by_shared_memory_only_to_a_worker_that_sees_it():
         assert container.shm is None and container.inputs["x"] is data  # the bytes, still straight to it
 
     asyncio.run(go())
+
+
+def test_a_batch_for_the_direct_lane_is_pickled_here_unless_tensors_travel_with_it():
+    """Tensors in shared memory: the spec is a few hundred bytes, pickled by the link
+    (cheaper than Dask's serialization); tensor bytes in it: Dask's, out of band."""
+    import numpy as np
+    from distributed.protocol.serialize import Serialize
+
+    from core.protocol import BatchSpec, ShmRef, TensorItem
+    from router_api.cluster_link import lane_payload
+
+    shared = TensorItem(rows=1, inputs={}, shapes={"x": (1, 3)}, outputs=("y",), shm={"x": ShmRef("/dev/shm/s", 0, 12)})
+    spec = BatchSpec("b-1", "topic", [shared], False, "m")
+    payload = lane_payload(spec)
+    assert isinstance(payload, bytes) and len(payload) < 1000 and pickle.loads(payload) == spec
+    carried = TensorItem(rows=1, inputs={"x": np.zeros(1 << 16, np.uint8)}, shapes={"x": (1, 1 << 16)}, outputs=("y",))
+    assert isinstance(lane_payload(BatchSpec("b-2", "topic", [carried], False, "m")), Serialize)

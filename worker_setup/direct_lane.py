@@ -12,6 +12,7 @@ needs no connection to them.
 from __future__ import annotations
 
 import asyncio
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 
 from distributed.protocol import to_serialize
@@ -35,7 +36,9 @@ def install(worker, shelf: Shelf, threads: int) -> None:
     so one batch decodes while another holds the device, as tasks do."""
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="batch-router-direct")
 
-    async def batch_router_run(spec: BatchSpec) -> dict:  # Dask's Server logs handlers by __name__
+    async def batch_router_run(spec: BatchSpec | bytes) -> dict:  # Dask's Server logs handlers by __name__
+        if isinstance(spec, bytes):  # pickled by the front end (router_api.cluster_link.lane_payload)
+            spec = pickle.loads(spec)
         shelf.accept()  # waiting for a thread counts: it is this worker's load
         try:
             reply = await asyncio.get_running_loop().run_in_executor(pool, run_spec, worker.address, spec, lambda: shelf.get(spec.model))
