@@ -68,11 +68,14 @@ class ImageItem:
 
 @dataclass(frozen=True)
 class ShmRef:
-    """Bytes in a shared-memory slab of a front end on the worker's host."""
+    """Bytes in a shared-memory slab of a front end on the worker's host, or in a region
+    a client registered with it (``client``: read with pread, never mapped, since the
+    client may truncate it under the worker: a short read is an error, not a SIGBUS)."""
 
-    path: str  # the slab's file, under /dev/shm
+    path: str  # the file, under /dev/shm
     offset: int
     nbytes: int
+    client: bool = False
 
 
 @dataclass

@@ -223,12 +223,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, msg: pb.ModelInferRequest) -> pb.ModelInferResponse:
         router = self.router
         entry = self._entry(msg.model_name, msg.model_version)
+        same_host = router.link.shm_workers()
         try:
             req = grpc_codec.infer_request(msg, entry.inputs, entry.outputs, entry.max_batch_size)
-            router.system_shm.resolve(req)  # inputs given by region and offset
+            refs = router.system_shm.resolve(req, refer=same_host)  # inputs given by region: read there by workers here
         except ProtocolError as e:
             raise Refused(status_of(e.status), e.message) from None
-        slab, refs = into_slab(router.shm, req.inputs) if router.link.shm_workers() else (None, None)
+        slab = None
+        if refs is None and same_host:
+            slab, refs = into_slab(router.shm, req.inputs)
         try:
             return await self._run(msg, req, entry, tensor_item(req, entry.kind, refs))
         finally:

@@ -109,12 +109,13 @@ class Infer(BodyHandler):
             return self.fail(503, "could not parse the request right now", Retry_After=router.retry_after)
         if self.gone:  # its client left meanwhile (and its slab went back)
             return
-        try:
-            router.system_shm.resolve(req)  # inputs given by region and offset
+        same_host = router.link.shm_workers()
+        try:  # inputs given by region and offset: workers on this host read them there
+            refs = router.system_shm.resolve(req, refer=same_host)
         except kserve.ProtocolError as e:
             return self.fail(e.status, str(e))
-        refs = self.shm_refs(req.inputs)
-        if refs is None and self.slab is None and router.link.shm_workers():  # from a client's region, say
+        refs = refs or self.shm_refs(req.inputs)
+        if refs is None and self.slab is None and same_host:  # JSON numbers, say
             self.slab, refs = into_slab(router.shm, req.inputs)  # given back when the response is finished
         item = tensor_item(req, entry.kind, refs)
         packed = None

@@ -8,6 +8,7 @@ import os
 from core import trace
 from router_api import prometheus
 from router_api.json_handler import JSONHandler
+from router_api.telemetry import model_row
 
 
 class Workers(JSONHandler):
@@ -20,7 +21,9 @@ class Workers(JSONHandler):
         shm = self.router.shm.stats() if self.router.shm is not None else None  # request bodies in shared memory
         me = {"pid": os.getpid(), "client": self.router.link.client.id,  # which of several front ends answered
               "scheduler": "lost" if d.scheduler_lost is not None else "connected"}  # fmt: skip
-        self.write_json({"policy": d.policy.name, "frontend": me, "workers": self.router.workers(), "queue": queue, "shared_memory": shm})
+        models = {x.name: model_row(x) for x in self.router.dispatchers}  # each model's own queue and counts
+        self.write_json({"policy": d.policy.name, "frontend": me, "workers": self.router.workers(), "queue": queue, "models": models,
+                         "shared_memory": shm})  # fmt: skip
 
 
 class Trace(JSONHandler):
@@ -49,7 +52,7 @@ class Metrics(JSONHandler):
         r = self.router
         snapshot = r.link.telemetry.snapshot(list(r.link.dispatchers.values()), r.link.now)
         self.set_header("Content-Type", prometheus.CONTENT_TYPE)
-        self.finish(prometheus.render(snapshot, list(r.dispatcher.entry_stats.values()), r.workers(), r.version))
+        self.finish(prometheus.render(snapshot, list(r.stats().values()), r.workers(), r.version))
 
 
 class Dashboard(JSONHandler):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.protocol import ShmRef
 from router_api.kserve import DTYPES, InferRequest, ProtocolError, ShmTensor, datatype_of
 
 SHM_DIR = Path("/dev/shm")
@@ -95,11 +96,23 @@ class Registry:
         finally:
             view.release()
 
-    def resolve(self, req: InferRequest) -> None:
-        """Replace every input given by region with its bytes (``kserve`` checked sizes)."""
-        for i in req.inputs:
-            if isinstance(i.data, ShmTensor):
-                i.data = self.read(i.data.region, i.data.offset, i.data.byte_size)
+    def resolve(self, req: InferRequest, refer: bool = False) -> dict[str, ShmRef] | None:
+        """Replace every input given by region with its bytes (``kserve`` checked sizes).
+
+        ``refer`` (a worker on this host will run it): when every input lies in a region,
+        return where, for the worker to read itself, and leave each input a view of its
+        region (no copy: sent as bytes only if the batch goes elsewhere after all)."""
+        given = [i for i in req.inputs if isinstance(i.data, ShmTensor)]
+        if refer and given and len(given) == len(req.inputs):
+            refs = {}
+            for i in given:
+                t = i.data
+                region, i.data = self._view(t.region, t.offset, t.byte_size)
+                refs[i.name] = ShmRef(str(SHM_DIR / region.key.lstrip("/")), region.offset + t.offset, t.byte_size, client=True)
+            return refs
+        for i in given:
+            i.data = self.read(i.data.region, i.data.offset, i.data.byte_size)
+        return None
 
     def write_outputs(self, arrays: list) -> None:
         """Outputs asked for in a region go there (the response then names it only)."""
@@ -140,6 +153,12 @@ class Registry:
     def _close(region: Region) -> None:
         try:
             region.map.close()
-        except BufferError:  # a view still exported: the garbage collector unmaps it
-            pass
+        except BufferError:  # a view still exported (a request that referred to it, in a cycle): collect, then close
+            import gc
+
+            gc.collect()
+            try:
+                region.map.close()
+            except BufferError:  # still in use: unmapped when its last view goes
+                pass
         os.close(region.fd)

@@ -78,4 +78,4 @@ def model_row(d: Dispatcher) -> dict:
     s = ModelStats.combined(list(d.entry_stats.values()))
     return {"queued": len(d.queue), "in_flight": len(d.batches), "success": s.durations["success"][0],
             "failure": s.durations["fail"][0], "rows": s.inference_count, "batches": s.execution_count,
-            "workers": len(d.views), "draining": d.draining}  # fmt: skip
+            "workers": len(d.views), "draining": d.draining, "max_batch_size": d.queue.max_batch_size}  # fmt: skip

@@ -84,8 +84,8 @@ class Loader:
             served.state = "LOADING"
             try:
                 loaded = await self._load_on_workers(name)
-            except Exception:
-                self.registry.remove(name, "load failed")
+            except Exception as e:
+                self.registry.remove(name, f"load failed: {e}")
                 raise
             served.state = READY
             self.registry.version += 1

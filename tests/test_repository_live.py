@@ -73,8 +73,11 @@ def test_every_valid_model_is_served_each_with_its_own_config(repo):
     assert client.get_model_config("mean")["max_batch_size"] == 8
     assert client.get_model_config("mean")["dynamic_batching"]["preferred_batch_size"] == [4, 8]
     assert client.get_model_config("colours")["max_batch_size"] == 1  # its file's fixed batch dimension
-    (worker,) = repo.get("/v1/workers")["workers"]
+    workers = repo.get("/v1/workers")
+    (worker,) = workers["workers"]
     assert worker["models"] == ["colours", "mean"]  # the worker holds both, each warm
+    queues = workers["models"]  # a batcher each, with its own bound
+    assert (queues["mean"]["max_batch_size"], queues["colours"]["max_batch_size"]) == (8, 1)
 
 
 def test_each_model_answers_with_its_own_outputs(repo):

@@ -53,6 +53,23 @@ def test_a_reference_names_where_the_bytes_lie_and_the_worker_reads_them_there(t
     pool.close()
 
 
+def test_a_clients_region_is_read_by_the_worker_and_a_truncated_one_is_an_error_not_a_crash(tmp_path):
+    """Inputs a client left in its own region go to a worker on this host by reference;
+    the client may cut the region short meanwhile: the worker reads (never maps) it, so
+    that is a ValueError for that request (a 400), not a SIGBUS for the worker."""
+    region = tmp_path / "client-region"
+    data = np.arange(64, dtype=np.uint8)
+    region.write_bytes(b"\0" * 16 + data.tobytes())
+    ref = ShmRef(str(region), 16, 64, client=True)
+    assert np.array_equal(shm_reader.read(ref), data)
+    os.truncate(region, 40)
+    with pytest.raises(ValueError, match="holds 24 of the 64 bytes"):
+        shm_reader.read(ref)
+    region.unlink()
+    with pytest.raises(ValueError, match="cannot be read"):
+        shm_reader.read(ref)
+
+
 def test_slabs_of_a_front_end_that_died_are_removed_by_the_next(tmp_path):
     ns = pid_namespace()
     dead = tmp_path / f"{PREFIX}{ns}-999999999-abcd-1"  # no such pid here

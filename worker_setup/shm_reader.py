@@ -45,8 +45,27 @@ def _map(path: str) -> mmap.mmap:
         os.close(fd)
 
 
+def read_client(ref: ShmRef) -> np.ndarray:
+    """Bytes in a client's region: read, not mapped (see ShmRef). A region gone or cut
+    short is the request's fault (ValueError: a 400 for it alone)."""
+    out = np.empty(ref.nbytes, np.uint8)
+    try:
+        fd = os.open(ref.path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise ValueError(f"the client's shared-memory region {ref.path} cannot be read: {e.strerror}") from None
+    try:
+        got = os.preadv(fd, [out], ref.offset)
+    finally:
+        os.close(fd)
+    if got != ref.nbytes:
+        raise ValueError(f"the client's shared-memory region {ref.path} holds {got} of the {ref.nbytes} bytes asked at {ref.offset}")
+    return out
+
+
 def read(ref: ShmRef) -> np.ndarray:
     """The referenced bytes, as a read-only view: stacking copies them into the batch."""
+    if ref.client:
+        return read_client(ref)
     with _lock:
         buf = _maps.get(ref.path)
         if buf is None:
