@@ -160,9 +160,11 @@ class ClusterLink:
         return d
 
     def remove_model(self, name: str) -> None:
-        d = self.dispatchers.pop(name, None)
-        if d is None:
-            return
+        if name not in self.dispatchers or len(self.dispatchers) == 1:
+            return  # the last one stays (the scheduler never unloads it): it answers 404s and 503s, not a crash
+        self._retire(self.dispatchers.pop(name))
+
+    def _retire(self, d: Dispatcher) -> None:
         self.handle(Abort(self.now), d)  # nothing left after draining; anything else is answered, never dropped
         self._by_prefix = {p: x for p, x in self._by_prefix.items() if x is not d}
 
@@ -439,15 +441,16 @@ class ClusterLink:
         (unloaded while this front end was away) loses its, its requests answered 503."""
         listing = await self.client.scheduler.batch_router_models()
         models = listing["models"]
-        for name in list(self.dispatchers):
-            if name not in models or models[name]["sha256"] != self.dispatchers[name].model_sha256:
-                if len(self.dispatchers) == 1 and name not in models:
-                    logger.error("the scheduler no longer serves %s: no worker will be used for it", name)
-                    continue  # keep one dispatcher: it answers 404s and 503s, not a crash
-                self.remove_model(name)
         for name, info in models.items():
-            if name not in self.dispatchers:
+            old = self.dispatchers.get(name)
+            if old is None or info["sha256"] != old.model_sha256:  # new, or another file under the same name
                 self.add_model(info)
+                if old is not None:
+                    self._retire(old)
+        for name in [n for n in self.dispatchers if n not in models]:
+            if len(self.dispatchers) == 1:
+                logger.error("the scheduler no longer serves %s: no worker will be used for it", name)
+            self.remove_model(name)
         if self.on_models is not None:
             self.on_models()
 

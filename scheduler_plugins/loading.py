@@ -148,6 +148,8 @@ class Loader:
         async with self._lock:
             if name not in self.registry.models or self.registry.models[name].state != READY:
                 raise KeyError(f"model {name!r} is not loaded")
+            if len(self.registry.ready()) == 1:  # decision: a router always serves a model (its ready probe, /v1/classify)
+                raise ValueError(f"model {name!r} is the only model served: load another before unloading it")
             return await self._unload(name)
 
     async def _unload(self, name: str) -> dict:

@@ -83,8 +83,21 @@ def test_loading_is_refused_unless_allowed():
     assert reply["status"] == "error" and reply["kind"] == "forbidden" and "allow-load" in reply["message"]
 
 
+def add_other(loader: Loader) -> None:
+    other = SimpleNamespace(name="n", sha256="def", path="/n.onnx", size=1)
+    loader.registry.models["n"] = Served(other, {"name": "n", "version": "1", "memory_need": 1, "sha256": "def"})
+
+
+def test_the_only_model_served_is_not_unloaded():
+    loader, scheduler = loader_with({"w": None})
+    reply = asyncio.run(loader.unload("m"))
+    assert (reply["status"], reply["kind"]) == ("error", "invalid") and "only model served" in reply["message"]
+    assert scheduler.events == [] and loader.registry.models["m"].state == "READY"
+
+
 def test_unload_waits_for_every_front_end_to_drain_before_workers_free_the_model():
     loader, scheduler = loader_with({"w": None})
+    add_other(loader)
     loader.registry.models["m"].loaded = {"w"}
     loader.frontends = {"fe1", "fe2"}
 

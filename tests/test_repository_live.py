@@ -171,6 +171,10 @@ def test_unloading_under_load_loses_nothing_that_was_accepted(repo):
     assert statuses.count(200) >= 10 and statuses.count(404) >= 1
     assert all(s == 404 for t0, _, s, _ in results if t0 > ended)  # once unloaded, nothing more is accepted
     assert all(s == 200 for t0, _, s, _ in results if t0 < began - 0.5)
+    import re
+
+    drains = re.findall(r"model mean is being unloaded: answering its (\d+) queued requests and (\d+) batches", repo.log.read_text())
+    assert int(drains[-1][0]) + int(drains[-1][1]) >= 1  # it had work to finish when the unload came, and finished it
     client.load_model("mean")  # back for the tests that follow
 
 
