@@ -52,6 +52,7 @@ from router_api.dispatch_events import (
 )
 from router_api.dispatcher import Dispatcher
 from router_api.telemetry import Telemetry
+from router_api.unix_lane import Lane
 
 logger = logging.getLogger("router_api.cluster_link")
 
@@ -97,6 +98,7 @@ class ClusterLink:
         self.unreachable: dict[str, float] = {}  # worker -> when its direct connection failed: tasks until DIRECT_RETRY
         self._direct_calls: set[asyncio.Task] = set()
         self.pool: ConnectionPool | None = None  # connections to workers' listeners, made on first use
+        self.lanes: dict[str, Lane] = {}  # workers' Unix-socket lanes, by path, connected on first use
         self.topic = RESULTS_PREFIX + client.id
         self.send_interval = settings.batched_send_interval
         self.report_interval = settings.dashboard.interval
@@ -129,6 +131,8 @@ class ClusterLink:
         self.handle(Abort(self.now))
         if self.pool is not None:
             await self.pool.close()
+        for lane in self.lanes.values():
+            await lane.close()
         for task in [*self._tasks, self.reconnecting]:
             if task is not None:
                 task.cancel()
@@ -259,7 +263,7 @@ class ClusterLink:
                  for i in batch.items]  # fmt: skip
         spec = BatchSpec(batch.id, self.topic, items, any(r.trace is not None for r in batch.requests), model)
         if direct:
-            call = self.loop.create_task(self._send_direct(batch.id, batch.view.address, batch.view.info["direct_address"], spec))
+            call = self.loop.create_task(self._send_direct(batch.id, batch.view, spec))
             self._direct_calls.add(call)
             call.add_done_callback(self._direct_calls.discard)
             return
@@ -269,17 +273,17 @@ class ClusterLink:
         except Exception as e:
             self.loop.call_soon(self._for_batch, NotSent(self.now, batch.id, str(e)))
 
-    async def _send_direct(self, batch_id: str, address: str, listener: str, spec: BatchSpec) -> None:
-        """One batch over a pooled connection to the worker's listener; the reply comes
-        back on it. A connection that cannot be made (in ``DIRECT_CONNECT`` seconds) or
-        breaks puts the batch's requests back in the queue, and the worker gets tasks for
-        ``DIRECT_RETRY`` seconds (a worker that left is removed by the scheduler's word).
-        An error the worker itself raised fails the batch, as a task's would."""
-        if self.pool is None:
-            self.pool = ConnectionPool(timeout=DIRECT_CONNECT, deserialize=True, connection_args=self.client.connection_args)
-            await self.pool.start()
+    async def _send_direct(self, batch_id: str, view, spec: BatchSpec) -> None:
+        """One batch over a connection to the worker: its Unix-socket lane where it has
+        one in this front end's filesystem (``router_api.unix_lane``), else a pooled
+        connection to its Dask listener; the reply comes back on it. A connection that
+        cannot be made (in ``DIRECT_CONNECT`` seconds) or breaks puts the batch's
+        requests back in the queue, and the worker gets tasks for ``DIRECT_RETRY``
+        seconds (a worker that left is removed by the scheduler's word). An error the
+        worker itself raised fails the batch, as a task's would."""
+        address = view.address
         try:
-            msg = await self.pool(listener).batch_router_run(spec=lane_payload(spec))
+            msg = await self._lane_call(view, spec)
         except (OSError, asyncio.TimeoutError) as e:  # CommClosedError is an OSError
             if address not in self.unreachable:
                 logger.warning("direct lane to %s failed (%s: %s); sending it Dask tasks for %.0f s", address,
@@ -292,6 +296,18 @@ class ClusterLink:
             self._for_batch(Lost(self.now, batch_id, f"{type(e).__name__}: {e}"))
             return
         self._on_reply((None, msg))
+
+    async def _lane_call(self, view, spec: BatchSpec) -> dict:
+        path = view.info.get("lane")
+        if path and view.info.get("shm") == self.shm:  # same host, same /dev/shm: the same /tmp, as a rule
+            lane = self.lanes.get(path)
+            if lane is None:
+                lane = self.lanes[path] = Lane(path, DIRECT_CONNECT)
+            return await lane.call(spec)
+        if self.pool is None:
+            self.pool = ConnectionPool(timeout=DIRECT_CONNECT, deserialize=True, connection_args=self.client.connection_args)
+            await self.pool.start()
+        return await self.pool(view.info["direct_address"]).batch_router_run(spec=lane_payload(spec))
 
     def _wake_soon(self) -> None:
         """Wake once the event loop has read every request already waiting: requests

@@ -31,9 +31,10 @@ def address(worker) -> str | None:
         return None
 
 
-def install(worker, shelf: Shelf, threads: int) -> None:
+def install(worker, shelf: Shelf, threads: int) -> ThreadPoolExecutor:
     """Answer direct batches on ``threads`` threads: as many as the worker's task threads,
-    so one batch decodes while another holds the device, as tasks do."""
+    so one batch decodes while another holds the device, as tasks do. Returns the
+    threads, for the Unix-socket lane (``unix_lane``) to share."""
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="batch-router-direct")
 
     async def batch_router_run(spec: BatchSpec | bytes) -> dict:  # Dask's Server logs handlers by __name__
@@ -48,3 +49,4 @@ def install(worker, shelf: Shelf, threads: int) -> None:
         return reply.to_wire(to_serialize)  # output tensors as frames of their own: no copy here
 
     worker.handlers[DIRECT_OP] = batch_router_run
+    return pool

@@ -26,6 +26,7 @@ from worker_setup.precision import ensure_fp16
 from worker_setup.preprocess_graph import ensure_uint8
 from worker_setup.preprocess import ImageLayout, decode_threads
 from worker_setup.shelf import SHELF, Shelf
+from worker_setup.unix_lane import EXTENSION as LANE_EXTENSION, UnixLane
 from worker_setup.worker_model import WorkerModel
 from worker_setup.session import ModelSession
 from worker_setup.slow_device import SlowDevice
@@ -74,11 +75,13 @@ async def dask_setup(worker) -> None:
     model = shelf.get()  # the first: what the Python API runs, and the startup information's
     worker.extensions[EXTENSION] = model
     worker.extensions[SHELF] = shelf
-    direct_lane.install(worker, shelf, worker.state.nthreads)
+    lane = UnixLane(worker, shelf, direct_lane.install(worker, shelf, worker.state.nthreads))
+    if await lane.start():
+        worker.extensions[LANE_EXTENSION] = lane  # closed with the worker: its socket goes
     await start_metrics(worker, shelf, settings)
     install_loading(worker, shelf, settings)
     worker.startup_information[EXTENSION] = lambda w: {**model.describe(), "models": shelf.describe(),
-                                                       "direct_address": direct_lane.address(w)}  # fmt: skip
+                                                       "direct_address": direct_lane.address(w), "lane": lane.path}  # fmt: skip
     logger.info("batch-router worker ready: %s", model.describe())
     freeze_startup_heap("worker")
 

@@ -1,0 +1,42 @@
+"""Length-prefixed frames over an asyncio stream: the same-host lane's wire format.
+
+One frame is a 4-byte big-endian length and that many bytes (a pickle). Pickles cross
+only a Unix socket in a directory of this user's (``lane_dir``): whoever can connect
+could run the worker anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import struct
+import tempfile
+from pathlib import Path
+
+HEADER = struct.Struct("!I")
+MAX_FRAME = 1 << 31  # a batch of tensors in the frame itself, when they are not in shared memory
+
+
+def frame(data: bytes) -> bytes:
+    if len(data) >= MAX_FRAME:
+        raise ValueError(f"a {len(data)}-byte frame is over the lane's limit")
+    return HEADER.pack(len(data)) + data
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    """The next frame; IncompleteReadError at a clean end of stream."""
+    (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    return await reader.readexactly(n)
+
+
+def lane_dir() -> Path:
+    """This user's directory for lane sockets, made 0700; refused (OSError) if someone
+    else owns it or can enter it, so nobody else can reach a socket in it."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    d = Path(base) / f"batch-router-{os.getuid()}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(f"{d} is not a private directory of this user's (mode {st.st_mode & 0o777:o}, uid {st.st_uid})")
+    return d
