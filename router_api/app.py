@@ -34,7 +34,7 @@ from router_api.handlers import (
     Ready,
     ServerMetadata,
 )
-from router_api.repository import RepositoryIndex, RepositoryLoad, RepositoryUnload
+from router_api.repository import RepositoryIndex, RepositoryModel
 from router_api.shm_handlers import ShmRegister, ShmStatus, ShmUnregister
 from router_api.status_handlers import Dashboard, Metrics, Trace, Workers
 from router_api.system_shm import Registry
@@ -257,8 +257,7 @@ def make_app(router: Router) -> web.Application:
             (model + r"/infer", Infer, args),
             (r"/v1/classify", Classify, args),
             (r"/v2/repository/index", RepositoryIndex, args),
-            (r"/v2/repository/models/([^/]+)/load", RepositoryLoad, args),
-            (r"/v2/repository/models/([^/]+)/unload", RepositoryUnload, args),
+            (r"/v2/repository/models/([^/]+)/(load|unload)", RepositoryModel, args),
             (r"/v2/systemsharedmemory(?:/region/([^/]+))?/status", ShmStatus, args),
             (r"/v2/systemsharedmemory/region/([^/]+)/register", ShmRegister, args),
             (r"/v2/systemsharedmemory(?:/region/([^/]+))?/unregister", ShmUnregister, args),

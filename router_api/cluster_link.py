@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
-import uuid
 from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,6 +50,7 @@ from router_api.dispatch_events import (
     WorkersListed,
 )
 from router_api.dispatcher import Dispatcher
+from router_api.link_models import ModelSet
 from router_api.telemetry import Telemetry
 from router_api.unix_lane import Lane
 
@@ -73,10 +73,10 @@ def lane_payload(spec: BatchSpec) -> bytes | Any:
     return data if not buffers else to_serialize(spec)
 
 
-class ClusterLink:
-    """One Dispatcher per model the cluster serves (``models``: name -> its info), each
-    with its own queue and statistics; what Dask says of workers goes to all of them,
-    a reply to the one whose batch it is (by the batch id's prefix)."""
+class ClusterLink(ModelSet):
+    """One Dispatcher per model the cluster serves (``models``: name -> its info, kept by
+    ``link_models.ModelSet``), each with its own queue and statistics; what Dask says of
+    workers goes to all of them, a reply to the one whose batch it is."""
 
     def __init__(self, client, settings: Settings, models: dict[str, dict], connect: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.client = client
@@ -87,12 +87,7 @@ class ClusterLink:
         self.reconnecting: asyncio.Task | None = None
         self.clock, self.shm = clock_id(), shm_namespace()
         self.telemetry = Telemetry()  # every response of this front end, whichever model
-        self._prefix = f"batch-router-{uuid.uuid4().hex[:8]}"
-        self._serial = 0
-        self.dispatchers: dict[str, Dispatcher] = {}
-        self._by_prefix: dict[str, Dispatcher] = {}
-        for info in models.values():
-            self.add_model(info)
+        self._init_models(models)
         self.on_models: Callable[[], None] | None = None  # the Router's: refresh its model names
         self.direct = settings.direct_lane == "same-host" and bool(self.clock)
         self.unreachable: dict[str, float] = {}  # worker -> when its direct connection failed: tasks until DIRECT_RETRY
@@ -144,43 +139,6 @@ class ClusterLink:
     @property
     def now(self) -> float:
         return self.loop.time()
-
-    @property
-    def dispatcher(self) -> Dispatcher:
-        """The first model's (what a one-model front end has); the shared state (telemetry,
-        readiness) reads the same on any."""
-        return next(iter(self.dispatchers.values()))
-
-    # -- models ----------------------------------------------------------------------
-
-    def add_model(self, info: dict) -> Dispatcher:
-        self._serial += 1
-        prefix = f"{self._prefix}-{self._serial}"
-        d = Dispatcher(self.settings, info, prefix, self.clock, self.telemetry)
-        if self.dispatchers:  # loaded while this front end is shutting down, or without its scheduler: the same for it
-            d.closing, d.scheduler_lost = self.dispatcher.closing, self.dispatcher.scheduler_lost
-        self.dispatchers[info["name"]] = self._by_prefix[prefix] = d
-        d.model = info
-        return d
-
-    def remove_model(self, name: str) -> None:
-        if name not in self.dispatchers or len(self.dispatchers) == 1:
-            return  # the last one stays (the scheduler never unloads it): it answers 404s and 503s, not a crash
-        self._retire(self.dispatchers.pop(name))
-
-    def _retire(self, d: Dispatcher) -> None:
-        self.handle(Abort(self.now), d)  # nothing left after draining; anything else is answered, never dropped
-        self._by_prefix = {p: x for p, x in self._by_prefix.items() if x is not d}
-
-    def serving(self, name: str) -> Dispatcher | None:
-        """The dispatcher of a name served: a model's own, or its -uint8 twin's."""
-        if not name:
-            return self.dispatcher
-        d = self.dispatchers.get(name)
-        return d if d is not None else next((x for x in self.dispatchers.values() if name in x.entry_stats), None)
-
-    def _of_batch(self, batch_id: str) -> Dispatcher | None:
-        return self._by_prefix.get(batch_id.rsplit("-", 1)[0])
 
     # -- what the handlers call --------------------------------------------------------
 
@@ -364,36 +322,6 @@ class ClusterLink:
         else:
             self.handle(WorkerLeft(self.now, msg["worker"]["address"], version))
 
-    def _on_models(self, event: tuple) -> None:
-        """A model loaded (a dispatcher for it, then the workers that hold it), being
-        unloaded (take nothing new; say when all it holds is answered), or unloaded."""
-        _, msg = event
-        name, action = msg["name"], msg["action"]
-        if action == "load" and msg.get("model"):
-            if name in self.dispatchers:
-                self.remove_model(name)
-            self.add_model(msg["model"])
-            self._spawn(self._sync_workers())
-        elif action == "unloading" and (d := self.dispatchers.get(name)) is not None:
-            d.draining = True
-            logger.info("model %s is being unloaded: answering its %d queued requests and %d batches in flight, taking no more",
-                        name, len(d.queue), len(d.batches))  # fmt: skip
-            self.handle(Wake(self.now), d)
-            if d.idle:
-                self._drained(d)
-        elif action == "unloading":
-            self._spawn(self.client.scheduler.batch_router_drained(name=name, frontend=self.client.id))
-        elif action == "unload":
-            self.remove_model(name)
-        if self.on_models is not None:
-            self.on_models()
-
-    def _drained(self, d: Dispatcher) -> None:
-        if getattr(d, "reported_drained", False):
-            return
-        d.reported_drained = True
-        self._spawn(self.client.scheduler.batch_router_drained(name=d.name, frontend=self.client.id))
-
     def _spawn(self, coro) -> None:
         """Fire and forget, logged: a failure here must not vanish."""
         task = self.loop.create_task(coro)
@@ -446,29 +374,6 @@ class ClusterLink:
         await self._fast_streams(force=True)
         await self._sync_models()
         await self._sync_workers()
-
-    async def sync(self) -> None:
-        """Models and workers as the scheduler has them now (after a load or unload)."""
-        await self._sync_models()
-        await self._sync_workers()
-
-    async def _sync_models(self) -> None:
-        """The models the scheduler serves now: a new one gets a dispatcher, one gone
-        (unloaded while this front end was away) loses its, its requests answered 503."""
-        listing = await self.client.scheduler.batch_router_models()
-        models = listing["models"]
-        for name, info in models.items():
-            old = self.dispatchers.get(name)
-            if old is None or info["sha256"] != old.model_sha256:  # new, or another file under the same name
-                self.add_model(info)
-                if old is not None:
-                    self._retire(old)
-        for name in [n for n in self.dispatchers if n not in models]:
-            if len(self.dispatchers) == 1:
-                logger.error("the scheduler no longer serves %s: no worker will be used for it", name)
-            self.remove_model(name)
-        if self.on_models is not None:
-            self.on_models()
 
     def _lose(self, reason: str) -> None:
         self.futures.clear()  # the client cancelled them; releasing them would need the scheduler

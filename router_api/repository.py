@@ -89,19 +89,12 @@ class RepositoryIndex(RepositoryHandler):
             self.fail(e.status, e.message)
 
 
-class RepositoryLoad(RepositoryHandler):
-    async def post(self, name: str) -> None:
-        try:
-            await load(self.router, name, self.body_json().get("parameters"))
-        except RepositoryFailed as e:
-            return self.fail(e.status, e.message)
-        self.finish()
+class RepositoryModel(RepositoryHandler):
+    """POST /v2/repository/models/<name>/load and .../unload."""
 
-
-class RepositoryUnload(RepositoryHandler):
-    async def post(self, name: str) -> None:
+    async def post(self, name: str, action: str) -> None:
         try:
-            await unload(self.router, name, self.body_json().get("parameters"))
+            await (load if action == "load" else unload)(self.router, name, self.body_json().get("parameters"))
         except RepositoryFailed as e:
             return self.fail(e.status, e.message)
         self.finish()
