@@ -46,8 +46,10 @@ class Dispatcher:
     def __init__(self, settings: Settings, model: dict, batch_prefix: str = "batch-router", clock: str = "",
                  telemetry: Telemetry | None = None) -> None:  # fmt: skip
         self.name = model["name"]  # one Dispatcher per model: its own queue, statistics and views of workers
+        self.model = model  # its info, from the scheduler: metadata, config
         self.model_sha256 = model["sha256"]
         self.draining = False  # being unloaded: answers what it holds, takes nothing new
+        self.drained_sent = False  # ... and has told the scheduler it holds nothing more
         self.clock = clock  # core.host.clock_id() of the front end: workers that share it share its clock
         self.window = settings.window
         self.frontends = settings.http.frontends  # they share each worker's window

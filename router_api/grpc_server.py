@@ -38,6 +38,11 @@ class Refused(Exception):
         self.code, self.message = code, message
 
 
+# What the dispatcher refuses or fails a request with, as the protocol's codes.
+REFUSALS = ((ModelGone, grpc.StatusCode.NOT_FOUND), (Unavailable, grpc.StatusCode.UNAVAILABLE),
+            (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED), (ValueError, grpc.StatusCode.INVALID_ARGUMENT))  # fmt: skip
+
+
 def status_of(http_status: int) -> grpc.StatusCode:
     """A worker's per-item error (HTTP-style) as the gRPC code with its meaning."""
     if http_status == 413:
@@ -241,30 +246,17 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _run(self, msg, req, entry, item) -> pb.ModelInferResponse:
         router = self.router
         packed = await asyncio.to_thread(pack_item, item) if entry.dispatcher.far_workers() else None
-        link = router.link
-        try:
+        link, request = router.link, None
+        try:  # refused at once (submit raises) or answered with an error: the same codes
             request, future = link.submit(item, req.rows, req.priority, req.timeout_us, packed, entry.name)
-        except ModelGone as e:
-            raise Refused(grpc.StatusCode.NOT_FOUND, str(e)) from None
-        except ValueError as e:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        except Unavailable as e:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        try:
             answer = await future
         except asyncio.CancelledError:  # the call was cancelled: its request leaves the queue
-            link.cancel(request)
+            if request is not None:
+                link.cancel(request)
             raise
-        except Unavailable as e:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        except ModelGone as e:
-            raise Refused(grpc.StatusCode.NOT_FOUND, str(e)) from None
-        except DeadlineExceeded as e:
-            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
-        except ValueError as e:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except Exception as e:
-            raise Refused(grpc.StatusCode.INTERNAL, str(e)) from None
+            code = next((c for kind, c in REFUSALS if isinstance(e, kind)), grpc.StatusCode.INTERNAL)
+            raise Refused(code, str(e)) from None
         if isinstance(answer.result, ItemError):
             raise Refused(status_of(answer.result.status), answer.result.message)
         arrays = output_arrays(req, answer.result.outputs)

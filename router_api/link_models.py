@@ -40,7 +40,6 @@ class ModelSet:
         if self.dispatchers:  # loaded while this front end is shutting down, or without its scheduler: the same for it
             d.closing, d.scheduler_lost = self.dispatcher.closing, self.dispatcher.scheduler_lost
         self.dispatchers[info["name"]] = self._by_prefix[prefix] = d
-        d.model = info
         return d
 
     def remove_model(self, name: str) -> None:
@@ -88,9 +87,9 @@ class ModelSet:
             self.on_models()
 
     def _drained(self, d: Dispatcher) -> None:
-        if getattr(d, "reported_drained", False):
+        if d.drained_sent:
             return
-        d.reported_drained = True
+        d.drained_sent = True
         self._spawn(self.client.scheduler.batch_router_drained(name=d.name, frontend=self.client.id))
 
     async def sync(self) -> None:

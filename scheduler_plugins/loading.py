@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from core.protocol import EXTENSION, MODELS_TOPIC
 from core.repository import RepositoryError, room_for
-from scheduler_plugins.registry import READY, UNLOADING, Registry
+from scheduler_plugins.registry import LOADING, READY, UNLOADING, Registry
 
 logger = logging.getLogger("scheduler_plugins.loading")
 
@@ -81,7 +81,7 @@ class Loader:
             if served is not None:  # a new file or config under the same name: the old one goes first
                 await self._unload(name)
             served = self.registry.add(file, spec)
-            served.state = "LOADING"
+            served.state = LOADING
             try:
                 loaded = await self._load_on_workers(name)
             except Exception as e:
@@ -137,7 +137,8 @@ class Loader:
         models = ws.extra[EXTENSION].setdefault("models", {})
         if entry is None:
             models.pop(name, None)
-            self.registry.models[name].loaded.discard(address) if name in self.registry.models else None
+            if name in self.registry.models:
+                self.registry.models[name].loaded.discard(address)
         else:
             models[name] = entry
             self.registry.models[name].loaded.add(address)

@@ -23,7 +23,7 @@ from scheduler_plugins.model_store import ModelFile
 
 logger = logging.getLogger("scheduler_plugins.registry")
 
-READY, UNLOADING, UNAVAILABLE = "READY", "UNLOADING", "UNAVAILABLE"
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 
 
 @dataclass
