@@ -184,10 +184,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ----------------------------------------------------------------------
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, request: bytes, context):
         try:
             self._admit(context)
-            return await self._infer(request)
+            return await self._infer(*self._parse(request))
         except Refused as e:
             await context.abort(e.code, e.message)
 
@@ -201,16 +201,19 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         answers: asyncio.Queue = asyncio.Queue()
         calls: set[asyncio.Task] = set()
 
-        async def one(msg: pb.ModelInferRequest) -> None:
+        async def one(data: bytes) -> None:
+            rid = ""
             try:
-                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(msg)))
+                msg, raw = self._parse(data)
+                rid = msg.id
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=await self._infer(msg, raw)))
             except Refused as e:
                 answers.put_nowait(pb.ModelStreamInferResponse(error_message=e.message,
-                                                               infer_response=pb.ModelInferResponse(id=msg.id)))  # fmt: skip
+                                                               infer_response=pb.ModelInferResponse(id=rid)))  # fmt: skip
 
         async def read() -> None:
-            async for msg in request_iterator:
-                call = asyncio.create_task(one(msg))
+            async for data in request_iterator:
+                call = asyncio.create_task(one(data))
                 calls.add(call)
                 call.add_done_callback(calls.discard)
             while calls:
@@ -225,12 +228,19 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             for task in [reader, *calls]:
                 task.cancel()
 
-    async def _infer(self, msg: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    @staticmethod
+    def _parse(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]]:
+        try:
+            return grpc_codec.parse_infer(data)
+        except ProtocolError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, e.message) from None
+
+    async def _infer(self, msg: pb.ModelInferRequest, raw: list[memoryview]) -> pb.ModelInferResponse:
         router = self.router
         entry = self._entry(msg.model_name, msg.model_version)
         same_host = router.link.shm_workers()
         try:
-            req = grpc_codec.infer_request(msg, entry.inputs, entry.outputs, entry.max_batch_size)
+            req = grpc_codec.infer_request(msg, entry.inputs, entry.outputs, entry.max_batch_size, raw)
             refs = router.system_shm.resolve(req, refer=same_host)  # inputs given by region: read there by workers here
         except ProtocolError as e:
             raise Refused(status_of(e.status), e.message) from None
@@ -264,6 +274,28 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return grpc_codec.infer_response(entry.name, router.version, req.id, arrays)
 
 
+class _Handlers:
+    """Stands in for a server to take the generated registration's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_service(service: InferenceService, server: grpc.aio.Server) -> None:
+    """The generated registration, except that inference requests reach their handlers
+    as bytes: ``grpc_codec.parse_infer`` takes their tensors out without copying."""
+    taken = _Handlers()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, taken)
+    handlers = dict(taken.handlers)
+    for name in ("ModelInfer", "ModelStreamInfer"):
+        handlers[name] = handlers[name]._replace(request_deserializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(taken.service, handlers),))
+    server.add_registered_method_handlers(taken.service, handlers)
+
+
 async def start_grpc(router, host: str, port: int, reuse_port: bool) -> grpc.aio.Server:
     """Listen on ``host:port``; messages above the HTTP body limit are refused by grpc
     itself (RESOURCE_EXHAUSTED)."""
@@ -271,7 +303,7 @@ async def start_grpc(router, host: str, port: int, reuse_port: bool) -> grpc.aio
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                ("grpc.so_reuseport", 1 if reuse_port else 0)]  # fmt: skip
     server = grpc.aio.server(options=options)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(router), server)
+    add_service(InferenceService(router), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen for gRPC on {address}")

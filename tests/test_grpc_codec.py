@@ -40,6 +40,30 @@ def test_what_tritonclient_sends_is_the_rest_paths_request(raw):
     assert [o.name for o in req.outputs] == ["y", "z"]  # none asked: all
 
 
+def test_a_message_as_bytes_gives_its_tensors_as_views_and_the_rest_parsed():
+    """The server receives ModelInfer as bytes: the tensors are sliced out, not copied,
+    and decode as the parsed message's own would."""
+    x, n = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([[1, 2], [3, 4]], np.int32)
+    sent = message(x, n, request_id="r1", priority=2, outputs=["y"])
+    sent.parameters["timeout"].int64_param = 5000
+    data = sent.SerializeToString()
+    msg, raw = grpc_codec.parse_infer(data)
+    assert not msg.raw_input_contents and [bytes(r) for r in raw] == list(sent.raw_input_contents)
+    assert all(isinstance(r, memoryview) and r.obj is data for r in raw)
+    msg.raw_input_contents.extend(bytes(r) for r in raw)
+    assert msg == sent  # nothing else lost or changed
+    req = grpc_codec.infer_request(msg, INPUTS, OUTPUTS, max_batch_size=8, raw=raw)
+    assert (req.id, req.priority, req.timeout_us, [o.name for o in req.outputs]) == ("r1", 2, 5000, ["y"])
+    assert np.array_equal(np.frombuffer(req.inputs[1].data, np.int32).reshape(2, 2), n)
+
+
+@pytest.mark.parametrize("data", [b"\x3a\x10abc", b"\x3a", b"\x0a\xff\xff", b"\x0b", b"\x09\x00", b"\x00\x00"],
+                         ids=["tensor-past-end", "no-length", "varint-past-end", "group", "fixed64-past-end", "field-0"])  # fmt: skip
+def test_malformed_bytes_are_a_protocol_error(data):
+    with pytest.raises(kserve.ProtocolError, match="malformed ModelInferRequest"):
+        grpc_codec.parse_infer(data)
+
+
 def mangled(**change) -> pb.ModelInferRequest:
     msg = message(np.zeros((1, 3), np.float32), np.zeros((1, 2), np.int32))
     for key, value in change.items():
