@@ -24,6 +24,19 @@ def frame(data: bytes) -> bytes:
     return HEADER.pack(len(data)) + data
 
 
+def split_frames(buffer: bytearray) -> list[bytes]:
+    """The whole frames at the start of ``buffer``, taken out of it; a partial one stays."""
+    frames, at = [], 0
+    while len(buffer) - at >= HEADER.size:
+        (n,) = HEADER.unpack_from(buffer, at)
+        if len(buffer) - at - HEADER.size < n:
+            break
+        frames.append(bytes(buffer[at + HEADER.size : at + HEADER.size + n]))
+        at += HEADER.size + n
+    del buffer[:at]
+    return frames
+
+
 async def read_frame(reader: asyncio.StreamReader) -> bytes:
     """The next frame; IncompleteReadError at a clean end of stream."""
     (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))

@@ -220,6 +220,13 @@ class ClusterLink(ModelSet):
         items = [(replace(i, inputs={}, codecs={}) if shared else replace(i, shm=None)) if getattr(i, "shm", None) else i
                  for i in batch.items]  # fmt: skip
         spec = BatchSpec(batch.id, self.topic, items, any(r.trace is not None for r in batch.requests), model)
+        if direct and (lane := self._lane(batch.view)) is not None:
+            address = batch.view.address
+            try:
+                lane.send(spec, lambda result: self._lane_replied(batch.id, address, result))
+            except Exception as e:  # it could not even be written: as a failed send
+                self.loop.call_soon(self._for_batch, NotSent(self.now, batch.id, f"{type(e).__name__}: {e}"))
+            return
         if direct:
             call = self.loop.create_task(self._send_direct(batch.id, batch.view, spec))
             self._direct_calls.add(call)
@@ -231,37 +238,49 @@ class ClusterLink(ModelSet):
         except Exception as e:
             self.loop.call_soon(self._for_batch, NotSent(self.now, batch.id, str(e)))
 
+    def _lane(self, view) -> Lane | None:
+        """The worker's Unix-socket lane (``router_api.unix_lane``), where it has one in
+        this front end's filesystem: same host, same /dev/shm, the same /tmp as a rule."""
+        path = view.info.get("lane")
+        if not path or view.info.get("shm") != self.shm:
+            return None
+        lane = self.lanes.get(path)
+        if lane is None:
+            lane = self.lanes[path] = Lane(path, DIRECT_CONNECT)
+        return lane
+
+    def _lane_replied(self, batch_id: str, address: str, result: dict | OSError) -> None:
+        if isinstance(result, OSError):
+            self._unreachable(batch_id, address, result)
+        else:
+            self._on_reply((None, result))
+
+    def _unreachable(self, batch_id: str, address: str, e: BaseException) -> None:
+        """A direct connection that cannot be made (in ``DIRECT_CONNECT`` seconds) or
+        breaks puts the batch's requests back in the queue, and the worker gets tasks for
+        ``DIRECT_RETRY`` seconds (a worker that left is removed by the scheduler's word)."""
+        if address not in self.unreachable:
+            logger.warning("direct lane to %s failed (%s: %s); sending it Dask tasks for %.0f s", address,
+                           type(e).__name__, e, DIRECT_RETRY)  # fmt: skip
+        self.unreachable[address] = self.now
+        self._for_batch(Unreachable(self.now, batch_id, f"{type(e).__name__}: {e}"))
+
     async def _send_direct(self, batch_id: str, view, spec: BatchSpec) -> None:
-        """One batch over a connection to the worker: its Unix-socket lane where it has
-        one in this front end's filesystem (``router_api.unix_lane``), else a pooled
-        connection to its Dask listener; the reply comes back on it. A connection that
-        cannot be made (in ``DIRECT_CONNECT`` seconds) or breaks puts the batch's
-        requests back in the queue, and the worker gets tasks for ``DIRECT_RETRY``
-        seconds (a worker that left is removed by the scheduler's word). An error the
-        worker itself raised fails the batch, as a task's would."""
-        address = view.address
+        """One batch over a pooled connection to the worker's Dask listener (no lane in
+        this front end's filesystem); the reply comes back on it. An error the worker
+        itself raised fails the batch, as a task's would."""
         try:
-            msg = await self._lane_call(view, spec)
+            msg = await self._listener_call(view, spec)
         except (OSError, asyncio.TimeoutError) as e:  # CommClosedError is an OSError
-            if address not in self.unreachable:
-                logger.warning("direct lane to %s failed (%s: %s); sending it Dask tasks for %.0f s", address,
-                               type(e).__name__, e, DIRECT_RETRY)  # fmt: skip
-            self.unreachable[address] = self.now
-            self._for_batch(Unreachable(self.now, batch_id, f"{type(e).__name__}: {e}"))
+            self._unreachable(batch_id, view.address, e)
             return
         except Exception as e:  # raised on the worker, sent back: the batch failed there
-            logger.error("batch %s failed on %s: %s: %s", batch_id, address, type(e).__name__, e)
+            logger.error("batch %s failed on %s: %s: %s", batch_id, view.address, type(e).__name__, e)
             self._for_batch(Lost(self.now, batch_id, f"{type(e).__name__}: {e}"))
             return
         self._on_reply((None, msg))
 
-    async def _lane_call(self, view, spec: BatchSpec) -> dict:
-        path = view.info.get("lane")
-        if path and view.info.get("shm") == self.shm:  # same host, same /dev/shm: the same /tmp, as a rule
-            lane = self.lanes.get(path)
-            if lane is None:
-                lane = self.lanes[path] = Lane(path, DIRECT_CONNECT)
-            return await lane.call(spec)
+    async def _listener_call(self, view, spec: BatchSpec) -> dict:
         if self.pool is None:
             self.pool = ConnectionPool(timeout=DIRECT_CONNECT, deserialize=True, connection_args=self.client.connection_args)
             await self.pool.start()

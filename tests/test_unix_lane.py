@@ -41,7 +41,7 @@ def test_replies_find_their_batch_in_any_order(tmp_path):
         server = await worker(path, answer_after=3)
         lane = Lane(path, 1.0)
         replies = await asyncio.gather(*(lane.call(spec(i)) for i in range(3)))
-        assert [r["id"] for r in replies] == ["b-0", "b-1", "b-2"] and lane.waiting == {}
+        assert [r["id"] for r in replies] == ["b-0", "b-1", "b-2"] and lane.in_flight == 0
         await lane.close()
         server.close()
 
