@@ -17,6 +17,7 @@ from core.config import Settings
 from core.entries import PREPROCESSING, UINT8
 from core.labels import load_labels
 from router_api import kserve
+from router_api.body_handler import BodyWatch
 from router_api.cluster_link import ClusterLink
 from router_api.dispatch_events import Answer
 from router_api.dispatcher import Dispatcher
@@ -99,6 +100,7 @@ class Router:
         self.dashboard: str | None = None  # the Dask dashboard's base URL, when known
         self.grpc = None  # the gRPC server (router_api.grpc_server), when grpc.port is set
         self.traces: deque | None = deque(maxlen=TRACES_KEPT) if settings.trace else None  # core.trace, when on
+        self.body_watch = BodyWatch()  # request bodies still arriving, checked for time and rate
         # Tensor request bodies for workers on this host, in shared memory (router_api.shm).
         self.shm = ShmPool(settings.shared_memory) if settings.shared_memory and link.direct else None
         self.system_shm = Registry()  # clients' regions (Triton's system shared-memory extension)

@@ -45,6 +45,8 @@ def _param(params: Any, key: str) -> int:
 
 def _shm(params: Any, where: str) -> kserve.ShmTensor | None:
     """The shared_memory_* parameters, as REST's are read (``kserve.shm_tensor``)."""
+    if not params:
+        return None
     plain = {k: getattr(p, p.WhichOneof("parameter_choice")) for k, p in params.items()
              if k.startswith("shared_memory_") and p.WhichOneof("parameter_choice")}  # fmt: skip
     return kserve.shm_tensor(plain, where)
