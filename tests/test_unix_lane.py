@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 
-from core.frames import frame, lane_dir, read_frame
+from core.frames import frame, lane_dir, read_frame, split_frames
 from core.protocol import BatchSpec
 from router_api.unix_lane import Lane
 
@@ -66,6 +66,77 @@ def test_a_broken_connection_fails_the_batches_on_it_and_the_next_call_reconnect
     asyncio.run(main())
 
 
+def test_batches_sent_while_it_connects_share_one_connection(tmp_path):
+    async def main():
+        path = str(tmp_path / "w.sock")
+        connections = []
+
+        async def serve(reader, writer):
+            connections.append(writer)
+            while True:
+                s = pickle.loads(await read_frame(reader))
+                writer.write(frame(pickle.dumps({"id": s.id})))
+
+        server = await asyncio.start_unix_server(serve, path)
+        lane = Lane(path, 1.0)
+        replies = await asyncio.gather(*(lane.call(spec(i)) for i in range(5)))  # all sent before it connected
+        assert sorted(r["id"] for r in replies) == [f"b-{i}" for i in range(5)] and len(connections) == 1
+        await lane.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_a_reply_that_is_not_one_fails_the_batches_on_that_connection_only(tmp_path):
+    async def main():
+        path = str(tmp_path / "w.sock")
+
+        async def serve(reader, writer):
+            s = pickle.loads(await read_frame(reader))
+            if s.id == "b-0":
+                pickle.loads(await read_frame(reader))  # b-1 is on this connection too
+                writer.write(frame(b"not a pickle"))
+            else:
+                writer.write(frame(pickle.dumps({"id": s.id})))
+
+        server = await asyncio.start_unix_server(serve, path)
+        lane = Lane(path, 1.0)
+        outcomes = await asyncio.gather(lane.call(spec(0)), lane.call(spec(1)), return_exceptions=True)
+        assert all(isinstance(o, ConnectionResetError) and "bad reply" in str(o) for o in outcomes)
+        assert (await lane.call(spec(2)))["id"] == "b-2" and lane.in_flight == 0  # a new connection
+        await lane.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_a_reply_handler_that_raises_does_not_break_the_lane(tmp_path, caplog):
+    async def main():
+        path = str(tmp_path / "w.sock")
+        server = await worker(path, answer_after=2)
+        lane = Lane(path, 1.0)
+        got = asyncio.get_running_loop().create_future()
+
+        def broken(reply):
+            raise RuntimeError("a bug in handling this reply")
+
+        lane.send(spec(0), broken)
+        lane.send(spec(1), got.set_result)
+        assert (await got)["id"] == "b-1"  # answered after b-0's handler raised
+        await lane.close()
+        server.close()
+
+    asyncio.run(main())
+    assert "handling a lane reply failed" in caplog.text
+
+
+def test_whole_frames_are_taken_from_the_buffer_and_a_partial_one_stays():
+    buffer = bytearray(frame(b"one") + frame(b"two") + frame(b"three")[:5])
+    assert split_frames(buffer) == [b"one", b"two"] and buffer == frame(b"three")[:5]
+    buffer += frame(b"three")[5:]
+    assert split_frames(buffer) == [b"three"] and buffer == bytearray()
+
+
 def test_the_socket_directory_is_this_users_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     d = lane_dir()
@@ -77,3 +148,48 @@ def test_the_socket_directory_is_this_users_alone(tmp_path, monkeypatch):
 
 def test_a_frame_is_its_length_then_its_bytes():
     assert frame(b"abc") == b"\x00\x00\x00\x03abc"
+
+
+class Shelf:
+    """A worker's shelf with no model: every batch is answered (its items fail there)."""
+
+    accepted = 0
+
+    def accept(self) -> None:
+        self.accepted += 1
+
+    def reply_leaves(self) -> int:
+        self.accepted -= 1
+        return self.accepted
+
+    def get(self, model: str):
+        raise LookupError(f"no model {model!r} here")
+
+
+def test_the_workers_end_answers_each_batch_and_drops_a_connection_that_sends_garbage(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from worker_setup.unix_lane import UnixLane
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+
+    async def main():
+        pool = ThreadPoolExecutor(2)
+        lane = UnixLane(SimpleNamespace(address="tcp://w:1"), Shelf(), pool)
+        path = await lane.start()
+        reader, writer = await asyncio.open_unix_connection(path)
+        other_reader, other_writer = await asyncio.open_unix_connection(path)
+        writer.write(frame(pickle.dumps(spec(0))))
+        reply = pickle.loads(await read_frame(reader))
+        assert (reply["id"], reply["worker"], reply["load"]) == ("b-0", "tcp://w:1", 0)
+        writer.write(frame(b"garbage"))
+        assert await reader.read() == b""  # that connection is closed...
+        other_writer.write(frame(pickle.dumps(spec(1))))
+        assert pickle.loads(await read_frame(other_reader))["id"] == "b-1"  # ...and only that one
+        other_writer.close()
+        lane.close()
+        pool.shutdown()
+        assert not os.path.exists(path)
+
+    asyncio.run(main())
