@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from distributed.core import ConnectionPool
-from distributed.protocol import to_serialize
 
 from core.config import Settings
 from core.host import clock_id, shm_namespace
@@ -50,33 +47,22 @@ from router_api.dispatch_events import (
     WorkersListed,
 )
 from router_api.dispatcher import Dispatcher
+from router_api.link_lanes import DirectLanes
 from router_api.link_models import ModelSet
 from router_api.telemetry import Telemetry
-from router_api.unix_lane import Lane
 
 logger = logging.getLogger("router_api.cluster_link")
 
 WATCH_EVERY = 0.1  # seconds between watchdog ticks: O(batches in flight) each
 RESYNC_EVERY = 2.0  # seconds between membership resyncs and checks for failed tasks
-DIRECT_CONNECT = 3.0  # seconds to connect to a worker on this host before giving it tasks instead
-DIRECT_RETRY = 30.0  # seconds a worker whose direct connection failed gets tasks before the lane is tried again
 RECONNECT_EVERY = 0.5  # seconds between attempts to reach a lost scheduler
 
 
-def lane_payload(spec: BatchSpec) -> bytes | Any:
-    """A batch for the direct lane: pickled here into bytes when nothing in it travels
-    out of band (tensors in shared memory, or small), which costs the front end ~130 µs
-    less per batch than Dask's serialization of it (measured); else Dask's, so tensor
-    bytes go as frames of their own, never copied into the pickle."""
-    buffers: list = []
-    data = pickle.dumps(spec, protocol=5, buffer_callback=buffers.append)
-    return data if not buffers else to_serialize(spec)
-
-
-class ClusterLink(ModelSet):
+class ClusterLink(ModelSet, DirectLanes):
     """One Dispatcher per model the cluster serves (``models``: name -> its info, kept by
     ``link_models.ModelSet``), each with its own queue and statistics; what Dask says of
-    workers goes to all of them, a reply to the one whose batch it is."""
+    workers goes to all of them, a reply to the one whose batch it is. Workers on this
+    host get their batches over ``link_lanes.DirectLanes``."""
 
     def __init__(self, client, settings: Settings, models: dict[str, dict], connect: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.client = client
@@ -90,10 +76,7 @@ class ClusterLink(ModelSet):
         self._init_models(models)
         self.on_models: Callable[[], None] | None = None  # the Router's: refresh its model names
         self.direct = settings.direct_lane == "same-host" and bool(self.clock)
-        self.unreachable: dict[str, float] = {}  # worker -> when its direct connection failed: tasks until DIRECT_RETRY
-        self._direct_calls: set[asyncio.Task] = set()
-        self.pool: ConnectionPool | None = None  # connections to workers' listeners, made on first use
-        self.lanes: dict[str, Lane] = {}  # workers' Unix-socket lanes, by path, connected on first use
+        self._init_lanes()
         self.topic = RESULTS_PREFIX + client.id
         self.send_interval = settings.batched_send_interval
         self.report_interval = settings.dashboard.interval
@@ -124,10 +107,7 @@ class ClusterLink(ModelSet):
             self._reap_failed()
             await asyncio.sleep(0.05)
         self.handle(Abort(self.now))
-        if self.pool is not None:
-            await self.pool.close()
-        for lane in self.lanes.values():
-            await lane.close()
+        await self._close_lanes()
         for task in [*self._tasks, self.reconnecting]:
             if task is not None:
                 task.cancel()
@@ -194,23 +174,6 @@ class ClusterLink(ModelSet):
         if d.draining and d.idle:
             self._drained(d)
 
-    def route(self, view) -> str:
-        """How batches reach this worker: "direct" (same host, its own listener) or "task"."""
-        same_host = self.direct and view.info.get("direct_address") and view.info.get("clock") == self.clock
-        failed = self.unreachable.get(view.address)
-        if failed is not None and self.loop is not None and self.now - failed > DIRECT_RETRY:
-            del self.unreachable[view.address]  # try the direct lane again
-            failed = None
-        return "direct" if same_host and failed is None else "task"
-
-    def shares_memory(self, view) -> bool:
-        """Does this worker get its batches directly and see this front end's /dev/shm?"""
-        return bool(self.shm) and self.route(view) == "direct" and view.info.get("shm") == self.shm
-
-    def shm_workers(self) -> bool:
-        """Is some worker able to read request bodies from shared memory?"""
-        return self.direct and any(self.shares_memory(v) for d in self.dispatchers.values() for v in d.views.values())
-
     def _submit(self, batch, model: str) -> None:
         direct = batch.view is not None and self.route(batch.view) == "direct"
         if batch.view is not None:  # only a worker reached directly counts every batch it holds
@@ -220,71 +183,13 @@ class ClusterLink(ModelSet):
         items = [(replace(i, inputs={}, codecs={}) if shared else replace(i, shm=None)) if getattr(i, "shm", None) else i
                  for i in batch.items]  # fmt: skip
         spec = BatchSpec(batch.id, self.topic, items, any(r.trace is not None for r in batch.requests), model)
-        if direct and (lane := self._lane(batch.view)) is not None:
-            address = batch.view.address
-            try:
-                lane.send(spec, lambda result: self._lane_replied(batch.id, address, result))
-            except Exception as e:  # it could not even be written: as a failed send
-                self.loop.call_soon(self._for_batch, NotSent(self.now, batch.id, f"{type(e).__name__}: {e}"))
-            return
         if direct:
-            call = self.loop.create_task(self._send_direct(batch.id, batch.view, spec))
-            self._direct_calls.add(call)
-            call.add_done_callback(self._direct_calls.discard)
-            return
+            return self._send_direct(batch.id, batch.view, spec)
         where = {"workers": [batch.view.address], "allow_other_workers": False} if batch.view is not None else {}
         try:
             self.futures[batch.id] = self.client.submit(RUN_BATCH, spec, key=batch.id, pure=False, **where)
         except Exception as e:
             self.loop.call_soon(self._for_batch, NotSent(self.now, batch.id, str(e)))
-
-    def _lane(self, view) -> Lane | None:
-        """The worker's Unix-socket lane (``router_api.unix_lane``), where it has one in
-        this front end's filesystem: same host, same /dev/shm, the same /tmp as a rule."""
-        path = view.info.get("lane")
-        if not path or view.info.get("shm") != self.shm:
-            return None
-        lane = self.lanes.get(path)
-        if lane is None:
-            lane = self.lanes[path] = Lane(path, DIRECT_CONNECT)
-        return lane
-
-    def _lane_replied(self, batch_id: str, address: str, result: dict | OSError) -> None:
-        if isinstance(result, OSError):
-            self._unreachable(batch_id, address, result)
-        else:
-            self._on_reply((None, result))
-
-    def _unreachable(self, batch_id: str, address: str, e: BaseException) -> None:
-        """A direct connection that cannot be made (in ``DIRECT_CONNECT`` seconds) or
-        breaks puts the batch's requests back in the queue, and the worker gets tasks for
-        ``DIRECT_RETRY`` seconds (a worker that left is removed by the scheduler's word)."""
-        if address not in self.unreachable:
-            logger.warning("direct lane to %s failed (%s: %s); sending it Dask tasks for %.0f s", address,
-                           type(e).__name__, e, DIRECT_RETRY)  # fmt: skip
-        self.unreachable[address] = self.now
-        self._for_batch(Unreachable(self.now, batch_id, f"{type(e).__name__}: {e}"))
-
-    async def _send_direct(self, batch_id: str, view, spec: BatchSpec) -> None:
-        """One batch over a pooled connection to the worker's Dask listener (no lane in
-        this front end's filesystem); the reply comes back on it. An error the worker
-        itself raised fails the batch, as a task's would."""
-        try:
-            msg = await self._listener_call(view, spec)
-        except (OSError, asyncio.TimeoutError) as e:  # CommClosedError is an OSError
-            self._unreachable(batch_id, view.address, e)
-            return
-        except Exception as e:  # raised on the worker, sent back: the batch failed there
-            logger.error("batch %s failed on %s: %s: %s", batch_id, view.address, type(e).__name__, e)
-            self._for_batch(Lost(self.now, batch_id, f"{type(e).__name__}: {e}"))
-            return
-        self._on_reply((None, msg))
-
-    async def _listener_call(self, view, spec: BatchSpec) -> dict:
-        if self.pool is None:
-            self.pool = ConnectionPool(timeout=DIRECT_CONNECT, deserialize=True, connection_args=self.client.connection_args)
-            await self.pool.start()
-        return await self.pool(view.info["direct_address"]).batch_router_run(spec=lane_payload(spec))
 
     def _wake_soon(self) -> None:
         """Wake once the event loop has read every request already waiting: requests

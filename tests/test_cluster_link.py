@@ -148,7 +148,7 @@ def test_a_batch_for_the_direct_lane_is_pickled_here_unless_tensors_travel_with_
     from distributed.protocol.serialize import Serialize
 
     from core.protocol import BatchSpec, ShmRef, TensorItem
-    from router_api.cluster_link import lane_payload
+    from router_api.link_lanes import lane_payload
 
     shared = TensorItem(rows=1, inputs={}, shapes={"x": (1, 3)}, outputs=("y",), shm={"x": ShmRef("/dev/shm/s", 0, 12)})
     spec = BatchSpec("b-1", "topic", [shared], False, "m")

@@ -38,7 +38,7 @@ def install(worker, shelf: Shelf, threads: int) -> ThreadPoolExecutor:
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="batch-router-direct")
 
     async def batch_router_run(spec: BatchSpec | bytes) -> dict:  # Dask's Server logs handlers by __name__
-        if isinstance(spec, bytes):  # pickled by the front end (router_api.cluster_link.lane_payload)
+        if isinstance(spec, bytes):  # pickled by the front end (router_api.link_lanes.lane_payload)
             spec = pickle.loads(spec)
         shelf.accept()  # waiting for a thread counts: it is this worker's load
         try:
