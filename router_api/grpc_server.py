@@ -237,6 +237,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, msg: pb.ModelInferRequest, raw: list[memoryview]) -> pb.ModelInferResponse:
         router = self.router
+        trace = {"arrival": router.link.now} if router.traces is not None else None  # core.trace, when on
         entry = self._entry(msg.model_name, msg.model_version)
         same_host = router.link.shm_workers()
         try:
@@ -248,17 +249,21 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         if refs is None and same_host:
             slab, refs = into_slab(router.shm, req.inputs)
         try:
-            return await self._run(msg, req, entry, tensor_item(req, entry.kind, refs))
+            reply = await self._run(msg, req, entry, tensor_item(req, entry.kind, refs), trace)
+            if trace is not None and "received" in trace:  # answered by a worker
+                trace["answered"] = router.link.now
+                router.traces.append(trace)
+            return reply
         finally:
             if slab is not None:  # answered, failed or cancelled: nobody reads it any more
                 router.shm.give_back(slab)
 
-    async def _run(self, msg, req, entry, item) -> pb.ModelInferResponse:
+    async def _run(self, msg, req, entry, item, trace: dict | None = None) -> pb.ModelInferResponse:
         router = self.router
         packed = await asyncio.to_thread(pack_item, item) if entry.dispatcher.far_workers() else None
         link, request = router.link, None
         try:  # refused at once (submit raises) or answered with an error: the same codes
-            request, future = link.submit(item, req.rows, req.priority, req.timeout_us, packed, entry.name)
+            request, future = link.submit(item, req.rows, req.priority, req.timeout_us, packed, entry.name, trace)
             answer = await future
         except asyncio.CancelledError:  # the call was cancelled: its request leaves the queue
             if request is not None:

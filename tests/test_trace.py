@@ -9,9 +9,10 @@ import time
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from core.trace import HOPS, STAMPS, align, complete, hops, summary
-from tests.cluster import Cluster
+from tests.cluster import Cluster, free_port
 from tests.conftest import ARTIFACTS
 from tests.conftest import make_image
 from tests.http import classify, infer_binary, request
@@ -57,7 +58,10 @@ def test_the_summary_skips_traces_that_never_got_an_answer():
 @pytest.fixture(scope="module")
 def traced(model_path):
     ARTIFACTS.mkdir(exist_ok=True)
-    c = Cluster(workers=1, args=["--threads", "1", "--trace"], log=ARTIFACTS / "trace.log").start()
+    grpc_port = free_port()
+    c = Cluster(workers=1, args=["--threads", "1", "--trace"], env={"DASK_BATCH_ROUTER__GRPC__PORT": str(grpc_port)},
+                log=ARTIFACTS / "trace.log").start()  # fmt: skip
+    c.grpc = f"127.0.0.1:{grpc_port}"
     yield c
     c.stop()
 
@@ -74,8 +78,13 @@ def test_every_answered_request_is_traced_in_order_and_adds_up(traced):
         assert classify(traced.url, make_image(3)).status == 200
         seen.append(time.perf_counter() - t0)
     assert classify(traced.url, b"not an image").status == 400  # answered by the worker, with an error: traced too
+    t0 = time.perf_counter()
+    x_in = grpcclient.InferInput("input", list(x.shape), "FP32")
+    x_in.set_data_from_numpy(x)
+    grpcclient.InferenceServerClient(traced.grpc).infer("resnet50", [x_in])  # gRPC's requests are traced as REST's
+    seen.append(time.perf_counter() - t0)
     out = traced.get("/v1/trace")
-    assert out["enabled"] and out["stamps"] == list(STAMPS) and out["count"] == 7
+    assert out["enabled"] and out["stamps"] == list(STAMPS) and out["count"] == 8
     for t in out["latest"]:
         assert t["clock"] == "shared"  # one host: the worker's stamps are read as they are
         assert all(ms >= 0 for ms in t["hops_ms"].values()), t  # ordered: no hop runs backwards
