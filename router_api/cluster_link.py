@@ -334,6 +334,7 @@ class ClusterLink(ModelSet, DirectLanes):
         if self.reconnecting is not None:
             return
         self._reap_failed()
+        self._prune_lanes()
         try:
             await self._fast_streams()
             await self._sync_workers()

@@ -46,6 +46,13 @@ class DirectLanes:
         self.pool: ConnectionPool | None = None  # connections to workers' listeners, made on first use
         self.lanes: dict[str, Lane] = {}  # workers' Unix-socket lanes, by path, connected on first use
 
+    def _prune_lanes(self) -> None:
+        """A lane whose worker no dispatcher knows any more (it left, or came back with a
+        new socket) is closed and forgotten."""
+        known = {v.info.get("lane") for d in self.dispatchers.values() for v in d.views.values()}
+        for path in [p for p in self.lanes if p not in known]:
+            self._spawn(self.lanes.pop(path).close())
+
     async def _close_lanes(self) -> None:
         if self.pool is not None:
             await self.pool.close()

@@ -156,3 +156,21 @@ def test_a_batch_for_the_direct_lane_is_pickled_here_unless_tensors_travel_with_
     assert isinstance(payload, bytes) and len(payload) < 1000 and pickle.loads(payload) == spec
     carried = TensorItem(rows=1, inputs={"x": np.zeros(1 << 16, np.uint8)}, shapes={"x": (1, 1 << 16)}, outputs=("y",))
     assert isinstance(lane_payload(BatchSpec("b-2", "topic", [carried], False, "m")), Serialize)
+
+
+def test_a_lane_goes_with_its_worker():
+    """A worker that left (or came back under a new socket) leaves no connection behind."""
+
+    async def go():
+        link = ClusterLink(Client(), parse({"window": 1}), {"m": MODEL})
+        link.loop = asyncio.get_running_loop()
+        for name in ("A", "B"):
+            info = {"address": name, "name": name, "sha256": "x", "clock": link.clock, "direct_address": "tcp://127.0.0.1:9",
+                    "shm": link.shm, "lane": f"/nowhere/{name}.sock"}  # fmt: skip
+            link.handle(WorkerJoined(link.now, info, 1))
+            assert link._lane(link.dispatcher.views[name]) is not None
+        link.handle(WorkerLeft(link.now, "A", 2))
+        link._prune_lanes()
+        assert list(link.lanes) == ["/nowhere/B.sock"]
+
+    asyncio.run(go())
