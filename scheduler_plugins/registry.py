@@ -123,7 +123,9 @@ class Registry:
         return served
 
     def ready(self) -> dict[str, dict]:
-        return {n: s.info for n, s in self.models.items() if s.state == READY}
+        """READY models' info, each with the GPU memory a worker needs for it (measured
+        once a worker loaded it): a worker joining later loads only what fits."""
+        return {n: {**s.info, "memory_need": self.need(n)} for n, s in self.models.items() if s.state == READY}
 
     def need(self, name: str) -> int:
         """GPU bytes a worker must have free for it: measured once some worker loaded it."""

@@ -70,6 +70,22 @@ def test_a_model_goes_only_to_workers_with_room_for_it():
     assert loader.registry.need("m") == GiB  # what a worker measured replaces the estimate
 
 
+def test_a_worker_joining_later_is_told_the_measured_need_and_loads_only_what_fits():
+    from worker_setup.preload import no_room
+
+    loader, _ = loader_with({"roomy": {"memory_total": 16 * GiB, "memory_used": 2 * GiB}})
+    asyncio.run(loader._load_on_workers("m"))
+    info = loader.registry.ready()["m"]
+    assert info["memory_need"] == GiB  # measured by the worker that loaded it, not the 2 GiB estimate
+
+    def gpu(used: float) -> SimpleNamespace:
+        return SimpleNamespace(sample=lambda: {"memory_total": 16 * GiB, "memory_used": int(used * GiB)})
+
+    assert "needs 1024 MiB" in no_room(gpu(14), info, headroom=0.1)  # 0.4 GiB free after 10 % headroom
+    assert no_room(gpu(12), info, headroom=0.1) is None
+    assert no_room(None, info, headroom=0.1) is None  # no GPU figures (a CPU worker): it loads
+
+
 def test_no_worker_with_room_is_a_clear_refusal():
     loader, _ = loader_with({"full": {"memory_total": 16 * GiB, "memory_used": 15 * GiB}})
     with pytest.raises(ValueError, match="no worker can load 'm': full needs 2048 MiB"):

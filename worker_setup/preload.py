@@ -18,6 +18,7 @@ from core.config import Settings, cache_dir, parse
 from core.service_curve import ServiceCurve
 from core.heap import freeze_startup_heap
 from core.protocol import EXTENSION
+from core.repository import room_for
 from worker_setup import digests, direct_lane, preprocess
 from worker_setup.gpu import open_source
 from worker_setup.metrics import ErrorLog, GpuSampler, worker_metric
@@ -70,7 +71,14 @@ async def dask_setup(worker) -> None:
     worker.batched_stream.interval = settings.batched_send_interval
     listing = await models_info(worker)
     shelf = Shelf()
+    source = await asyncio.to_thread(
+        open_source, settings.worker.gpu_metrics, settings.worker.gpu_index, shelf.busy_seconds, shelf.current_rows
+    )
     for info in listing["models"].values():
+        # The first model always (a worker serves at least one); the others where they fit.
+        if shelf.models and (why := await asyncio.to_thread(no_room, source, info, settings.placement.memory_headroom)):
+            logger.warning("not loading model %s on this worker: %s", info["name"], why)
+            continue
         shelf.add(await build_model(worker, info, settings))
     model = shelf.get()  # the first: what the Python API runs, and the startup information's
     worker.extensions[EXTENSION] = model
@@ -78,7 +86,7 @@ async def dask_setup(worker) -> None:
     lane = UnixLane(worker, shelf, direct_lane.install(worker, shelf, worker.state.nthreads))
     if await lane.start():
         worker.extensions[LANE_EXTENSION] = lane  # closed with the worker: its socket goes
-    await start_metrics(worker, shelf, settings)
+    await start_metrics(worker, shelf, settings, source)
     install_loading(worker, shelf, settings)
     worker.startup_information[EXTENSION] = lambda w: {**model.describe(), "models": shelf.describe(),
                                                        "direct_address": direct_lane.address(w), "lane": lane.path}  # fmt: skip
@@ -195,14 +203,17 @@ def warmup_line(table: list[dict]) -> str:
     return ", ".join(parts)
 
 
-async def start_metrics(worker, shelf: Shelf, settings: Settings) -> None:
-    """Open the GPU source the config asks for, take a first sample before the worker
+def no_room(source, info: dict, headroom: float) -> str | None:
+    """Why this worker's GPU, as sampled now, has no room for the model; None if it has
+    (or has no GPU figures). The scheduler asks the same of a load (``room_for``)."""
+    return room_for(source.sample() if source is not None else None, int(info.get("memory_need") or 0), headroom)
+
+
+async def start_metrics(worker, shelf: Shelf, settings: Settings, source) -> None:
+    """Take a first sample from the GPU source the config asked for before the worker
     registers (so registration already carries one), then sample on a thread. NVML
     calls, opening included, stay off the event loop."""
     errors = ErrorLog()
-    source = await asyncio.to_thread(
-        open_source, settings.worker.gpu_metrics, settings.worker.gpu_index, shelf.busy_seconds, shelf.current_rows
-    )
     sampler = None
     if source is not None:
         for model in shelf.models.values():
