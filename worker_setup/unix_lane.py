@@ -63,7 +63,10 @@ class UnixLane:
             except Exception as e:  # run_spec answers every item itself: this is a bug, logged
                 logger.exception("batch %s: no reply: %s", getattr(spec, "id", "?"), e)
                 return
-            loop.call_soon_threadsafe(reply, data)
+            try:
+                loop.call_soon_threadsafe(reply, data)
+            except RuntimeError:  # the worker's loop closed meanwhile: nobody to answer
+                pass
 
         self.pool.submit(run_spec, self.worker.address, spec, lambda: self.shelf.get(spec.model)).add_done_callback(ran)
 
