@@ -36,8 +36,15 @@ def census(dask_scheduler) -> dict:
         name = type(o).__name__
         if name in kinds:
             kinds[name] += 1
+    # The newest default span is kept by design (Dask may reuse it) with the TaskGroups of
+    # every burst it saw, which a busy machine makes more of; they go when a newer span
+    # replaces it (scheduler_plugins/spans.py). Only TaskGroups outside it count here.
+    newest = spans.spans_search_by_name.get(("default",), [])
+    held = len(newest[-1].groups) if newest else 0
+    kinds["TaskGroup"] -= held
     return {"task_groups": len(dask_scheduler.task_groups), "spans": len(spans.spans), "tasks": len(dask_scheduler.tasks),
-            "key_cache": key_split.cache_info().currsize, **kinds, "rss": psutil.Process().memory_info().rss}  # fmt: skip
+            "key_cache": key_split.cache_info().currsize, **kinds, "newest_span_groups": held,
+            "rss": psutil.Process().memory_info().rss}  # fmt: skip
 
 
 def worker_census(dask_worker) -> int:
@@ -83,8 +90,11 @@ def test_batches_leave_nothing_behind_in_the_scheduler_or_front_end(tasks_route)
             kept.append(sum(client.run(worker_census).values()))
     grown = {k: after[k] - before[k] for k in before}
     print(f"\nbefore {before}\nafter 1500 more batches {after}\nRSS {before['rss'] / 2**20:.1f} -> {after['rss'] / 2**20:.1f} MiB")
-    for kind in ("task_groups", "spans", "tasks", "TaskGroup", "Span", "TaskState", "Batch", "Request", "Future"):
+    for kind in ("task_groups", "spans", "tasks", "Span", "TaskState", "Batch", "Request", "Future"):
         assert grown[kind] <= 5, (kind, before[kind], after[kind])  # a few in flight at the moment of counting
+    # Dask's own leak was a TaskGroup a burst, ~1,500 here. A few finished ones are still
+    # referenced for a moment after their span goes (seen: 7 on a loaded CI machine).
+    assert grown["TaskGroup"] <= 20, (before["TaskGroup"], after["TaskGroup"])
     print(f"worker's metric sums: {worker_before} before, {kept[0]} after, {kept[-1]} once pruned")
     assert kept[-1] <= 50  # the spans of tasks it holds, or none
     assert after["key_cache"] <= 2000  # Dask's key_split cache, cleared past 1,000 keys (it would keep 100,000)
