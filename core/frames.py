@@ -1,4 +1,4 @@
-"""Length-prefixed frames over an asyncio stream: the same-host lane's wire format.
+"""Length-prefixed frames: the same-host lane's wire format.
 
 One frame is a 4-byte big-endian length and that many bytes (a pickle). Pickles cross
 only a Unix socket in a directory of this user's (``lane_dir``): whoever can connect
@@ -7,7 +7,6 @@ could run the worker anyway.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 import struct
@@ -35,12 +34,6 @@ def split_frames(buffer: bytearray) -> list[bytes]:
         at += HEADER.size + n
     del buffer[:at]
     return frames
-
-
-async def read_frame(reader: asyncio.StreamReader) -> bytes:
-    """The next frame; IncompleteReadError at a clean end of stream."""
-    (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-    return await reader.readexactly(n)
 
 
 def lane_dir() -> Path:

@@ -17,7 +17,6 @@ from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-
 from core.config import Settings
 from core.host import clock_id, shm_namespace
 from core.protocol import MODELS_TOPIC, RESULTS_PREFIX, RUN_BATCH, STATE_TOPIC, WORKERS_TOPIC, BatchReply, BatchSpec, Item
@@ -77,6 +76,7 @@ class ClusterLink(ModelSet, DirectLanes):
         self.on_models: Callable[[], None] | None = None  # the Router's: refresh its model names
         self.direct = settings.direct_lane == "same-host" and bool(self.clock)
         self._init_lanes()
+        self._direct_calls: set[asyncio.Task] = set()  # calls and fire-and-forget tasks in flight (``_spawn``)
         self.topic = RESULTS_PREFIX + client.id
         self.send_interval = settings.batched_send_interval
         self.report_interval = settings.dashboard.interval

@@ -42,7 +42,6 @@ def lane_payload(spec: BatchSpec) -> bytes | Any:
 class DirectLanes:
     def _init_lanes(self) -> None:
         self.unreachable: dict[str, float] = {}  # worker -> when its direct connection failed: tasks until DIRECT_RETRY
-        self._direct_calls: set[asyncio.Task] = set()
         self.pool: ConnectionPool | None = None  # connections to workers' listeners, made on first use
         self.lanes: dict[str, Lane] = {}  # workers' Unix-socket lanes, by path, connected on first use
 

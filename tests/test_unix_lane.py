@@ -10,9 +10,15 @@ import pickle
 
 import pytest
 
-from core.frames import frame, lane_dir, read_frame, split_frames
+from core.frames import HEADER, frame, lane_dir, split_frames
 from core.protocol import BatchSpec
 from router_api.unix_lane import Lane
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    """A worker's view of the next frame, read as a stream."""
+    (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    return await reader.readexactly(n)
 
 
 def spec(i: int) -> BatchSpec:
