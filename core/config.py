@@ -244,6 +244,7 @@ class Scheduler:
 @dataclass(frozen=True)
 class Grpc:
     port: int = key(Int(maximum=65535))
+    acceptors: int = key(Int(minimum=1, maximum=64))
 
 
 @dataclass(frozen=True)

@@ -314,7 +314,9 @@ async def start_front_end(client, settings: Settings, connect=None) -> tuple[Rou
     server.listen(port, address=host, reuse_port=settings.http.frontends > 1)
     logger.info("HTTP front end on http://%s:%d (models %s)", host, port, ", ".join(link.dispatchers))
     if settings.grpc.port:
-        from router_api.grpc_server import start_grpc
+        from router_api.grpc_listen import start_grpc
+        from router_api.grpc_server import InferenceService
 
-        router.grpc = await start_grpc(router, host, settings.grpc.port, settings.http.frontends > 1)
+        router.grpc = await start_grpc(InferenceService(router), host, settings.grpc.port, router.max_body_size,
+                                       settings.grpc.acceptors, shared=settings.http.frontends > 1)  # fmt: skip
     return router, server
