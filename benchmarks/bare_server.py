@@ -88,9 +88,13 @@ def load_metadata(arg: Optional[str]) -> Optional[dict[str, Any]]:
 
 async def serve_grpc(port: int, address: str):
     """KServe v2 gRPC's ModelInfer on grpc.aio in this loop, answering a constant: the
-    gRPC ceiling of one Python process, as the Tornado server is HTTP's."""
-    import grpc
+    gRPC ceiling of one Python process, as the Tornado server is HTTP's. It listens as
+    the router does by default (``router_api.grpc_listen``: several servers on the
+    port, generic handlers, large socket reads): the two differ only in what a call does."""
     from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc
+
+    from core.config import parse
+    from router_api.grpc_listen import start_grpc
 
     reply = pb.ModelInferResponse(model_name="bare", outputs=[pb.ModelInferResponse.InferOutputTensor(
         name="logits", datatype="FP32", shape=[1, 1])], raw_output_contents=[b"\0\0\0\0"])  # fmt: skip
@@ -99,13 +103,9 @@ async def serve_grpc(port: int, address: str):
         async def ModelInfer(self, request, context):
             return reply
 
-    limit = 1 << 30
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Bare(), server)
-    bound = server.add_insecure_port(f"{address}:{port}")
-    await server.start()
-    print(f"bare_server gRPC on {address}:{bound}", flush=True)
-    return server
+    servers = await start_grpc(Bare(), address, port, 1 << 30, parse().grpc.acceptors)
+    print(f"bare_server gRPC on {address}:{servers.port}", flush=True)
+    return servers
 
 
 async def serve(port: int, address: str, metadata: Optional[dict[str, Any]], grpc_port: int | None = None) -> None:

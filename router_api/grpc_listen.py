@@ -72,8 +72,8 @@ def port_taken(host: str, port: int) -> bool:
 class Acceptors:
     """The servers sharing one port, stopped together."""
 
-    def __init__(self, servers: list[grpc.aio.Server]) -> None:
-        self.servers = servers
+    def __init__(self, servers: list[grpc.aio.Server], port: int) -> None:
+        self.servers, self.port = servers, port
 
     async def stop(self, grace: float | None) -> None:
         await asyncio.gather(*(s.stop(grace) for s in self.servers))
@@ -81,25 +81,27 @@ class Acceptors:
 
 async def start_grpc(service, host: str, port: int, max_message: int, acceptors: int = 1,
                      shared: bool = False) -> Acceptors:  # fmt: skip
-    """Listen on ``host:port`` with ``acceptors`` servers of ``service``; messages above
-    ``max_message`` are refused by grpc itself (RESOURCE_EXHAUSTED). With ``shared``,
-    other front ends (``http.frontends``) listen there too, the same way."""
-    if not shared and port_taken(host, port):
+    """Listen on ``host:port`` (0: a free port, the first server's) with ``acceptors``
+    servers of ``service``; messages above ``max_message`` are refused by grpc itself
+    (RESOURCE_EXHAUSTED). With ``shared``, other front ends (``http.frontends``) listen
+    there too, the same way."""
+    if port and not shared and port_taken(host, port):
         raise OSError(errno.EADDRINUSE, f"cannot listen for gRPC on {host}:{port}: the port is in use")
     options = [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),
                ("grpc.so_reuseport", 1), *READS]  # fmt: skip
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     servers: list[grpc.aio.Server] = []
     try:
         for _ in range(acceptors):
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             server = grpc.aio.server(options=options)
             add_service(service, server)
-            if server.add_insecure_port(address) == 0:
+            port = server.add_insecure_port(address)
+            if port == 0:
                 raise OSError(f"cannot listen for gRPC on {address}")
             await server.start()
             servers.append(server)
     except BaseException:
         await asyncio.gather(*(s.stop(None) for s in servers))
         raise
-    logger.info("gRPC front end on %s (%d acceptors)", address, acceptors)
-    return Acceptors(servers)
+    logger.info("gRPC front end on %s:%d (%d acceptors)", host, port, acceptors)
+    return Acceptors(servers, port)

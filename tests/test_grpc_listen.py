@@ -57,6 +57,18 @@ def test_acceptors_share_the_port_and_every_connection_is_answered():
     asyncio.run(main())
 
 
+def test_port_0_is_one_free_port_for_all_of_them():
+    async def main():
+        servers = await start_grpc(Live(), "127.0.0.1", 0, 1 << 20, acceptors=3)
+        try:
+            assert servers.port > 0 and listeners(servers.port) == 3
+            assert await live_on_own_connections(servers.port, 6) == [True] * 6
+        finally:
+            await servers.stop(None)
+
+    asyncio.run(main())
+
+
 def test_a_port_another_program_listens_on_is_refused():
     async def main():
         port = free_port()
