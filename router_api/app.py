@@ -110,6 +110,12 @@ class Router:
     def dispatcher(self) -> Dispatcher:
         return self.link.dispatcher
 
+    def keep_trace(self, trace: dict | None) -> None:
+        """A request's trace, once answered: kept for /v1/trace if a worker answered it."""
+        if trace is not None and "received" in trace:
+            trace["answered"] = self.link.now
+            self.traces.append(trace)
+
     @property
     def dispatchers(self) -> list[Dispatcher]:
         return list(self.link.dispatchers.values())

@@ -154,9 +154,7 @@ class BodyHandler(JSONHandler):
     def on_finish(self) -> None:
         self._stop_body_timer()
         self._give_back()
-        if self.trace is not None and "received" in self.trace:  # answered by a worker
-            self.trace["answered"] = self.router.link.now
-            self.router.traces.append(self.trace)
+        self.router.keep_trace(self.trace)
 
     async def run(
         self, items: list, rows: int, priority: int = 0, timeout_us: int = 0, packed=None, model: str = "",

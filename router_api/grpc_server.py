@@ -250,9 +250,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             slab, refs = into_slab(router.shm, req.inputs)
         try:
             reply = await self._run(msg, req, entry, tensor_item(req, entry.kind, refs), trace)
-            if trace is not None and "received" in trace:  # answered by a worker
-                trace["answered"] = router.link.now
-                router.traces.append(trace)
+            router.keep_trace(trace)
             return reply
         finally:
             if slab is not None:  # answered, failed or cancelled: nobody reads it any more

@@ -23,7 +23,7 @@ from core.protocol import BatchSpec
 from router_api.dispatch_events import Lost, NotSent, Unreachable
 from router_api.unix_lane import Lane
 
-logger = logging.getLogger("router_api.cluster_link")
+logger = logging.getLogger("router_api.link_lanes")
 
 DIRECT_CONNECT = 3.0  # seconds to connect to a worker on this host before giving it tasks instead
 DIRECT_RETRY = 30.0  # seconds a worker whose direct connection failed gets tasks before the lane is tried again
@@ -85,9 +85,7 @@ class DirectLanes:
             except Exception as e:  # it could not even be written: as a failed send
                 self.loop.call_soon(self._for_batch, NotSent(self.now, batch_id, f"{type(e).__name__}: {e}"))
             return
-        call = self.loop.create_task(self._send_to_listener(batch_id, view, spec))
-        self._direct_calls.add(call)
-        call.add_done_callback(self._direct_calls.discard)
+        self._spawn(self._send_to_listener(batch_id, view, spec))
 
     def _lane(self, view) -> Lane | None:
         """The worker's Unix-socket lane (``router_api.unix_lane``), where it has one in

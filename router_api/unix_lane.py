@@ -45,17 +45,6 @@ class Lane:
         if self._connecting is None:  # batches sent while it connects wait for the same connection
             self._connecting = asyncio.ensure_future(self._open())
 
-    async def call(self, spec: BatchSpec) -> dict:
-        """``send``, awaited: the reply, or the OSError raised."""
-        done = asyncio.get_running_loop().create_future()
-
-        def settle(result: dict | OSError) -> None:
-            if not done.done():
-                done.set_exception(result) if isinstance(result, OSError) else done.set_result(result)
-
-        self.send(spec, settle)
-        return await done
-
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         try:

@@ -21,6 +21,18 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(n)
 
 
+async def call(lane: Lane, s: BatchSpec) -> dict:
+    """``lane.send``, awaited: the reply, or the OSError that lost it."""
+    done = asyncio.get_running_loop().create_future()
+
+    def settle(result: dict | OSError) -> None:
+        if not done.done():
+            done.set_exception(result) if isinstance(result, OSError) else done.set_result(result)
+
+    lane.send(s, settle)
+    return await done
+
+
 def spec(i: int) -> BatchSpec:
     return BatchSpec(f"b-{i}", "topic", [], False, "m")
 
@@ -46,7 +58,7 @@ def test_replies_find_their_batch_in_any_order(tmp_path):
         path = str(tmp_path / "w.sock")
         server = await worker(path, answer_after=3)
         lane = Lane(path, 1.0)
-        replies = await asyncio.gather(*(lane.call(spec(i)) for i in range(3)))
+        replies = await asyncio.gather(*(call(lane, spec(i)) for i in range(3)))
         assert [r["id"] for r in replies] == ["b-0", "b-1", "b-2"] and lane.in_flight == 0
         await lane.close()
         server.close()
@@ -59,15 +71,15 @@ def test_a_broken_connection_fails_the_batches_on_it_and_the_next_call_reconnect
         path = str(tmp_path / "w.sock")
         server = await worker(path, answer_after=1, then_close=True)
         lane = Lane(path, 1.0)
-        assert (await lane.call(spec(0)))["id"] == "b-0"
+        assert (await call(lane, spec(0)))["id"] == "b-0"
         with pytest.raises(ConnectionResetError, match="closed|broke"):
-            await lane.call(spec(1))
-        assert (await lane.call(spec(2)))["id"] == "b-2"  # a new connection
+            await call(lane, spec(1))
+        assert (await call(lane, spec(2)))["id"] == "b-2"  # a new connection
         server.close()
         os.unlink(path)
         lane2 = Lane(path, 1.0)
         with pytest.raises(OSError):  # nobody listens: the link sends that worker tasks instead
-            await lane2.call(spec(3))
+            await call(lane2, spec(3))
 
     asyncio.run(main())
 
@@ -85,7 +97,7 @@ def test_batches_sent_while_it_connects_share_one_connection(tmp_path):
 
         server = await asyncio.start_unix_server(serve, path)
         lane = Lane(path, 1.0)
-        replies = await asyncio.gather(*(lane.call(spec(i)) for i in range(5)))  # all sent before it connected
+        replies = await asyncio.gather(*(call(lane, spec(i)) for i in range(5)))  # all sent before it connected
         assert sorted(r["id"] for r in replies) == [f"b-{i}" for i in range(5)] and len(connections) == 1
         await lane.close()
         server.close()
@@ -107,9 +119,9 @@ def test_a_reply_that_is_not_one_fails_the_batches_on_that_connection_only(tmp_p
 
         server = await asyncio.start_unix_server(serve, path)
         lane = Lane(path, 1.0)
-        outcomes = await asyncio.gather(lane.call(spec(0)), lane.call(spec(1)), return_exceptions=True)
+        outcomes = await asyncio.gather(call(lane, spec(0)), call(lane, spec(1)), return_exceptions=True)
         assert all(isinstance(o, ConnectionResetError) and "bad reply" in str(o) for o in outcomes)
-        assert (await lane.call(spec(2)))["id"] == "b-2" and lane.in_flight == 0  # a new connection
+        assert (await call(lane, spec(2)))["id"] == "b-2" and lane.in_flight == 0  # a new connection
         await lane.close()
         server.close()
 

@@ -4,8 +4,9 @@ The Dask listener's direct lane (``direct_lane``) costs the front end ~250 µs o
 per batch in Dask's RPC machinery; a framed pickle on a Unix socket ~100 µs (measured
 with bare round trips), and a front end on the worker's host is CPU-bound long before
 its workers are. Batches on one connection run concurrently, as many as the worker's
-lane threads allow, and each reply goes back as soon as it is ready, with its id. A protocol, not a stream: a batch goes to a thread in the loop iteration
-that read it, and its reply is written in the one after it finished.
+lane threads allow, and each reply goes back as soon as it is ready, with its id. A
+protocol, not a stream: a batch goes to a thread in the loop iteration that read it,
+and its reply is written in the one after it finished.
 """
 
 from __future__ import annotations
